@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+# Each creates the virtual environment when there is none and installs what it needs.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: train test bench verify clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+train: $(VENV)/.installed
+	$(BIN)/xpnet train $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks .hypothesis

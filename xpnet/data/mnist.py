@@ -1,0 +1,113 @@
+"""Where the dataset lives, and its split into training, validation and test sets.
+
+The data directory is, in order: the --data-dir argument, $XPNET_DATA_DIR, or the per-user
+cache ($XDG_CACHE_HOME/xpnet/<dataset>, else ~/.cache/xpnet/<dataset>). Any directory that
+holds the four standard IDX files, gzip-compressed or not, works.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+from xpnet.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from xpnet.errors import DataError
+
+ENV_VAR = "XPNET_DATA_DIR"
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+VALIDATION_SIZE = 10_000  # the last 10,000 training images, as in the seed recipe
+
+
+def user_cache_dir(dataset="mnist"):
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "xpnet" / dataset
+
+
+def resolve_data_dir(data_dir=None, dataset="mnist"):
+    """The directory to read (and later download into), by the precedence above."""
+    return Path(data_dir or os.environ.get(ENV_VAR) or user_cache_dir(dataset)).expanduser()
+
+
+def find_file(data_dir, name):
+    """The path of name.gz or name in data_dir, or None."""
+    for candidate in (Path(data_dir) / f"{name}.gz", Path(data_dir) / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def missing_files(data_dir):
+    return [name for name in FILES.values() if find_file(data_dir, name) is None]
+
+
+def require_files(data_dir):
+    """Fail with one line naming the directory and what it lacks."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(
+            f"data directory {data_dir} does not exist; pass --data-dir or set {ENV_VAR} "
+            "to a directory holding the four MNIST IDX files"
+        )
+    missing = missing_files(data_dir)
+    if missing:
+        raise DataError(
+            f"{data_dir} lacks {', '.join(missing)} (.gz or raw); "
+            f"pass --data-dir or set {ENV_VAR} to a directory holding them"
+        )
+
+
+@dataclass
+class Split:
+    images: numpy.ndarray  # (n, 28, 28) uint8
+    labels: numpy.ndarray  # (n,) uint8
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclass
+class Splits:
+    train: Split
+    validation: Split
+    test: Split
+
+
+def read_pair(images_path, labels_path):
+    images = read_idx(images_path, IMAGES_MAGIC)
+    labels = read_idx(labels_path, LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
+            "the pair does not match"
+        )
+    return Split(images, labels)
+
+
+def load_splits(data_dir, validation_size=VALIDATION_SIZE):
+    """Training (all but the last validation_size), validation (the rest) and test (t10k)."""
+    require_files(data_dir)
+    path = {key: find_file(data_dir, name) for key, name in FILES.items()}
+    train = read_pair(path["train_images"], path["train_labels"])
+    test = read_pair(path["test_images"], path["test_labels"])
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(
+            f"training images are {train.images.shape[1:]} but test images are "
+            f"{test.images.shape[1:]}; {data_dir} mixes two datasets"
+        )
+    if len(train) <= validation_size:
+        raise DataError(
+            f"{path['train_images']} has {len(train)} images; at least {validation_size + 1} "
+            "are needed to hold out the validation set"
+        )
+    cut = len(train) - validation_size
+    return Splits(
+        train=Split(train.images[:cut], train.labels[:cut]),
+        validation=Split(train.images[cut:], train.labels[cut:]),
+        test=test,
+    )

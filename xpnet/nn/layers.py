@@ -1,0 +1,112 @@
+"""Layers with hand-written forward and backward passes, each backward beside its forward.
+
+A layer's forward keeps what its backward needs; backward takes the gradient of the loss with
+respect to the layer's output and returns the gradient with respect to its input, storing
+parameter gradients in ``Parameter.grad``. Every computation goes through the backend.
+Output and gradient buffers are allocated once per batch shape and then reused.
+"""
+
+import numpy
+
+
+class Parameter:
+    """A trainable array and the gradient of the loss with respect to it (same shape)."""
+
+    def __init__(self, backend, host_value):
+        self.value = backend.asarray(host_value)
+        self.grad = backend.empty(self.value.shape, self.value.dtype)
+
+
+class _Buffers:
+    """Arrays reused across steps; reallocated only when the batch shape changes."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.arrays = {}
+
+    def get(self, key, shape, dtype):
+        array = self.arrays.get(key)
+        if array is None or array.shape != shape or array.dtype != dtype:
+            array = self.arrays[key] = self.backend.empty(shape, dtype)
+        return array
+
+
+class Linear:
+    """y = x @ W.T + b, optionally followed by ReLU in the same layer (relu=True).
+
+    relu=True is the same function as Linear followed by ReLU (a test checks it); fusing them
+    lets a backend add the bias and apply the activation in one pass, and mask the gradient
+    while it sums the bias gradient. W is He-initialised, randn(out, in) / sqrt(in / 2), from
+    the host generator, so one seed gives the same weights on every backend; b starts at zero.
+    The first layer passes input_grad=False: nobody uses the gradient of the data.
+    """
+
+    def __init__(self, backend, n_in, n_out, rng, dtype="float32", relu=False, input_grad=True):
+        self.backend = backend
+        self.relu = relu
+        self.input_grad = input_grad
+        host_W = rng.standard_normal((n_out, n_in)) / numpy.sqrt(n_in / 2)
+        self.W = Parameter(backend, host_W.astype(dtype))
+        self.b = Parameter(backend, numpy.zeros(n_out, dtype=dtype))
+        self._buffers = _Buffers(backend)
+
+    @property
+    def shape(self):
+        return self.W.value.shape
+
+    def parameters(self):
+        return [self.W, self.b]
+
+    def forward(self, x):
+        self.x = x
+        out = self._buffers.get("y", (x.shape[0], self.shape[0]), x.dtype)
+        self.y = self.backend.linear_forward(x, self.W.value, self.b.value, self.relu, out=out)
+        return self.y
+
+    def backward(self, grad_y):
+        """grad_x = grad_y @ W, grad_W = grad_y.T @ x, grad_b = sum_rows(grad_y) (grad_y masked by y > 0 first when relu)."""
+        grad_x = None
+        if self.input_grad:
+            grad_x = self._buffers.get("grad_x", self.x.shape, self.x.dtype)
+        return self.backend.linear_backward(
+            self.x, self.W.value, grad_y, self.W.grad, self.b.grad, grad_x,
+            relu_output=self.y if self.relu else None,
+        )
+
+
+class ReLU:
+    """a = max(z, 0), as a layer of its own for any composition; MLPs use Linear(relu=True)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def parameters(self):
+        return []
+
+    def forward(self, z):
+        self.a = self.backend.relu(z)
+        return self.a
+
+    def backward(self, grad_a):
+        """grad_z = grad_a * (a > 0)."""
+        return self.backend.relu_backward(self.a, grad_a)
+
+
+class Sequential:
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+
+    def parameters(self):
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad):
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad)
+        return grad
