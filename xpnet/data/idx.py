@@ -23,6 +23,8 @@ def read_bytes(path):
     """The file's content, decompressed when it is named .gz."""
     path = os.fspath(path)
     try:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: the file is empty; delete it and download again")
         if path.endswith(".gz"):
             with gzip.open(path, "rb") as f:
                 return f.read()

@@ -1,0 +1,38 @@
+import os
+
+import pytest
+
+from xpnet.backends import REGISTRY, get_backend
+from xpnet.data.mnist import missing_files, resolve_data_dir
+from xpnet.errors import BackendUnavailable
+
+
+@pytest.fixture(params=list(REGISTRY))
+def backend(request):
+    """Each registered backend; one that cannot run here is skipped with its own reason."""
+    try:
+        return get_backend(request.param)
+    except BackendUnavailable as exc:
+        pytest.skip(f"{request.param} backend unavailable here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """The real MNIST files, found through the project's data-dir setting ($XPNET_DATA_DIR).
+
+    Skipped where they are absent, except in CI, where their absence is a set-up failure.
+    """
+    data_dir = resolve_data_dir()
+    if not data_dir.is_dir() or missing_files(data_dir):
+        message = f"real MNIST files not found in {data_dir}; set XPNET_DATA_DIR to ../shared/mnist"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def mnist_splits(mnist_dir):
+    from xpnet.data.mnist import load_splits
+
+    return load_splits(mnist_dir)
