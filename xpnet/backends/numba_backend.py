@@ -1,0 +1,145 @@
+"""Numba backend: the base class with its hot elementwise and reduction ops fused into
+@njit kernels. Matrix products stay with NumPy's BLAS; writing a GEMM would only be slower.
+
+Fused here: bias + ReLU (one pass over the layer output), ReLU mask + bias-gradient column
+sum (one pass over the output gradient), softmax + cross-entropy + its gradient (one pass per
+row), the SGD update (in place, no temporary), the batch gather and the correct-count.
+
+Threads: kernels are serial. On the 2-core development machine, `parallel=True` versions of
+these kernels were measured against these (bench/NOTES.md): the work per step is small
+(a 512 x 200 pass takes microseconds), so thread start-up and the contention with
+OpenBLAS's two threads cost more than they save. Serial kernels also mean Numba never
+competes with BLAS for the cores: only BLAS runs threads.
+
+Compilation: cache=True stores machine code beside the module, or, when the install is
+read-only, in Numba's per-user cache (~/.cache/numba, or $NUMBA_CACHE_DIR); prepare()
+compiles (or loads) every kernel for a dtype and reports the time, so it never lands in a
+timed epoch.
+"""
+
+import math
+import time
+
+import numpy
+from numba import njit
+
+from xpnet.backends.base import Backend
+
+kernel = njit(cache=True, nogil=True)
+
+
+@kernel
+def _add_bias_relu(out, b, relu):
+    rows, cols = out.shape
+    for i in range(rows):
+        for j in range(cols):
+            value = out[i, j] + b[j]
+            if relu and value < 0:  # `value < 0`, not max(): NaN passes through as in NumPy
+                value = 0
+            out[i, j] = value
+
+
+@kernel
+def _mask_and_sum_rows(grad_y, relu_output, relu, grad_b):
+    rows, cols = grad_y.shape
+    grad_b[:] = 0
+    for i in range(rows):
+        for j in range(cols):
+            if relu and not relu_output[i, j] > 0:
+                grad_y[i, j] = 0
+            grad_b[j] += grad_y[i, j]
+
+
+@kernel
+def _softmax_cross_entropy(logits, labels, grad):
+    rows, cols = logits.shape
+    total = 0.0
+    for i in range(rows):
+        peak = logits[i, 0]
+        for j in range(1, cols):
+            peak = max(peak, logits[i, j])
+        norm = 0.0
+        for j in range(cols):
+            grad[i, j] = math.exp(logits[i, j] - peak)
+            norm += grad[i, j]
+        total += math.log(norm) - (logits[i, labels[i]] - peak)
+        scale = 1.0 / (norm * rows)
+        for j in range(cols):
+            grad[i, j] *= scale
+        grad[i, labels[i]] -= 1.0 / rows
+    return total / rows
+
+
+@kernel
+def _sgd_update(param, grad, lr):
+    for i in range(param.size):
+        param[i] -= lr * grad[i]
+
+
+@kernel
+def _take_rows(source, indices, out):
+    for i in range(indices.size):
+        out[i] = source[indices[i]]
+
+
+@kernel
+def _count_correct(logits, labels):
+    correct = 0
+    for i in range(logits.shape[0]):
+        best = 0
+        for j in range(1, logits.shape[1]):
+            if logits[i, j] > logits[i, best]:
+                best = j
+        correct += best == labels[i]
+    return correct
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+
+    def prepare(self, dtype):
+        """Compile (or load from cache) every kernel for dtype; returns the seconds taken."""
+        start = time.perf_counter()
+        x = numpy.ones((2, 3), dtype)
+        W = numpy.ones((4, 3), dtype)
+        b = numpy.zeros(4, dtype)
+        labels = numpy.zeros(2, numpy.int64)
+        y = self.linear_forward(x, W, b, relu=True)
+        self.linear_backward(x, W, y, numpy.empty_like(W), numpy.empty_like(b), relu_output=y)
+        self.softmax_cross_entropy(y, labels, numpy.empty_like(y))
+        self.count_correct(y, labels)
+        self.sgd_update(W, numpy.zeros_like(W), 0.1)
+        self.take_rows(x, labels, numpy.empty_like(x))
+        self.take_rows(labels, labels, numpy.empty_like(labels))
+        return time.perf_counter() - start
+
+    def take_rows(self, source, indices, out=None):
+        if out is None:
+            out = numpy.empty((len(indices), *source.shape[1:]), source.dtype)
+        _take_rows(source, indices, out)
+        return out
+
+    def linear_forward(self, x, W, b, relu=False, out=None):
+        out = numpy.matmul(x, W.T, out=out)
+        _add_bias_relu(out, b, relu)
+        return out
+
+    def linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x=None, relu_output=None):
+        relu = relu_output is not None
+        _mask_and_sum_rows(grad_y, relu_output if relu else grad_y, relu, grad_b)
+        numpy.matmul(grad_y.T, x, out=grad_W)
+        if grad_x is not None:
+            numpy.matmul(grad_y, W, out=grad_x)
+        return grad_x
+
+    def softmax_cross_entropy(self, logits, labels, grad_out=None):
+        grad = numpy.empty_like(logits) if grad_out is None else grad_out
+        loss = _softmax_cross_entropy(logits, labels, grad)
+        return logits.dtype.type(loss), grad
+
+    def count_correct(self, logits, labels):
+        return _count_correct(logits, labels)
+
+    def sgd_update(self, param, grad, lr):
+        """param -= lr * grad in one pass; unlike the base version, grad is left untouched."""
+        _sgd_update(param.reshape(-1), grad.reshape(-1), lr)
