@@ -1,0 +1,152 @@
+"""Every op of every backend against the NumPy backend in float64 on the same inputs.
+
+Tolerance rule: inputs are drawn in float64, rounded to the tested dtype, and the reference
+is computed in float64 from those rounded values, so only the backend's arithmetic differs.
+A result that sums K terms has, by the standard bound for floating-point dot products,
+|computed - exact| <= K * u * sum|terms| (u = eps / 2; summation order only changes where
+within this bound a result falls). So each comparison passes a reduction length K and the
+sum of absolute terms ("magnitude"), and checks |got - ref| <= (K + 1) * eps * magnitude,
+the +1 for the final rounding to the dtype. In float64 that bound is far below the
+rtol 1e-10 the project promises, so float64 results also meet rtol 1e-10 by construction.
+Ops that do no arithmetic (gather, ReLU, masks, argmax) must match exactly.
+"""
+
+import numpy
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xpnet.backends import get_backend
+
+REFERENCE = get_backend("numpy")
+DTYPES = ["float32", "float64"]
+SHAPES = [  # (batch, n_in, n_out): batch 1, odd sizes, and the real layers of 784-200-10
+    (1, 7, 13), (7, 13, 5), (512, 784, 200), (512, 200, 10),
+]
+
+
+def assert_within_bound(got, ref, dtype, reduction_length, magnitude):
+    got = numpy.asarray(got, dtype=numpy.float64)
+    bound = (reduction_length + 1) * numpy.finfo(dtype).eps * numpy.asarray(magnitude)
+    excess = numpy.abs(got - ref) - bound
+    assert got.shape == numpy.shape(ref)
+    assert numpy.all(excess <= 0), f"worst error exceeds its bound by {excess.max():.3g}"
+
+
+def draw(rng, shape, dtype, low=-1.0, high=1.0):
+    """A float64 array whose values are exactly representable in dtype."""
+    return rng.uniform(low, high, shape).astype(dtype).astype(numpy.float64)
+
+
+def on(backend, array, dtype):
+    return backend.asarray(array.astype(dtype))
+
+
+def host(backend, array):
+    return backend.to_numpy(array)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_forward(backend, dtype, shape, relu):
+    batch, n_in, n_out = shape
+    rng = numpy.random.default_rng(sum(shape))
+    x, W, b = draw(rng, (batch, n_in), dtype), draw(rng, (n_out, n_in), dtype), draw(rng, n_out, dtype)
+    got = backend.linear_forward(on(backend, x, dtype), on(backend, W, dtype), on(backend, b, dtype), relu)
+    ref = REFERENCE.linear_forward(x, W, b, relu)
+    magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
+    assert_within_bound(host(backend, got), ref, dtype, n_in + 1, magnitude)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_linear_backward(backend, dtype, shape, relu, input_grad):
+    batch, n_in, n_out = shape
+    rng = numpy.random.default_rng(sum(shape) + 1)
+    x, W, grad_y = draw(rng, (batch, n_in), dtype), draw(rng, (n_out, n_in), dtype), draw(rng, (batch, n_out), dtype)
+    relu_output = numpy.maximum(draw(rng, (batch, n_out), dtype), 0) if relu else None
+
+    def run(b, cast):
+        grad_W, grad_b = b.empty((n_out, n_in), cast), b.empty((n_out,), cast)
+        grad_x = b.empty((batch, n_in), cast) if input_grad else None
+        gy = b.asarray(grad_y.astype(cast))  # overwritten in place when relu is fused
+        out = None if relu_output is None else b.asarray(relu_output.astype(cast))
+        b.linear_backward(b.asarray(x.astype(cast)), b.asarray(W.astype(cast)), gy, grad_W, grad_b, grad_x, out)
+        return [host(b, a) for a in (grad_W, grad_b, grad_x) if a is not None]
+
+    got, ref = run(backend, dtype), run(REFERENCE, "float64")
+    masked = numpy.abs(grad_y) * (relu_output > 0) if relu else numpy.abs(grad_y)
+    magnitudes = [masked.T @ numpy.abs(x), masked.sum(axis=0), masked @ numpy.abs(W)]
+    lengths = [batch, batch, n_out]
+    for g, r, m, k in zip(got, ref, magnitudes, lengths):
+        assert_within_bound(g, r, dtype, k, m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_and_its_backward_are_exact(backend, dtype):
+    rng = numpy.random.default_rng(2)
+    z, grad = draw(rng, (7, 13), dtype), draw(rng, (7, 13), dtype)
+    a = host(backend, backend.relu(on(backend, z, dtype)))
+    numpy.testing.assert_array_equal(a, REFERENCE.relu(z))
+    got = backend.relu_backward(on(backend, a, dtype), on(backend, grad, dtype))
+    numpy.testing.assert_array_equal(host(backend, got), REFERENCE.relu_backward(REFERENCE.relu(z), grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, classes", [(1, 10), (7, 13), (512, 10)])
+def test_softmax_cross_entropy(backend, dtype, batch, classes):
+    rng = numpy.random.default_rng(batch)
+    logits = draw(rng, (batch, classes), dtype, -20, 20)
+    labels = rng.integers(0, classes, batch)
+    loss, grad = backend.softmax_cross_entropy(on(backend, logits, dtype), backend.asarray(labels))
+    ref_loss, ref_grad = REFERENCE.softmax_cross_entropy(logits, labels)
+    # Each probability is exp(shifted) / (sum of `classes` exps): about classes + 3 roundings
+    # relative to itself; the loss sums batch terms each of size |log norm| + |shifted label|.
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    per_row = numpy.log(numpy.exp(shifted).sum(axis=1)) + numpy.abs(shifted[numpy.arange(batch), labels])
+    assert_within_bound(float(host(backend, loss)), ref_loss, dtype, batch + classes + 3, per_row.mean())
+    assert_within_bound(host(backend, grad), ref_grad, dtype, classes + 3, numpy.abs(ref_grad) + 1.0 / batch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_update(backend, dtype):
+    rng = numpy.random.default_rng(3)
+    param, grad, lr = draw(rng, (200, 784), dtype), draw(rng, (200, 784), dtype), 0.0512
+    on_backend = on(backend, param, dtype)
+    backend.sgd_update(on_backend, on(backend, grad, dtype), lr)
+    expected = param - lr * grad
+    assert_within_bound(host(backend, on_backend), expected, dtype, 2, numpy.abs(param) + numpy.abs(lr * grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_take_rows_and_count_correct_are_exact(backend, dtype):
+    rng = numpy.random.default_rng(4)
+    source, labels = draw(rng, (50, 13), dtype), rng.integers(0, 13, 50)
+    indices = rng.permutation(50)[:17]
+    rows = backend.take_rows(on(backend, source, dtype), backend.asarray(indices))
+    numpy.testing.assert_array_equal(host(backend, rows), source[indices])
+    out = backend.empty((17,), backend.asarray(labels).dtype)
+    numpy.testing.assert_array_equal(host(backend, backend.take_rows(backend.asarray(labels), backend.asarray(indices), out)), labels[indices])
+    correct = backend.count_correct(on(backend, source, dtype), backend.asarray(labels))
+    assert int(host(backend, correct)) == int((source.argmax(axis=1) == labels).sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 40), n_in=st.integers(1, 40), n_out=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_linear_round_trip_any_shape(batch, n_in, n_out, seed):
+    """Random shapes through every CPU backend's forward and backward, in float32."""
+    rng = numpy.random.default_rng(seed)
+    x, W, b = draw(rng, (batch, n_in), "float32"), draw(rng, (n_out, n_in), "float32"), draw(rng, n_out, "float32")
+    grad_y = draw(rng, (batch, n_out), "float32")
+    for name in ["numpy", "numba"]:
+        backend = get_backend(name)
+        y = backend.linear_forward(x.astype("float32"), W.astype("float32"), b.astype("float32"), relu=True)
+        ref_y = REFERENCE.linear_forward(x, W, b, relu=True)
+        assert_within_bound(y, ref_y, "float32", n_in + 1, numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b))
+        grad_W, grad_b = numpy.empty((n_out, n_in), "float32"), numpy.empty(n_out, "float32")
+        backend.linear_backward(x.astype("float32"), W.astype("float32"), grad_y.astype("float32"), grad_W, grad_b, relu_output=y)
+        masked = numpy.abs(grad_y) * (ref_y > 0)
+        assert_within_bound(grad_W, (grad_y * (ref_y > 0)).T @ x, "float32", batch, masked.T @ numpy.abs(x))
