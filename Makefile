@@ -17,15 +17,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-$(TEST_EXTRAS): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[$(TEST_EXTRAS)]'
 	touch $@ $(VENV)/.installed
 
 train: $(VENV)/.installed
 	$(BIN)/xpnet train $(ARGS)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/python -m pytest tests $(ARGS)
+
+verify: $(VENV)/.installed
+	$(BIN)/xpnet verify --dtype float32 $(ARGS)
+	$(BIN)/xpnet verify --dtype float64 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks .hypothesis

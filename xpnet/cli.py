@@ -48,6 +48,13 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}; write sizes like 200 or 512,256") from None
 
 
+def name_list(text):
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected backend names like numpy,numba, got {text!r}")
+    return names
+
+
 def add_backend_flags(parser):
     parser.add_argument(
         "--backend", default=None,
@@ -74,6 +81,14 @@ def build_parser():
                        help="hidden layer sizes, e.g. 200 or 512,256,128,64 (default 200)")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.set_defaults(run=run_train)
+
+    verify = commands.add_parser("verify", help="check the backends against NumPy float64, op by op and step by step")
+    verify.add_argument("--backends", type=name_list, default=None, help="comma-separated (default: every available backend)")
+    verify.add_argument("--steps", type=positive_int, default=5)
+    verify.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    verify.add_argument("--data-dir", default=None)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.set_defaults(run=run_verify)
     return parser
 
 
@@ -94,6 +109,42 @@ def run_train(args):
     start = time.perf_counter()
     trainer.fit()
     print(f"Total training time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def run_verify(args):
+    import numpy
+    from rich.console import Console
+    from rich.table import Table
+
+    from xpnet.backends import available_backends
+    from xpnet.data.mnist import load_splits, resolve_data_dir
+    from xpnet.verify import summarize, verify
+
+    candidates = [get_backend(name) for name in (args.backends or available_backends())]
+    splits = load_splits(resolve_data_dir(args.data_dir))
+    pixels = splits.train.images.reshape(len(splits.train), -1).astype(numpy.float64)
+    images = (pixels - pixels.mean()) / pixels.std()
+    for backend in candidates:
+        backend.prepare(args.dtype)
+    checks = verify(candidates, images, splits.train.labels, steps=args.steps, dtype=args.dtype, seed=args.seed)
+    table = Table(title=f"{args.dtype} against NumPy float64, worst over {args.steps} steps (error/bound <= 1 passes)")
+    for column in ("op", "backend", "max abs err", "max rel err", "tolerance", "error/bound", "result"):
+        table.add_column(column, justify="left" if column in ("op", "backend") else "right")
+    for check in summarize(checks):
+        table.add_row(check.op, check.backend, f"{check.max_abs:.2e}", f"{check.max_rel:.2e}", f"{check.tolerance:.2e}",
+                      f"{check.bound_used:.3f}", "pass" if check.passed else "[bold red]FAIL")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a log or pipe: wide enough that rows stay on one line
+    console.print(table)
+    failed = [check for check in checks if not check.passed]
+    if failed:
+        first = failed[0]
+        print(f"xpnet verify: {first.backend} disagrees first at step {first.step}, {first.op}: "
+              f"error {first.max_abs:.3g} is {first.bound_used:.3g}x its bound", file=sys.stderr)
+        return 1
+    print(f"All {len(checks)} checks agree: {', '.join(b.name for b in candidates)} ({args.dtype}, {args.steps} steps).")
     return 0
 
 

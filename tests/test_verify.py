@@ -1,0 +1,60 @@
+"""`xpnet verify` passes the real backends and catches deliberately wrong ones."""
+
+import numpy
+import pytest
+
+from xpnet.backends import REGISTRY
+from xpnet.backends.numba_backend import NumbaBackend
+from xpnet.backends.numpy_backend import NumpyBackend
+from xpnet.cli import main
+
+
+class DropsOneReluGradient(NumbaBackend):
+    """ReLU backward loses the gradient of one active unit, as an off-by-one in a mask would."""
+
+    name = "drops-one-relu-gradient"
+
+    def linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x=None, relu_output=None):
+        if relu_output is not None:
+            active = numpy.argwhere(relu_output > 0)[0]
+            grad_y[tuple(active)] = 0
+        return super().linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, relu_output)
+
+
+class SlightlyWrongLearningRate(NumpyBackend):
+    name = "slightly-wrong-learning-rate"
+
+    def sgd_update(self, param, grad, lr):
+        super().sgd_update(param, grad, lr * 1.001)
+
+
+@pytest.fixture
+def wrong_backends(monkeypatch):
+    for cls in (DropsOneReluGradient, SlightlyWrongLearningRate):
+        monkeypatch.setitem(REGISTRY, cls.name, f"{__name__}:{cls.__name__}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_real_backends_agree(mnist_dir, dtype, capsys):
+    assert main(["verify", "--backends", "numpy,numba", "--dtype", dtype, "--steps", "3", "--data-dir", str(mnist_dir)]) == 0
+    assert "All 78 checks agree: numpy, numba" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "wrong, op",
+    [(DropsOneReluGradient.name, "layer 1 backward grad W"), (SlightlyWrongLearningRate.name, "layer 2 update W")],
+)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_wrong_backend_fails_naming_the_op(mnist_dir, wrong_backends, wrong, op, dtype, capsys):
+    code = main(["verify", "--backends", f"numba,{wrong}", "--dtype", dtype, "--steps", "2", "--data-dir", str(mnist_dir)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"{wrong} disagrees first at step 1, {op}" in captured.err
+    assert "numba " in captured.out and "FAIL" in captured.out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["verify", "--backends", ","]) == 2
+    assert main(["verify", "--steps", "0"]) == 2
+    assert main(["verify", "--backends", "tpu"]) == 2
+    assert "unknown backend 'tpu'" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""`xpnet verify`: every backend checked against the NumPy float64 reference, op by op, on
+real data, at every training step.
+
+Method. The reference (NumPy, float64) trains for N steps from the seed. At each step, every
+candidate backend runs each op of that step (each layer's forward, the loss, each layer's
+backward, each update) on exactly the reference's inputs rounded to the candidate's dtype,
+and its result is compared with the reference's. Comparing each step from identical states,
+rather than letting each backend train on its own, keeps every bound a one-op bound: float32
+runs drift apart step by step through chaotic training, and a bound for that drift would
+need a model of the whole trajectory. Since every backend runs the same layer code, ops that
+agree at every step on real states mean the runs agree.
+
+Tolerance. A result that sums K terms obeys |computed - exact| <= K * u * sum|terms|
+(u = eps / 2, whatever the summation order). Each check passes K and that magnitude
+(|x| @ |W|.T + |b| for a forward, and so on) and allows (K + 1) * eps * magnitude, the +1
+for the final rounding. Nothing here is tuned: the bound follows from the dtype and the
+sums. Ops without arithmetic (gathers, masks) must match exactly.
+"""
+
+from dataclasses import dataclass
+
+import numpy
+
+from xpnet.backends import get_backend
+from xpnet.nn.loss import SoftmaxCrossEntropy
+from xpnet.nn.model import MLP
+from xpnet.nn.optim import SGD
+from xpnet.nn.train import SEED_LR
+
+
+def error_bound(dtype, reduction_length, magnitude):
+    """The largest error allowed for a result summing reduction_length terms of the given magnitude."""
+    return (reduction_length + 1) * numpy.finfo(dtype).eps * numpy.asarray(magnitude, dtype=numpy.float64)
+
+
+@dataclass
+class Check:
+    step: int
+    op: str
+    backend: str
+    max_abs: float
+    max_rel: float
+    bound_used: float  # worst |error| / bound over the elements: <= 1 passes
+    tolerance: float  # the bound at that worst element
+
+    @property
+    def passed(self):
+        return self.bound_used <= 1.0
+
+
+def compare(step, op, backend_name, got, ref, dtype, reduction_length, magnitude):
+    got = numpy.asarray(got, dtype=numpy.float64)
+    error = numpy.abs(got - ref)
+    bound = error_bound(dtype, reduction_length, magnitude)
+    with numpy.errstate(divide="ignore", invalid="ignore"):
+        ratio = numpy.where(error == 0, 0.0, error / bound)
+        rel = numpy.where(error == 0, 0.0, error / numpy.abs(ref))
+    if got.shape != numpy.shape(ref) or not numpy.all(numpy.isfinite(got)):
+        ratio = numpy.full(numpy.shape(ref), numpy.inf)
+    worst = numpy.unravel_index(numpy.argmax(ratio), numpy.shape(ratio)) if numpy.ndim(ratio) else ()
+    return Check(
+        step, op, backend_name, float(error.max(initial=0)), float(numpy.max(rel, initial=0)),
+        float(numpy.max(ratio)), float(numpy.broadcast_to(bound, numpy.shape(ratio))[worst]),
+    )
+
+
+def check_step(step, candidate, dtype, reference_model, x, labels, lr):
+    """Each op of one SGD step of the candidate, fed the reference's inputs, against the reference."""
+    ref = reference_model.backend
+    layers = reference_model.net.layers
+    name = candidate.name
+    cast = lambda array: candidate.asarray(numpy.asarray(array, dtype=numpy.float64).astype(dtype))
+    host = candidate.to_numpy
+    # Round the shared inputs once, so the reference sees exactly what the candidate sees.
+    x = x.astype(dtype).astype(numpy.float64)
+    params = [(l.W.value.astype(dtype).astype(numpy.float64), l.b.value.astype(dtype).astype(numpy.float64)) for l in layers]
+    checks, inputs, outputs = [], [], []
+    for i, (layer, (W, b)) in enumerate(zip(layers, params)):
+        y_ref = ref.linear_forward(x, W, b, layer.relu)
+        y = candidate.linear_forward(cast(x), cast(W), cast(b), layer.relu)
+        magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
+        checks.append(compare(step, f"layer {i + 1} forward", name, host(y), y_ref, dtype, W.shape[1] + 1, magnitude))
+        inputs.append(x)
+        outputs.append(y_ref)
+        x = y_ref.astype(dtype).astype(numpy.float64)
+    logits = x
+    loss_ref, grad_ref = ref.softmax_cross_entropy(logits, labels)
+    loss, grad = candidate.softmax_cross_entropy(cast(logits), candidate.asarray(labels))
+    batch, classes = logits.shape
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    per_row = numpy.log(numpy.exp(shifted).sum(axis=1)) + numpy.abs(shifted[numpy.arange(batch), labels])
+    checks.append(compare(step, "softmax cross-entropy loss", name, host(loss), loss_ref, dtype, batch + classes + 3, per_row.mean()))
+    checks.append(compare(step, "softmax cross-entropy grad", name, host(grad), grad_ref, dtype, classes + 3, numpy.abs(grad_ref) + 1.0 / batch))
+    grad_y = grad_ref.astype(dtype).astype(numpy.float64)
+    for i in reversed(range(len(layers))):
+        layer, (W, b), x_in = layers[i], params[i], inputs[i]
+        relu_output = outputs[i].astype(dtype).astype(numpy.float64) if layer.relu else None
+        grads_ref = _backward(ref, numpy.float64, x_in, W, grad_y, relu_output, need_x=i > 0)
+        grads = _backward(candidate, dtype, cast(x_in), cast(W), cast(grad_y),
+                          None if relu_output is None else cast(relu_output), need_x=i > 0)
+        masked = numpy.abs(grad_y) * (relu_output > 0) if layer.relu else numpy.abs(grad_y)
+        magnitudes = [masked.T @ numpy.abs(x_in), masked.sum(axis=0), masked @ numpy.abs(W)]
+        for label, got, expected, k, m in zip(["grad W", "grad b", "grad x"], grads, grads_ref, [batch, batch, W.shape[0]], magnitudes):
+            checks.append(compare(step, f"layer {i + 1} backward {label}", name, host(got), expected, dtype, k, m))
+        for label, p, g in (("W", W, grads_ref[0]), ("b", b, grads_ref[1])):
+            g = g.astype(dtype).astype(numpy.float64)
+            updated = cast(p)
+            candidate.sgd_update(updated, cast(g), lr)
+            checks.append(compare(step, f"layer {i + 1} update {label}", name, host(updated), p - lr * g, dtype, 2, numpy.abs(p) + lr * numpy.abs(g)))
+        if i > 0:
+            grad_y = grads_ref[2].astype(dtype).astype(numpy.float64)
+    return checks
+
+
+def _backward(backend, dtype, x, W, grad_y, relu_output, need_x):
+    grad_W = backend.empty(W.shape, dtype)
+    grad_b = backend.empty(W.shape[:1], dtype)
+    grad_x = backend.empty(x.shape, dtype) if need_x else None
+    grad_y = backend.asarray(backend.to_numpy(grad_y).copy())  # the fused mask writes in place
+    backend.linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, relu_output)
+    return [g for g in (grad_W, grad_b, grad_x) if g is not None]
+
+
+def verify(candidates, images, labels, steps=5, dtype="float32", hidden=(200,), batch_size=512, seed=0, lr=SEED_LR):
+    """All checks of every candidate over `steps` reference steps on the given (normalised) data."""
+    reference = get_backend("numpy")
+    sizes = [images.shape[1], *hidden, int(labels.max()) + 1]
+    model = MLP(reference, sizes, seed=seed, dtype="float64")
+    loss_fn, optimizer = SoftmaxCrossEntropy(reference), SGD(reference, model.parameters(), lr)
+    order = numpy.random.default_rng(seed).permutation(len(labels))
+    checks = []
+    for step in range(1, steps + 1):
+        rows = order[((step - 1) * batch_size) % len(labels):][:batch_size]
+        x, y = images[rows].astype(numpy.float64), labels[rows].astype(numpy.int64)
+        for candidate in candidates:
+            checks.extend(check_step(step, candidate, dtype, model, x, y, lr))
+        loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward())
+        optimizer.step()
+    return checks
+
+
+def summarize(checks):
+    """One Check per (op, backend): the worst over all steps."""
+    worst = {}
+    for check in checks:
+        key = (check.op, check.backend)
+        if key not in worst or check.bound_used > worst[key].bound_used:
+            worst[key] = check
+    return list(worst.values())
