@@ -36,3 +36,19 @@ def mnist_splits(mnist_dir):
     from xpnet.data.mnist import load_splits
 
     return load_splits(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def seed_recipe_history(mnist_splits):
+    """The seed recipe's 20-epoch run on a named backend, trained once per session."""
+    from xpnet.nn.train import TrainConfig, Trainer
+
+    histories = {}
+
+    def history(name):
+        if name not in histories:
+            trainer = Trainer(get_backend(name), mnist_splits, TrainConfig())
+            histories[name] = trainer.fit(log=lambda line: None)
+        return histories[name]
+
+    return history

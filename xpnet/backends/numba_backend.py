@@ -19,13 +19,30 @@ timed epoch.
 
 import math
 import time
+import warnings
 
 import numpy
 from numba import njit
 
 from xpnet.backends.base import Backend
 
-kernel = njit(cache=True, nogil=True)
+_cache_warned = False
+
+
+def kernel(function):
+    """njit with an on-disk cache, or without one (warning once) where no cache dir is writable."""
+    global _cache_warned
+    try:
+        return njit(cache=True, nogil=True)(function)
+    except RuntimeError as exc:  # Numba: "cannot cache function ...: no locator available"
+        if not _cache_warned:
+            _cache_warned = True
+            warnings.warn(
+                f"Numba kernels will be compiled on every run: {exc}. "
+                "Set NUMBA_CACHE_DIR to a writable directory to cache them.",
+                stacklevel=2,
+            )
+        return njit(nogil=True)(function)
 
 
 @kernel
