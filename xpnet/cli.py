@@ -89,6 +89,18 @@ def build_parser():
     verify.add_argument("--data-dir", default=None)
     verify.add_argument("--seed", type=int, default=0)
     verify.set_defaults(run=run_verify)
+
+    bench = commands.add_parser("bench", help="training throughput of each backend, against the matmul floor and PyTorch")
+    bench.add_argument("--backends", type=name_list, default=None, help="comma-separated (default: every available backend)")
+    bench.add_argument("--batch-sizes", type=int_list, default=None, help="e.g. 128,512 (default 1,64,128,512,2048; --quick 128,512)")
+    bench.add_argument("--hidden", type=int_list, nargs="+", default=None, help="one or more architectures, e.g. --hidden 200 800 2048")
+    bench.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    bench.add_argument("--repeats", type=positive_int, default=None, help="timed epochs per row (default 3; --quick 1)")
+    bench.add_argument("--quick", action="store_true", help="batch 128 and 512, one timed epoch: under a minute")
+    bench.add_argument("--no-torch", action="store_true", help="leave out the PyTorch rows even when torch is installed")
+    bench.add_argument("--json", default=None, help="write the results as JSON (schema in bench/README.md)")
+    bench.add_argument("--markdown", default=None, help="write the table as Markdown")
+    bench.set_defaults(run=run_bench)
     return parser
 
 
@@ -146,6 +158,18 @@ def run_verify(args):
         return 1
     print(f"All {len(checks)} checks agree: {', '.join(b.name for b in candidates)} ({args.dtype}, {args.steps} steps).")
     return 0
+
+
+def run_bench(args):
+    from xpnet.backends import available_backends
+    from xpnet.bench_report import run_report
+
+    backends = [get_backend(name) for name in (args.backends or available_backends())]
+    batch_sizes = args.batch_sizes or ((128, 512) if args.quick else (1, 64, 128, 512, 2048))
+    repeats = args.repeats or (1 if args.quick else 3)
+    return run_report(backends, batch_sizes, args.hidden or [(200,)], args.dtype, repeats,
+                      with_torch=not args.no_torch, json_path=args.json, markdown_path=args.markdown,
+                      agreement_steps=3 if args.quick else 10)
 
 
 def main(argv=None):

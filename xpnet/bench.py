@@ -1,0 +1,163 @@
+"""Throughput measurement shared by `xpnet bench` and the pytest-benchmark suite in bench/.
+
+What is timed: whole training epochs of 50,000 samples (gather, forward, loss, backward,
+update), after a warm-up epoch, with the backend synchronised before each clock read, so a
+GPU's queued work is counted. JIT compile time is measured apart (Backend.prepare) and never
+inside an epoch. Alongside, in the same process and run, the "floor": the same five matrix
+products per step (forward x2, grad W x2, grad x of layer 2) timed alone with NumPy, and,
+when torch is importable, PyTorch eager training the same MLP with torch.optim.SGD.
+Numbers are medians of repeats with their min-max spread: this machine is shared and noisy,
+so only ratios taken in one run are comparable.
+"""
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy
+
+from xpnet.data.mnist import Split, Splits
+from xpnet.nn.train import TrainConfig, Trainer
+
+N_SAMPLES = 50_000
+
+
+@dataclass
+class Result:
+    name: str  # backend, "floor (numpy matmuls)" or "torch eager (cpu)"
+    batch_size: int
+    hidden: tuple
+    dtype: str
+    samples_per_second: float  # median over repeats
+    spread: tuple  # (min, max) samples/s over repeats
+    compile_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self):
+        return {**asdict(self), "hidden": list(self.hidden), "spread": list(self.spread)}
+
+
+def synthetic_splits(n_samples=N_SAMPLES, seed=0):
+    """MNIST-shaped random data: throughput does not depend on the pixel values."""
+    rng = numpy.random.default_rng(seed)
+    split = lambda n: Split(rng.integers(0, 256, (n, 28, 28), dtype=numpy.uint8), rng.integers(0, 10, n).astype(numpy.uint8))
+    return Splits(train=split(n_samples), validation=split(10), test=split(10))
+
+
+@dataclass
+class Contender:
+    """One thing to time: an epoch function, how to synchronise, and its row's labels."""
+
+    name: str
+    run_epoch: object
+    synchronize: object
+    n_samples: int
+    compile_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def time_interleaved(contenders, repeats):
+    """Seconds per epoch of each contender: one warm-up epoch each, then `repeats` rounds
+    that time every contender once in turn, so drift of a shared machine hits all alike.
+    Each clock read follows a synchronize, so queued GPU work is counted."""
+    for contender in contenders:
+        contender.run_epoch()
+    seconds = {id(c): [] for c in contenders}
+    for _ in range(repeats):
+        for contender in contenders:
+            contender.synchronize()
+            start = time.perf_counter()
+            contender.run_epoch()
+            contender.synchronize()
+            seconds[id(contender)].append(time.perf_counter() - start)
+    return [seconds[id(c)] for c in contenders]
+
+
+def measure(contenders, batch_size, hidden, dtype, repeats):
+    results = []
+    for contender, epoch_seconds in zip(contenders, time_interleaved(contenders, repeats)):
+        rates = [contender.n_samples / s for s in epoch_seconds]
+        results.append(Result(contender.name, batch_size, tuple(hidden), dtype, statistics.median(rates),
+                              (min(rates), max(rates)), contender.compile_seconds, dict(contender.extra)))
+    return results
+
+
+def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None):
+    compile_seconds = backend.prepare(dtype)
+    splits = splits or synthetic_splits()
+    trainer = Trainer(backend, splits, TrainConfig(batch_size=batch_size, hidden=hidden, dtype=dtype))
+    return Contender(backend.name, trainer.train_epoch, backend.synchronize, len(splits.train), compile_seconds)
+
+
+def floor_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
+    """The matrix products of an epoch alone: each layer's forward and grad W, and grad x of
+    every layer but the first, on preallocated NumPy arrays."""
+    rng = numpy.random.default_rng(0)
+    sizes = [784, *hidden, 10]
+    weights = [rng.standard_normal((o, i)).astype(dtype) for i, o in zip(sizes[:-1], sizes[1:])]
+    acts = [rng.standard_normal((batch_size, n)).astype(dtype) for n in sizes]
+    grads = [numpy.empty_like(a) for a in acts]
+    grad_w = [numpy.empty_like(w) for w in weights]
+    steps = -(-n_samples // batch_size)
+
+    def epoch():
+        for _ in range(steps):
+            for i, W in enumerate(weights):
+                numpy.matmul(acts[i], W.T, out=acts[i + 1])
+            for i in reversed(range(len(weights))):
+                numpy.matmul(acts[i + 1].T, acts[i], out=grad_w[i])
+                if i > 0:
+                    numpy.matmul(acts[i + 1], weights[i], out=grads[i])
+
+    return Contender("floor (numpy matmuls)", epoch, lambda: None, steps * batch_size)
+
+
+def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES):
+    """PyTorch eager on the same MLP, data and SGD: the anchor a user would otherwise pick."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    sizes = [784, *hidden, 10]
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers).to(device=device, dtype=torch_dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=TrainConfig().lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
+    y_all = torch.randint(0, 10, (n_samples,), device=device)
+    generator = numpy.random.default_rng(0)
+
+    def epoch():
+        order = torch.as_tensor(generator.permutation(n_samples), device=device)
+        for start in range(0, n_samples, batch_size):
+            rows = order[start:start + batch_size]
+            optimizer.zero_grad(set_to_none=False)
+            loss = loss_fn(model(x_all[rows]), y_all[rows])
+            loss.backward()
+            optimizer.step()
+
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return Contender(f"torch eager ({device})", epoch, synchronize, n_samples,
+                     extra={"torch": torch.__version__, "threads": torch.get_num_threads()})
+
+
+def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=None):
+    """Largest relative difference of the loss and of the weights after `steps` free-running
+    steps from the same seed, against the NumPy float64 reference."""
+    from xpnet.backends import get_backend
+
+    splits = splits or synthetic_splits(n_samples=steps * batch_size)
+    runs = []
+    for b, d in ((get_backend("numpy"), "float64"), (backend, dtype)):
+        trainer = Trainer(b, splits, TrainConfig(batch_size=batch_size, hidden=hidden, dtype=d))
+        order = b.asarray(trainer.rng.permutation(len(trainer.train_y)))
+        losses = [float(b.to_numpy(trainer.step(x, y))) for _, (x, y) in zip(range(steps), trainer.batches(order))]
+        runs.append((numpy.array(losses), [b.to_numpy(p.value).astype(numpy.float64) for p in trainer.model.parameters()]))
+    (ref_loss, ref_w), (loss, w) = runs
+    loss_rel = float(numpy.max(numpy.abs(loss - ref_loss) / numpy.abs(ref_loss)))
+    weight_rel = max(float(numpy.max(numpy.abs(a - r)) / numpy.max(numpy.abs(r))) for a, r in zip(w, ref_w))
+    return loss_rel, weight_rel

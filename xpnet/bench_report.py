@@ -1,0 +1,115 @@
+"""`xpnet bench`: run the measurements of xpnet.bench and present them as a table, JSON and
+Markdown. The JSON schema (version "xpnet-bench/1") is documented in bench/README.md."""
+
+import json
+import os
+import platform
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from xpnet.bench import agreement, backend_contender, floor_contender, measure, torch_contender
+
+SCHEMA = "xpnet-bench/1"
+COLUMNS = ["name", "hidden", "batch", "samples/s", "spread", "x numpy", "of floor", "compile s", "loss rel diff", "weight rel diff"]
+
+
+def machine():
+    import numpy
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": numpy.__version__}
+
+
+def torch_devices():
+    try:
+        import torch
+    except ImportError:
+        return []
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=print):
+    results = []
+    devices = torch_devices() if with_torch else []
+    if with_torch and not devices:
+        log("torch is not installed: PyTorch rows left out (pip install torch to add them)")
+    compile_seconds = {b.name: b.prepare(dtype) for b in backends}  # first call: the real cost
+    for hidden in hiddens:
+        agreements = {b.name: agreement(b, dtype, steps=agreement_steps, hidden=hidden) for b in backends}
+        for batch_size in batch_sizes:
+            contenders = [floor_contender(batch_size, hidden, dtype)]
+            for backend in backends:
+                contender = backend_contender(backend, batch_size, hidden, dtype)
+                contender.compile_seconds = compile_seconds[backend.name]
+                contender.extra["loss_rel_diff"], contender.extra["weight_rel_diff"] = agreements[backend.name]
+                contenders.append(contender)
+            contenders += [torch_contender(batch_size, hidden, dtype, device) for device in devices]
+            results += measure(contenders, batch_size, hidden, dtype, repeats)
+    return results
+
+
+def rows(results):
+    """Table rows: each result with its speedup over numpy and its fraction of the floor."""
+    reference = {(r.hidden, r.batch_size): r.samples_per_second for r in results if r.name == "numpy"}
+    floor = {(r.hidden, r.batch_size): r.samples_per_second for r in results if r.name.startswith("floor")}
+    for r in results:
+        key = (r.hidden, r.batch_size)
+        speedup = r.samples_per_second / reference[key] if key in reference else None
+        of_floor = r.samples_per_second / floor[key] if key in floor and not r.name.startswith("floor") else None
+        loss_diff, weight_diff = r.extra.get("loss_rel_diff"), r.extra.get("weight_rel_diff")
+        yield [
+            r.name, "-".join(map(str, r.hidden)), str(r.batch_size), f"{r.samples_per_second:,.0f}",
+            f"{r.spread[0]:,.0f}-{r.spread[1]:,.0f}",
+            f"{speedup:.2f}" if speedup else "", f"{of_floor:.0%}" if of_floor else "",
+            f"{r.compile_seconds:.3f}" if r.compile_seconds else "",
+            f"{loss_diff:.1e}" if loss_diff is not None else "", f"{weight_diff:.1e}" if weight_diff is not None else "",
+        ]
+
+
+def markdown(table_rows, title):
+    lines = [f"{title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_report(backends, batch_sizes, hiddens, dtype, repeats, with_torch, json_path, markdown_path, agreement_steps):
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    results = collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=console.print)
+    title = (f"Training throughput, {dtype}, 50,000-sample epochs, median of {repeats} "
+             f"(agreement: {agreement_steps} steps vs NumPy float64)")
+    table = Table(title=title)
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column in ("name", "hidden") else "right")
+    table_rows = list(rows(results))
+    for row in table_rows:
+        table.add_row(*row)
+    console.print(table)
+    command = "xpnet " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("xpnet") else "xpnet bench"
+    if json_path:
+        document = {"schema": SCHEMA, "command": command, "machine": machine(), "results": [r.to_json() for r in results]}
+        write_atomically(json_path, json.dumps(document, indent=2))
+    if markdown_path:
+        write_atomically(markdown_path, markdown(table_rows, f"{title}\n\nMachine: {machine()}\n\nCommand: `{command}`"))
+    return 0
+
+
+def write_atomically(path, text):
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def load_results(path):
+    """Read a JSON file written by --json back into Result objects."""
+    from xpnet.bench import Result
+
+    with open(path) as f:
+        document = json.load(f)
+    if document.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not an {SCHEMA} file")
+    return [Result(**{**r, "hidden": tuple(r["hidden"]), "spread": tuple(r["spread"])}) for r in document["results"]]
