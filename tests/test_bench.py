@@ -1,0 +1,70 @@
+"""The benchmark machinery: honest timing, the --quick run, JSON round trip, bad flags."""
+
+import json
+import time
+
+import pytest
+
+from xpnet.backends.numpy_backend import NumpyBackend
+from xpnet.bench import Contender, backend_contender, synthetic_splits, time_interleaved
+from xpnet.bench_report import SCHEMA, load_results
+from xpnet.cli import main
+
+
+def test_every_clock_read_follows_a_synchronize():
+    events = []
+    contender = Contender("probe", lambda: events.append("epoch"), lambda: events.append("sync"), 1)
+    original = time.perf_counter
+
+    def clock():
+        events.append("clock")
+        return original()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time, "perf_counter", clock)
+        time_interleaved([contender], repeats=2)
+    timed = events[1:]  # after the warm-up epoch
+    assert timed == ["sync", "clock", "epoch", "sync", "clock"] * 2
+
+
+class SlowCompile(NumpyBackend):
+    prepare_calls = 0
+
+    def prepare(self, dtype):
+        SlowCompile.prepare_calls += 1
+        time.sleep(0.5)
+        return 0.5
+
+
+def test_compile_time_is_reported_apart_and_never_timed():
+    backend = SlowCompile()
+    contender = backend_contender(backend, 512, splits=synthetic_splits(n_samples=2048))
+    assert contender.compile_seconds == 0.5 and SlowCompile.prepare_calls == 1
+    (seconds,) = time_interleaved([contender], repeats=2)
+    assert SlowCompile.prepare_calls == 1  # timing never compiles
+    assert all(s < 0.5 for s in seconds)  # four steps of 512 take far less than the sleep
+
+
+def test_quick_bench_writes_json_that_round_trips_and_markdown(tmp_path, capsys):
+    json_path, markdown_path = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert main(["bench", "--quick", "--no-torch", "--json", str(json_path), "--markdown", str(markdown_path)]) == 0
+    document = json.loads(json_path.read_text())
+    assert document["schema"] == SCHEMA and document["machine"]["cpus"] >= 1
+    results = load_results(json_path)
+    assert {(r.name, r.batch_size) for r in results} >= {
+        (name, batch) for name in ("numpy", "numba", "floor (numpy matmuls)") for batch in (128, 512)
+    }
+    for r in results:
+        assert r.samples_per_second > 0 and r.spread[0] <= r.samples_per_second <= r.spread[1]
+        if r.name == "numba":
+            assert r.compile_seconds > 0
+            assert r.extra["weight_rel_diff"] < 1e-4  # float32 after 3 steps against float64
+    assert [r.to_json() for r in results] == document["results"]
+    assert "| numba | 200 | 512 |" in markdown_path.read_text()
+    assert "samples/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--backends", "tpu"], ["--batch-sizes", "0"], ["--batch-sizes", ""], ["--hidden"]])
+def test_bad_flags_exit_2(args, capsys):
+    assert main(["bench", *args]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
