@@ -22,6 +22,12 @@ from xpnet.nn.train import TrainConfig, Trainer
 N_SAMPLES = 50_000
 
 
+def seed_lr(batch_size):
+    """The seed's lr of 1e-4 on the summed loss, as a rate on the mean loss of this batch size:
+    a fixed rate on the mean would diverge at batch 1 and slow every row with inf and NaN."""
+    return 1e-4 * batch_size
+
+
 @dataclass
 class Result:
     name: str  # backend, "floor (numpy matmuls)" or "torch eager (cpu)"
@@ -85,7 +91,8 @@ def measure(contenders, batch_size, hidden, dtype, repeats):
 def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None):
     compile_seconds = backend.prepare(dtype)
     splits = splits or synthetic_splits()
-    trainer = Trainer(backend, splits, TrainConfig(batch_size=batch_size, hidden=hidden, dtype=dtype))
+    config = TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=dtype)
+    trainer = Trainer(backend, splits, config)
     return Contender(backend.name, trainer.train_epoch, backend.synchronize, len(splits.train), compile_seconds)
 
 
@@ -125,7 +132,7 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
         if i < len(sizes) - 2:
             layers.append(torch.nn.ReLU())
     model = torch.nn.Sequential(*layers).to(device=device, dtype=torch_dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=TrainConfig().lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size))
     loss_fn = torch.nn.CrossEntropyLoss()
     x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
     y_all = torch.randint(0, 10, (n_samples,), device=device)
@@ -153,7 +160,7 @@ def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=No
     splits = splits or synthetic_splits(n_samples=steps * batch_size)
     runs = []
     for b, d in ((get_backend("numpy"), "float64"), (backend, dtype)):
-        trainer = Trainer(b, splits, TrainConfig(batch_size=batch_size, hidden=hidden, dtype=d))
+        trainer = Trainer(b, splits, TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=d))
         order = b.asarray(trainer.rng.permutation(len(trainer.train_y)))
         losses = [float(b.to_numpy(trainer.step(x, y))) for _, (x, y) in zip(range(steps), trainer.batches(order))]
         runs.append((numpy.array(losses), [b.to_numpy(p.value).astype(numpy.float64) for p in trainer.model.parameters()]))

@@ -61,6 +61,13 @@ def add_backend_flags(parser):
         help=f"array backend: {', '.join(REGISTRY)} (default: $XPNET_BACKEND, else numpy)",
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    add_data_flags(parser)
+
+
+def add_data_flags(parser):
+    from xpnet.data.datasets import DATASETS
+
+    parser.add_argument("--dataset", choices=list(DATASETS), default="mnist")
     parser.add_argument("--data-dir", default=None, help="directory of the IDX files (default: $XPNET_DATA_DIR, else the per-user cache)")
 
 
@@ -86,7 +93,7 @@ def build_parser():
     verify.add_argument("--backends", type=name_list, default=None, help="comma-separated (default: every available backend)")
     verify.add_argument("--steps", type=positive_int, default=5)
     verify.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    verify.add_argument("--data-dir", default=None)
+    add_data_flags(verify)
     verify.add_argument("--seed", type=int, default=0)
     verify.set_defaults(run=run_verify)
 
@@ -101,15 +108,21 @@ def build_parser():
     bench.add_argument("--json", default=None, help="write the results as JSON (schema in bench/README.md)")
     bench.add_argument("--markdown", default=None, help="write the table as Markdown")
     bench.set_defaults(run=run_bench)
+
+    data = commands.add_parser("data", help="download, verify or describe a dataset")
+    data.add_argument("action", choices=["download", "verify", "info"])
+    add_data_flags(data)
+    data.set_defaults(run=run_data)
     return parser
 
 
 def run_train(args):
-    from xpnet.data.mnist import load_splits, resolve_data_dir
+    from xpnet.data.download import prepare_data_dir
+    from xpnet.data.mnist import load_splits
     from xpnet.nn.train import TrainConfig, Trainer
 
     backend = get_backend(args.backend)
-    data_dir = resolve_data_dir(args.data_dir)
+    data_dir = prepare_data_dir(args.data_dir, args.dataset)
     splits = load_splits(data_dir)
     config = TrainConfig(args.epochs, args.batch_size, args.lr, args.hidden, args.seed, args.dtype)
     compile_seconds = backend.prepare(config.dtype)
@@ -130,11 +143,12 @@ def run_verify(args):
     from rich.table import Table
 
     from xpnet.backends import available_backends
-    from xpnet.data.mnist import load_splits, resolve_data_dir
+    from xpnet.data.download import prepare_data_dir
+    from xpnet.data.mnist import load_splits
     from xpnet.verify import summarize, verify
 
     candidates = [get_backend(name) for name in (args.backends or available_backends())]
-    splits = load_splits(resolve_data_dir(args.data_dir))
+    splits = load_splits(prepare_data_dir(args.data_dir, args.dataset))
     pixels = splits.train.images.reshape(len(splits.train), -1).astype(numpy.float64)
     images = (pixels - pixels.mean()) / pixels.std()
     for backend in candidates:
@@ -157,6 +171,38 @@ def run_verify(args):
               f"error {first.max_abs:.3g} is {first.bound_used:.3g}x its bound", file=sys.stderr)
         return 1
     print(f"All {len(checks)} checks agree: {', '.join(b.name for b in candidates)} ({args.dtype}, {args.steps} steps).")
+    return 0
+
+
+def run_data(args):
+    from xpnet.data.datasets import get_dataset
+    from xpnet.data.download import check_file, prepare_data_dir
+    from xpnet.data.mnist import find_file, load_splits, resolve_data_dir
+
+    if args.action == "download":
+        print(f"{args.dataset}: all four files verified in {prepare_data_dir(args.data_dir, args.dataset)}")
+        return 0
+    if args.action == "verify":
+        directory = resolve_data_dir(args.data_dir, args.dataset)
+        failures = 0
+        for expected in get_dataset(args.dataset).files:
+            path = find_file(directory, expected.name)
+            reason = "missing" if path is None else check_file(path, expected)
+            failures += reason is not None
+            print(f"{'ok  ' if reason is None else 'FAIL'} {path or directory / expected.name}" + (f": {reason}" if reason else ""))
+        if failures:
+            print(f"xpnet data verify: {failures} of 4 files in {directory} are not {args.dataset}; run `xpnet data download` to fetch them", file=sys.stderr)
+            return 1
+        print(f"{directory} holds the verified {args.dataset} files")
+        return 0
+    directory = prepare_data_dir(args.data_dir, args.dataset, download=False)
+    splits = load_splits(directory)
+    for split_name in ("train", "validation", "test"):
+        split = getattr(splits, split_name)
+        print(f"{split_name:<10} {len(split):>6} images of {'x'.join(map(str, split.images.shape[1:]))}, "
+              f"labels {split.labels.min()}-{split.labels.max()}")
+    for name in get_dataset(args.dataset).files:
+        print(f"file       {find_file(directory, name.name)}")
     return 0
 
 

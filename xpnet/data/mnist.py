@@ -2,7 +2,8 @@
 
 The data directory is, in order: the --data-dir argument, $XPNET_DATA_DIR, or the per-user
 cache ($XDG_CACHE_HOME/xpnet/<dataset>, else ~/.cache/xpnet/<dataset>). Any directory that
-holds the four standard IDX files, gzip-compressed or not, works.
+holds the four standard IDX files, gzip-compressed or not, works. Filling a directory that
+lacks them is xpnet.data.download's job.
 """
 
 import os

@@ -1,0 +1,160 @@
+"""Fetching a dataset: mirrors in order, checksums that decide, writes that are atomic.
+
+Each file downloads to a temporary name in the target directory, is verified, and only then
+is renamed over the final name (os.replace is atomic), so an interrupted or failed download
+never leaves a partial file under the final name, and two processes fetching at once each
+rename a complete, verified copy. Every network call has a timeout.
+"""
+
+import hashlib
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from xpnet.data.datasets import get_dataset
+from xpnet.data.idx import read_bytes
+from xpnet.data.mnist import ENV_VAR, find_file, missing_files, require_files, user_cache_dir
+from xpnet.errors import DataError
+
+TIMEOUT = 30.0  # seconds for the connection and for each read
+DEADLINE = 600.0  # seconds for a whole file, so a server trickling bytes cannot hold us forever
+CHUNK = 1 << 16
+
+
+def sha256_hex(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_file(path, expected):
+    """None when path holds expected's content (.gz or raw), else the reason it does not."""
+    path = Path(path)
+    if expected.gz_sha256 and path.suffix == ".gz" and sha256_hex(path.read_bytes()) == expected.gz_sha256:
+        return None  # byte-identical to the published .gz: no need to decompress
+    try:
+        content = read_bytes(path)
+    except DataError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    if sha256_hex(content) != expected.sha256:
+        return "checksum of its content does not match"
+    return None
+
+
+def _fetch(url, destination, timeout, deadline, label):
+    """Stream url into the open file destination; raises OSError-family errors on failure."""
+    start = time.monotonic()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        expected_size = int(response.headers.get("Content-Length") or 0) or None
+        received = 0
+        quiet = not sys.stderr.isatty()
+        with tqdm(total=expected_size, unit="B", unit_scale=True, desc=label, disable=quiet, leave=False) as bar:
+            while chunk := response.read(CHUNK):
+                destination.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+                if time.monotonic() - start > deadline:
+                    raise TimeoutError(f"took over {deadline:.0f} s")
+    if expected_size is not None and received != expected_size:
+        raise OSError(f"truncated: got {received} of {expected_size} bytes")
+
+
+def _describe(exc):
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    if isinstance(exc, urllib.error.URLError):
+        return f"{exc.reason}"
+    return str(exc) or type(exc).__name__
+
+
+def _remove_stale_parts(directory, name):
+    """Temporary files left by a download that was killed (its process is gone)."""
+    for part in Path(directory).glob(f".{name}.*.part.gz"):
+        try:
+            os.kill(int(part.name.split(".")[-3]), 0)
+        except (ValueError, ProcessLookupError):
+            part.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
+def download_file(expected, directory, mirrors, timeout=TIMEOUT, deadline=DEADLINE):
+    """Fetch expected.name + '.gz' into directory from the first mirror that serves it right."""
+    directory = Path(directory)
+    final = directory / f"{expected.name}.gz"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_parts(directory, expected.name)
+    except OSError as exc:
+        raise DataError(f"cannot write to {directory} ({exc.strerror}); pass --data-dir a writable directory") from None
+    failures = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + f"/{expected.name}.gz"
+        # Hidden, named for its process (so a dead one's is recognised), ending in .gz so it
+        # is read like the final file.
+        temporary = directory / f".{expected.name}.{os.getpid()}.part.gz"
+        try:
+            with open(temporary, "wb") as f:
+                _fetch(url, f, timeout, deadline, expected.name)
+            reason = check_file(temporary, expected)
+            if reason is None:
+                os.replace(temporary, final)
+                return final
+            failures.append(f"{url}: {reason}")
+        except PermissionError as exc:
+            raise DataError(f"cannot write to {directory} ({exc.strerror}); pass --data-dir a writable directory") from None
+        except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts and resets are OSErrors
+            failures.append(f"{url}: {_describe(exc)}")
+        finally:
+            temporary.unlink(missing_ok=True)
+    raise DataError(f"could not download {expected.name}: " + "; ".join(failures))
+
+
+def ensure_dataset(dataset, directory, verify_existing, download=True):
+    """The directory holding dataset's four verified files, downloading what is missing.
+
+    verify_existing checks the files already there (xpnet does for its own cache, which it
+    can repair; a directory the user names may hold any IDX data). A file that fails is
+    fetched again and replaced only once a good copy is verified.
+    """
+    directory = Path(directory)
+    for system_dir in dataset.system_dirs:
+        if all(find_file(system_dir, f.name) for f in dataset.files) and not find_file(directory, dataset.files[0].name):
+            return Path(system_dir)
+    for expected in dataset.files:
+        present = find_file(directory, expected.name)
+        reason = "missing"
+        if present is not None:
+            reason = check_file(present, expected) if verify_existing else None
+            if reason is None:
+                continue
+            reason = f"{present} is corrupt ({reason})"
+        if not download:
+            raise DataError(f"{directory}: {expected.name} is {reason}")
+        try:
+            download_file(expected, directory, dataset.mirrors)
+        except DataError as exc:
+            if present is not None:
+                raise DataError(f"{reason} and could not be fetched again ({exc}); delete it and retry online, or pass --data-dir") from None
+            raise DataError(f"{exc}. Offline? Put the four files in {directory} or pass --data-dir") from None
+    return directory
+
+
+def prepare_data_dir(data_dir=None, dataset="mnist", download=True):
+    """The directory to read dataset from, complete: --data-dir, else $XPNET_DATA_DIR, else
+    the per-user cache. A directory the user names must exist (a typo should not start a
+    download somewhere unexpected); what it lacks is downloaded into it. The cache is
+    created as needed and its files are verified on every use."""
+    spec = get_dataset(dataset)
+    given = data_dir or os.environ.get(ENV_VAR)
+    if given:
+        directory = Path(given).expanduser()
+        if not directory.is_dir():
+            require_files(directory)  # raises the one-line "does not exist" error
+        if not missing_files(directory):
+            return directory
+        return ensure_dataset(spec, directory, verify_existing=False, download=download)
+    return ensure_dataset(spec, user_cache_dir(dataset), verify_existing=True, download=download)
