@@ -18,7 +18,7 @@ def run_xpnet(*args, env=None):
         (["train", "--backend", "tensorflow"], "unknown backend 'tensorflow': choose one of numpy, numba, cupy"),
         (["train", "--epochs", "-1"], "must be at least 1"),
         (["train", "--batch-size", "0"], "must be at least 1"),
-        (["train", "--lr", "nan"], "positive finite"),
+        (["train", "--lr", "nan"], "must be a finite number > 0"),
         (["train", "--hidden", "200,x"], "write sizes like"),
         (["train", "--dtype", "float16"], "invalid choice"),
         (["train", "--data-dir", "/nonexistent/mnist"], "data directory /nonexistent/mnist does not exist"),

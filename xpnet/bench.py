@@ -12,6 +12,7 @@ so only ratios taken in one run are comparable.
 
 import statistics
 import time
+import tracemalloc
 from dataclasses import asdict, dataclass, field
 
 import numpy
@@ -60,6 +61,18 @@ class Contender:
     n_samples: int
     compile_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    host_arrays: bool = True  # its temporaries are NumPy arrays, which tracemalloc sees
+
+
+def epoch_allocation_peak(contender):
+    """Peak bytes of host memory allocated during one (untimed) epoch: the step's temporaries,
+    not the resident data and weights. Traced apart from timing, since tracing slows it."""
+    tracemalloc.start()
+    try:
+        contender.run_epoch()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def time_interleaved(contenders, repeats):
@@ -82,6 +95,8 @@ def time_interleaved(contenders, repeats):
 def measure(contenders, batch_size, hidden, dtype, repeats):
     results = []
     for contender, epoch_seconds in zip(contenders, time_interleaved(contenders, repeats)):
+        if contender.host_arrays:
+            contender.extra["epoch_alloc_mib"] = epoch_allocation_peak(contender) / 2**20
         rates = [contender.n_samples / s for s in epoch_seconds]
         results.append(Result(contender.name, batch_size, tuple(hidden), dtype, statistics.median(rates),
                               (min(rates), max(rates)), contender.compile_seconds, dict(contender.extra)))
@@ -93,7 +108,8 @@ def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", split
     splits = splits or synthetic_splits()
     config = TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=dtype)
     trainer = Trainer(backend, splits, config)
-    return Contender(backend.name, trainer.train_epoch, backend.synchronize, len(splits.train), compile_seconds)
+    return Contender(backend.name, trainer.train_epoch, backend.synchronize, len(splits.train), compile_seconds,
+                     host_arrays=backend.xp is numpy)
 
 
 def floor_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
@@ -148,7 +164,7 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
             optimizer.step()
 
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return Contender(f"torch eager ({device})", epoch, synchronize, n_samples,
+    return Contender(f"torch eager ({device})", epoch, synchronize, n_samples, host_arrays=False,
                      extra={"torch": torch.__version__, "threads": torch.get_num_threads()})
 
 

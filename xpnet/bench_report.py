@@ -9,10 +9,12 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from xpnet.bench import agreement, backend_contender, floor_contender, measure, torch_contender
+from xpnet.atomic import write_text
+from xpnet.bench import Result, agreement, backend_contender, floor_contender, measure, torch_contender
 
 SCHEMA = "xpnet-bench/1"
-COLUMNS = ["name", "hidden", "batch", "samples/s", "spread", "x numpy", "of floor", "compile s", "loss rel diff", "weight rel diff"]
+COLUMNS = ["name", "hidden", "batch", "samples/s", "spread", "x numpy", "of floor", "epoch alloc MiB",
+           "compile s", "loss rel diff", "weight rel diff"]
 
 
 def machine():
@@ -59,10 +61,12 @@ def rows(results):
         speedup = r.samples_per_second / reference[key] if key in reference else None
         of_floor = r.samples_per_second / floor[key] if key in floor and not r.name.startswith("floor") else None
         loss_diff, weight_diff = r.extra.get("loss_rel_diff"), r.extra.get("weight_rel_diff")
+        alloc = r.extra.get("epoch_alloc_mib")
         yield [
             r.name, "-".join(map(str, r.hidden)), str(r.batch_size), f"{r.samples_per_second:,.0f}",
             f"{r.spread[0]:,.0f}-{r.spread[1]:,.0f}",
             f"{speedup:.2f}" if speedup else "", f"{of_floor:.0%}" if of_floor else "",
+            f"{alloc:.2f}" if alloc is not None else "n/a",
             f"{r.compile_seconds:.3f}" if r.compile_seconds else "",
             f"{loss_diff:.1e}" if loss_diff is not None else "", f"{weight_diff:.1e}" if weight_diff is not None else "",
         ]
@@ -74,7 +78,28 @@ def markdown(table_rows, title):
     return "\n".join(lines) + "\n"
 
 
-def run_report(backends, batch_sizes, hiddens, dtype, repeats, with_torch, json_path, markdown_path, agreement_steps):
+def plot(results, path):
+    """Throughput against batch size, one line per backend, the floor dashed; one panel per
+    architecture. Needs matplotlib (pip install 'xpnet[plot]')."""
+    from xpnet.plots import pyplot, save_figure
+
+    plt = pyplot()
+    hiddens = sorted({r.hidden for r in results})
+    figure, axes = plt.subplots(1, len(hiddens), figsize=(6 * len(hiddens), 4.5), squeeze=False)
+    for axis, hidden in zip(axes[0], hiddens):
+        for name in dict.fromkeys(r.name for r in results):
+            points = sorted((r.batch_size, r.samples_per_second) for r in results if r.name == name and r.hidden == hidden)
+            style = {"linestyle": "--", "color": "black"} if name.startswith("floor") else {"marker": "o"}
+            axis.plot(*zip(*points), label=name, **style)
+        axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples/s",
+                 title=f"784-{'-'.join(map(str, hidden))}-10")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    save_figure(figure, path)
+
+
+def run_report(backends, batch_sizes, hiddens, dtype, repeats, with_torch, json_path, markdown_path, agreement_steps,
+               plot_path=None):
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
@@ -91,23 +116,16 @@ def run_report(backends, batch_sizes, hiddens, dtype, repeats, with_torch, json_
     command = "xpnet " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("xpnet") else "xpnet bench"
     if json_path:
         document = {"schema": SCHEMA, "command": command, "machine": machine(), "results": [r.to_json() for r in results]}
-        write_atomically(json_path, json.dumps(document, indent=2))
+        write_text(json_path, json.dumps(document, indent=2))
     if markdown_path:
-        write_atomically(markdown_path, markdown(table_rows, f"{title}\n\nMachine: {machine()}\n\nCommand: `{command}`"))
+        write_text(markdown_path, markdown(table_rows, f"{title}\n\nMachine: {machine()}\n\nCommand: `{command}`"))
+    if plot_path:
+        plot(results, plot_path)
     return 0
-
-
-def write_atomically(path, text):
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
 
 
 def load_results(path):
     """Read a JSON file written by --json back into Result objects."""
-    from xpnet.bench import Result
-
     with open(path) as f:
         document = json.load(f)
     if document.get("schema") != SCHEMA:

@@ -92,13 +92,23 @@ class Backend:
         """How many rows' largest logit is at the label, as a 0-d array (stays on the device)."""
         return (logits.argmax(axis=1) == labels).sum()
 
-    def sgd_update(self, param, grad, lr):
-        """param -= lr * grad, in place.
+    def sgd_update(self, param, grad, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0):
+        """param -= lr * step, in place, where g = grad + weight_decay * param and step = g
+        (plain), v = momentum * v + g then step = v (momentum) or g + momentum * v (Nesterov),
+        as torch.optim.SGD defines them. velocity is updated in place.
 
-        grad is spent: this version scales it in place (left holding lr * grad) to avoid a
-        temporary per step. Nothing reads a gradient after its update; the next backward
-        overwrites it.
+        grad is spent: this version works in it (it is left holding lr * step) to avoid
+        temporaries. Nothing reads a gradient after its update; the next backward overwrites it.
         """
+        if weight_decay:
+            grad += weight_decay * param
+        if velocity is not None:
+            velocity *= momentum
+            velocity += grad
+            if nesterov:
+                grad += momentum * velocity
+            else:
+                grad[...] = velocity
         self.xp.multiply(grad, lr, out=grad)
         self.xp.subtract(param, grad, out=param)
 

@@ -65,7 +65,17 @@ def _kernels():
         "add_bias_relu": cupy.ElementwiseKernel(
             "T b, bool relu", "T y", "T v = y + b; y = (relu && v < 0) ? (T)0 : v;", "xpnet_add_bias_relu"
         ),
-        "sgd_update": cupy.ElementwiseKernel("T grad, T lr", "T param", "param -= lr * grad", "xpnet_sgd_update"),
+        "sgd_update": cupy.ElementwiseKernel(
+            "T grad, T lr, T momentum, bool nesterov, T weight_decay", "T param, T velocity",
+            """T step = grad;
+               if (weight_decay != 0) step += weight_decay * param;
+               if (momentum != 0) {
+                   velocity = velocity * momentum + step;
+                   step = nesterov ? step + momentum * velocity : velocity;
+               }
+               param -= lr * step;""",
+            "xpnet_sgd_update",
+        ),
         "module": module,
     }
 
@@ -155,6 +165,9 @@ class CupyBackend(Backend):
                 (logits, labels, grad, row_loss, numpy.int32(rows), numpy.int32(cols)))
         return row_loss.mean().astype(logits.dtype), grad
 
-    def sgd_update(self, param, grad, lr):
-        """param -= lr * grad in one kernel; grad is left untouched."""
-        _kernels()["sgd_update"](grad, param.dtype.type(lr), param)
+    def sgd_update(self, param, grad, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0):
+        """One fused kernel; grad is left untouched."""
+        cast = param.dtype.type
+        if velocity is None:  # the kernel's velocity output is then a dummy it never writes
+            velocity, momentum = param, 0.0
+        _kernels()["sgd_update"](grad, cast(lr), cast(momentum), nesterov, cast(weight_decay), param, velocity)

@@ -88,9 +88,16 @@ def _softmax_cross_entropy(logits, labels, grad):
 
 
 @kernel
-def _sgd_update(param, grad, lr):
+def _sgd_update(param, grad, lr, velocity, momentum, nesterov, weight_decay):
+    # The same operations in the same order as Backend.sgd_update, element by element.
     for i in range(param.size):
-        param[i] -= lr * grad[i]
+        step = grad[i]
+        if weight_decay:
+            step += weight_decay * param[i]
+        if momentum:
+            velocity[i] = velocity[i] * momentum + step
+            step = step + momentum * velocity[i] if nesterov else velocity[i]
+        param[i] -= lr * step
 
 
 @kernel
@@ -128,6 +135,7 @@ class NumbaBackend(Backend):
         self.softmax_cross_entropy(y, labels, numpy.empty_like(y))
         self.count_correct(y, labels)
         self.sgd_update(W, numpy.zeros_like(W), 0.1)
+        self.sgd_update(W, numpy.zeros_like(W), 0.1, numpy.zeros_like(W), 0.9, True, 1e-4)
         self.take_rows(x, labels, numpy.empty_like(x))
         self.take_rows(labels, labels, numpy.empty_like(labels))
         return time.perf_counter() - start
@@ -160,6 +168,8 @@ class NumbaBackend(Backend):
     def count_correct(self, logits, labels):
         return _count_correct(logits, labels)
 
-    def sgd_update(self, param, grad, lr):
-        """param -= lr * grad in one pass; unlike the base version, grad is left untouched."""
-        _sgd_update(param.reshape(-1), grad.reshape(-1), lr)
+    def sgd_update(self, param, grad, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0):
+        """One fused pass; unlike the base version, grad is left untouched."""
+        if velocity is None:  # the kernel reads velocity only when momentum is set
+            velocity, momentum = param, 0.0
+        _sgd_update(param.reshape(-1), grad.reshape(-1), lr, velocity.reshape(-1), momentum, nesterov, weight_decay)

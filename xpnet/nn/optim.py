@@ -1,16 +1,43 @@
-"""Optimisers: they own the update rule and its state, and call the backend to apply it."""
+"""Optimisers: they own the update rule's state and its schedule, and call the backend to apply it."""
+
+import math
+
+
+def cosine_lr(base_lr, step, total_steps):
+    """lr * (1 + cos(pi * step / total)) / 2: from lr down to 0 over the run."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+SCHEDULES = {
+    "constant": lambda base_lr, step, total_steps: base_lr,
+    "cosine": cosine_lr,
+}
 
 
 class SGD:
-    """Plain stochastic gradient descent: p -= lr * dL/dp for every parameter."""
+    """Stochastic gradient descent with optional momentum (heavy-ball or Nesterov, as
+    torch.optim.SGD defines them), L2 weight decay, and a per-step learning-rate schedule."""
 
-    def __init__(self, backend, parameters, lr):
+    def __init__(self, backend, parameters, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
+                 schedule="constant", total_steps=1):
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
+        if nesterov and not momentum > 0:
+            raise ValueError("Nesterov momentum needs a momentum above 0")
         self.backend = backend
         self.parameters = list(parameters)
-        self.lr = lr
+        self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
+        self.schedule, self.total_steps = SCHEDULES[schedule], max(total_steps, 1)
+        self.steps_taken = 0
+        self.velocities = [
+            backend.xp.zeros_like(p.value) if momentum else None for p in self.parameters
+        ]
+
+    def current_lr(self):
+        return self.schedule(self.lr, self.steps_taken, self.total_steps)
 
     def step(self):
-        for p in self.parameters:
-            self.backend.sgd_update(p.value, p.grad, self.lr)
+        lr = self.current_lr()
+        for p, velocity in zip(self.parameters, self.velocities):
+            self.backend.sgd_update(p.value, p.grad, lr, velocity, self.momentum, self.nesterov, self.weight_decay)
+        self.steps_taken += 1

@@ -2,18 +2,22 @@
 
 Data flow: the normalised training set moves to the backend once; each epoch a permutation
 from the host generator moves once; each step gathers its batch where the data lives, runs
-forward, loss, backward and update, and adds the batch's loss to a device-side sum that is
-read back once per epoch. So the GPU never waits on the host inside an epoch, and every
-backend with the same seed starts from the same weights and sees the same batches.
+forward, loss, backward and update, and stores the batch's loss in a device-side array that
+is read back once per epoch. So the GPU never waits on the host inside an epoch, every
+backend with the same seed starts from the same weights and sees the same batches, and a
+NaN can still be traced to the step where it first appeared.
 """
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
 
 import numpy
+from tqdm import tqdm
 
 from xpnet.errors import XpnetError
+from xpnet.nn.checkpoint import Checkpoint
 from xpnet.nn.loss import SoftmaxCrossEntropy
 from xpnet.nn.model import MLP
 from xpnet.nn.optim import SGD
@@ -31,6 +35,10 @@ class TrainConfig:
     hidden: tuple = (200,)
     seed: int = 0
     dtype: str = "float32"
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
 
 
 @dataclass
@@ -48,25 +56,46 @@ class History:
     test_accuracy: float = math.nan
 
 
+class Diverged(XpnetError):
+    pass
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during an epoch; carries the state at that epoch's start, which resumes exactly."""
+
+    def __init__(self, checkpoint):
+        super().__init__(f"interrupted after epoch {checkpoint.epoch}")
+        self.checkpoint = checkpoint
+
+
 class Trainer:
     """Owns the model, the loss, the optimiser and the device-resident data of one run."""
 
-    def __init__(self, backend, splits, config):
+    def __init__(self, backend, splits, config, checkpoint=None):
+        if checkpoint is not None:  # the run's own settings; only the number of epochs may change
+            config = dataclasses.replace(checkpoint.train_config(TrainConfig), epochs=config.epochs)
         self.backend, self.config = backend, config
-        train_images = splits.train.images
         self.rng = numpy.random.default_rng(config.seed)
-        pixels = train_images.astype(numpy.float64)
-        n_inputs = pixels[0].size
+        pixels = splits.train.images.astype(numpy.float64)
         n_classes = int(max(splits.train.labels.max(), splits.test.labels.max())) + 1
         self.model = MLP(
-            backend, [n_inputs, *config.hidden, n_classes], dtype=config.dtype,
+            backend, [pixels[0].size, *config.hidden, n_classes], dtype=config.dtype,
             mean=pixels.mean(), std=pixels.std(), rng=self.rng,
         )
         self.loss = SoftmaxCrossEntropy(backend)
-        self.optimizer = SGD(backend, self.model.parameters(), config.lr)
         self.train_x, self.train_y = self._to_device(splits.train)
         self.val_x, self.val_y = self._to_device(splits.validation)
         self.test_x, self.test_y = self._to_device(splits.test)
+        self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
+        self.optimizer = SGD(
+            backend, self.model.parameters(), config.lr, config.momentum, config.nesterov,
+            config.weight_decay, config.schedule, total_steps=self.steps_per_epoch * config.epochs,
+        )
+        self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
+        self.history = History()
+        self.epoch = 0
+        if checkpoint is not None:
+            self.restore(checkpoint)
 
     def _to_device(self, split):
         return (
@@ -74,6 +103,28 @@ class Trainer:
             self.backend.asarray(split.labels.astype(numpy.int64)),
         )
 
+    # -- state ------------------------------------------------------------------------------
+    def state(self):
+        """Everything needed to continue this run exactly, copied to the host."""
+        to_host = self.backend.to_numpy
+        return Checkpoint(
+            config=dataclasses.asdict(self.config), sizes=self.model.sizes, mean=self.model.mean, std=self.model.std,
+            epoch=self.epoch, optimizer_steps=self.optimizer.steps_taken, rng_state=self.rng.bit_generator.state,
+            history=[dataclasses.asdict(e) for e in self.history.epochs],
+            params=[to_host(p.value).copy() for p in self.model.parameters()],
+            velocities=[to_host(v).copy() for v in self.optimizer.velocities if v is not None],
+        )
+
+    def restore(self, checkpoint):
+        checkpoint.load_into(self.model)
+        for velocity, saved in zip((v for v in self.optimizer.velocities if v is not None), checkpoint.velocities):
+            velocity[...] = self.backend.asarray(saved)
+        self.optimizer.steps_taken = checkpoint.optimizer_steps
+        self.rng.bit_generator.state = checkpoint.rng_state
+        self.history.epochs = [EpochStats(**e) for e in checkpoint.history]
+        self.epoch = checkpoint.epoch
+
+    # -- training ---------------------------------------------------------------------------
     def step(self, x, y):
         """One SGD step on a batch; returns its mean loss as a 0-d backend array."""
         loss = self.loss.forward(self.model.forward(x), y)
@@ -94,13 +145,25 @@ class Trainer:
                 backend.take_rows(self.train_y, rows, out=y_buffer[:n]),
             )
 
-    def train_epoch(self):
-        """One pass over the training set; returns the mean loss (read back once)."""
-        order = self.backend.asarray(self.rng.permutation(len(self.train_y)))
-        loss_sum = 0.0
-        for x, y in self.batches(order):
-            loss_sum = loss_sum + self.step(x, y) * len(y)
-        return float(self.backend.to_numpy(loss_sum)) / len(self.train_y)
+    def train_epoch(self, progress=False):
+        """One pass over the training set; returns the mean loss, or raises Diverged naming
+        the first step whose loss was not finite."""
+        n = len(self.train_y)
+        order = self.backend.asarray(self.rng.permutation(n))
+        bar = tqdm(total=self.steps_per_epoch, disable=not progress, leave=False, unit="batch", desc=f"Epoch {self.epoch + 1}")
+        with bar:
+            for i, (x, y) in enumerate(self.batches(order)):
+                self.step_losses[i] = self.step(x, y)
+                bar.update()
+        losses = self.backend.to_numpy(self.step_losses).astype(numpy.float64)
+        bad = numpy.flatnonzero(~numpy.isfinite(losses))
+        if len(bad):
+            raise Diverged(
+                f"training diverged in epoch {self.epoch + 1} at step {bad[0] + 1} of {self.steps_per_epoch} "
+                f"(loss {losses[bad[0]]}); try a smaller --lr than {self.config.lr:g}"
+            )
+        batch_sizes = numpy.minimum(self.config.batch_size, n - self.config.batch_size * numpy.arange(len(losses)))
+        return float(losses @ batch_sizes) / n
 
     def accuracy(self, x, y, batch_size=2048):
         correct = 0
@@ -109,25 +172,31 @@ class Trainer:
             correct = correct + self.backend.count_correct(logits, y[start:start + batch_size])
         return int(self.backend.to_numpy(correct)) / len(y)
 
-    def fit(self, log=print):
-        history = History()
+    def fit(self, log=print, progress=False, after_epoch=None):
+        """Train up to config.epochs; after_epoch(trainer) runs after each (checkpointing)."""
         n = len(self.train_y)
-        for epoch in range(1, self.config.epochs + 1):
-            self.backend.synchronize()
-            start = time.perf_counter()
-            loss = self.train_epoch()
-            self.backend.synchronize()
-            seconds = time.perf_counter() - start
-            if not math.isfinite(loss):
-                raise XpnetError(
-                    f"training diverged in epoch {epoch} (loss {loss}); try a smaller --lr than {self.config.lr}"
-                )
-            stats = EpochStats(epoch, loss, self.accuracy(self.val_x, self.val_y), seconds, n / seconds)
-            history.epochs.append(stats)
-            log(
-                f"Epoch {epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
-                f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s)"
-            )
-        history.test_accuracy = self.accuracy(self.test_x, self.test_y)
-        log(f"Test accuracy: {history.test_accuracy:.4f}")
-        return history
+        while self.epoch < self.config.epochs:
+            snapshot = self.state()
+            try:
+                self._run_epoch(n, log, progress, after_epoch)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(snapshot) from None
+        self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
+        log(f"Test accuracy: {self.history.test_accuracy:.4f}")
+        return self.history
+
+    def _run_epoch(self, n, log, progress, after_epoch):
+        self.backend.synchronize()
+        start = time.perf_counter()
+        loss = self.train_epoch(progress)
+        self.backend.synchronize()
+        seconds = time.perf_counter() - start
+        self.epoch += 1
+        stats = EpochStats(self.epoch, loss, self.accuracy(self.val_x, self.val_y), seconds, n / seconds)
+        self.history.epochs.append(stats)
+        log(
+            f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
+            f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s)"
+        )
+        if after_epoch is not None:
+            after_epoch(self)

@@ -1,0 +1,45 @@
+"""`xpnet evaluate`: a checkpoint's test accuracy, per-class accuracy and confusion matrix."""
+
+import numpy
+from rich.console import Console
+from rich.table import Table
+
+from xpnet.backends import get_backend
+from xpnet.data.download import prepare_data_dir
+from xpnet.data.mnist import load_splits
+from xpnet.errors import DataError
+from xpnet.nn.checkpoint import load_model
+
+
+def confusion_matrix(labels, predictions, n_classes):
+    matrix = numpy.zeros((n_classes, n_classes), dtype=numpy.int64)
+    numpy.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def run(args):
+    backend = get_backend(args.backend)
+    model = load_model(args.checkpoint, backend)
+    test = load_splits(prepare_data_dir(args.data_dir, args.dataset)).test
+    if test.images[0].size != model.sizes[0]:
+        raise DataError(f"{args.checkpoint} takes {model.sizes[0]} inputs but the test images have {test.images[0].size}")
+    predictions = model.predict_logits(test.images).argmax(axis=1)
+    n_classes = model.sizes[-1]
+    matrix = confusion_matrix(test.labels, predictions, n_classes)
+    per_class = matrix.diagonal() / numpy.maximum(matrix.sum(axis=1), 1)
+    console = Console()
+    console.print(f"Test accuracy: {matrix.diagonal().sum() / len(test):.4f} on {len(test):,} images ({backend.name})")
+    table = Table(title="Confusion matrix (rows: true label, columns: predicted)")
+    table.add_column("true")
+    for j in range(n_classes):
+        table.add_column(str(j), justify="right")
+    table.add_column("accuracy", justify="right")
+    for i in range(n_classes):
+        table.add_row(str(i), *(str(c) for c in matrix[i]), f"{per_class[i]:.4f}")
+    console.print(table)
+    if args.plot:
+        from xpnet.plots import plot_confusion
+
+        plot_confusion(matrix, args.plot)
+        print(f"Wrote {args.plot}")
+    return 0

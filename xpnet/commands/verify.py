@@ -1,0 +1,40 @@
+"""`xpnet verify`: print the agreement table; exit 1 when a backend disagrees."""
+
+import sys
+
+import numpy
+from rich.console import Console
+from rich.table import Table
+
+from xpnet.backends import available_backends, get_backend
+from xpnet.data.download import prepare_data_dir
+from xpnet.data.mnist import load_splits
+from xpnet.verify import summarize, verify
+
+
+def run(args):
+    candidates = [get_backend(name) for name in (args.backends or available_backends())]
+    splits = load_splits(prepare_data_dir(args.data_dir, args.dataset))
+    pixels = splits.train.images.reshape(len(splits.train), -1).astype(numpy.float64)
+    images = (pixels - pixels.mean()) / pixels.std()
+    for backend in candidates:
+        backend.prepare(args.dtype)
+    checks = verify(candidates, images, splits.train.labels, steps=args.steps, dtype=args.dtype, seed=args.seed)
+    table = Table(title=f"{args.dtype} against NumPy float64, worst over {args.steps} steps (error/bound <= 1 passes)")
+    for column in ("op", "backend", "max abs err", "max rel err", "tolerance", "error/bound", "result"):
+        table.add_column(column, justify="left" if column in ("op", "backend") else "right")
+    for check in summarize(checks):
+        table.add_row(check.op, check.backend, f"{check.max_abs:.2e}", f"{check.max_rel:.2e}", f"{check.tolerance:.2e}",
+                      f"{check.bound_used:.3f}", "pass" if check.passed else "[bold red]FAIL")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a log or pipe: wide enough that rows stay on one line
+    console.print(table)
+    failed = [check for check in checks if not check.passed]
+    if failed:
+        first = failed[0]
+        print(f"xpnet verify: {first.backend} disagrees first at step {first.step}, {first.op}: "
+              f"error {first.max_abs:.3g} is {first.bound_used:.3g}x its bound", file=sys.stderr)
+        return 1
+    print(f"All {len(checks)} checks agree: {', '.join(b.name for b in candidates)} ({args.dtype}, {args.steps} steps).")
+    return 0
