@@ -112,13 +112,24 @@ def test_softmax_cross_entropy(backend, dtype, batch, classes):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sgd_update(backend, dtype):
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 5e-4)])
+def test_sgd_update(backend, dtype, momentum, nesterov, weight_decay):
     rng = numpy.random.default_rng(3)
-    param, grad, lr = draw(rng, (200, 784), dtype), draw(rng, (200, 784), dtype), 0.0512
-    on_backend = on(backend, param, dtype)
-    backend.sgd_update(on_backend, on(backend, grad, dtype), lr)
-    expected = param - lr * grad
-    assert_within_bound(host(backend, on_backend), expected, dtype, 2, numpy.abs(param) + numpy.abs(lr * grad))
+    param, grad, velocity = (draw(rng, (200, 784), dtype) for _ in range(3))
+    lr = 0.0512
+    on_param = on(backend, param, dtype)
+    on_velocity = on(backend, velocity, dtype) if momentum else None
+    backend.sgd_update(on_param, on(backend, grad, dtype), lr, on_velocity, momentum, nesterov, weight_decay)
+    # torch.optim.SGD's rule, in float64, and the magnitudes of its terms (about 6 roundings).
+    g = grad + weight_decay * param
+    g_size = numpy.abs(grad) + weight_decay * numpy.abs(param)
+    step, step_size = g, g_size
+    if momentum:
+        v = momentum * velocity + g
+        v_size = momentum * numpy.abs(velocity) + g_size
+        assert_within_bound(host(backend, on_velocity), v, dtype, 3, v_size)
+        step, step_size = (g + momentum * v, g_size + momentum * v_size) if nesterov else (v, v_size)
+    assert_within_bound(host(backend, on_param), param - lr * step, dtype, 6, numpy.abs(param) + lr * step_size)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -43,3 +43,13 @@ def test_normalisation_uses_training_split_statistics(mnist_splits):
     x = trainer.train_x
     assert abs(float(x.mean(dtype=numpy.float64))) < 1e-5
     assert float(x.std(dtype=numpy.float64)) == pytest.approx(1.0, abs=1e-5)
+
+
+# The README's recipe: 784-200-10 to >= 98.2% test accuracy in 20 epochs on every CPU backend.
+RECIPE = TrainConfig(epochs=20, batch_size=128, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine")
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_readme_recipe_reaches_982_test_accuracy(mnist_splits, name):
+    history = Trainer(get_backend(name), mnist_splits, RECIPE).fit(log=lambda line: None)
+    assert history.test_accuracy >= 0.982

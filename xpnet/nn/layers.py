@@ -13,7 +13,8 @@ class Parameter:
     """A trainable array and the gradient of the loss with respect to it (same shape)."""
 
     def __init__(self, backend, host_value):
-        self.value = backend.asarray(host_value)
+        # A copy: on the CPU asarray would alias the caller's array, and updates would write into it.
+        self.value = backend.asarray(numpy.array(host_value))
         self.grad = backend.empty(self.value.shape, self.value.dtype)
 
 

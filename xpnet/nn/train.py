@@ -151,7 +151,9 @@ class Trainer:
         n = len(self.train_y)
         order = self.backend.asarray(self.rng.permutation(n))
         bar = tqdm(total=self.steps_per_epoch, disable=not progress, leave=False, unit="batch", desc=f"Epoch {self.epoch + 1}")
-        with bar:
+        # Overflow is caught below and reported with its step; NumPy's own warnings would only
+        # repeat it, once per op, as noise.
+        with bar, numpy.errstate(over="ignore", invalid="ignore"):
             for i, (x, y) in enumerate(self.batches(order)):
                 self.step_losses[i] = self.step(x, y)
                 bar.update()

@@ -1,0 +1,154 @@
+"""Checkpoints: exact resume, portability across backends, and bad files."""
+
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+from xpnet.backends import get_backend
+from xpnet.data.mnist import Split, Splits
+from xpnet.errors import DataError
+from xpnet.nn.checkpoint import load_checkpoint
+from xpnet.nn.train import TrainConfig, Trainer, TrainingInterrupted
+
+CONFIG = TrainConfig(epochs=3, batch_size=256, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine")
+
+
+@pytest.fixture(scope="module")
+def small_splits(mnist_splits):
+    """A fifth of the training set: the same code paths, five times faster."""
+    return Splits(Split(mnist_splits.train.images[:10_000], mnist_splits.train.labels[:10_000]),
+                  mnist_splits.validation, mnist_splits.test)
+
+
+def quiet(line):
+    pass
+
+
+class InterruptAtStep:
+    """Wraps a backend's sgd_update to raise KeyboardInterrupt at the n-th call, as Ctrl-C would."""
+
+    def __init__(self, backend, call):
+        self.calls, self.call, self.update = 0, call, backend.sgd_update
+        backend.sgd_update = self
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.call:
+            raise KeyboardInterrupt
+        return self.update(*args)
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_interrupted_and_resumed_run_ends_bit_for_bit_like_an_uninterrupted_one(small_splits, tmp_path, name):
+    straight = Trainer(get_backend(name), small_splits, CONFIG)
+    straight.fit(log=quiet)
+
+    interrupted = Trainer(get_backend(name), small_splits, CONFIG)
+    n_params = len(interrupted.model.parameters())
+    InterruptAtStep(interrupted.backend, call=n_params * (interrupted.steps_per_epoch + 7))  # inside epoch 2
+    with pytest.raises(TrainingInterrupted) as info:
+        interrupted.fit(log=quiet)
+    assert info.value.checkpoint.epoch == 1
+    info.value.checkpoint.save(tmp_path / "run.npz")
+
+    resumed = Trainer(get_backend(name), small_splits, TrainConfig(epochs=3), load_checkpoint(tmp_path / "run.npz"))
+    assert resumed.epoch == 1 and resumed.config == CONFIG
+    resumed.fit(log=quiet)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        numpy.testing.assert_array_equal(a.value, b.value)
+    assert [e.loss for e in resumed.history.epochs] == [e.loss for e in straight.history.epochs]
+
+
+def run_xpnet(*args):
+    return subprocess.run([sys.executable, "-m", "xpnet", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_on_numpy(mnist_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("checkpoint") / "numpy.npz"
+    result = run_xpnet("train", "--backend", "numpy", "--epochs", "2", "--save", str(path), "--data-dir", str(mnist_dir))
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_a_numpy_checkpoint_evaluates_identically_on_numba(checkpoint_on_numpy, mnist_dir, tmp_path):
+    outputs = {}
+    for name in ("numpy", "numba"):
+        result = run_xpnet("evaluate", "--checkpoint", str(checkpoint_on_numpy), "--backend", name, "--data-dir", str(mnist_dir))
+        assert result.returncode == 0, result.stderr
+        outputs[name] = result.stdout.replace(f"({name})", "")
+    assert outputs["numpy"] == outputs["numba"]
+    assert "Test accuracy: 0.9" in outputs["numpy"] and "Confusion matrix" in outputs["numpy"]
+
+
+def test_cli_save_then_resume_equals_one_longer_run(checkpoint_on_numpy, mnist_dir, tmp_path):
+    resumed, straight = tmp_path / "resumed.npz", tmp_path / "straight.npz"
+    first = load_checkpoint(checkpoint_on_numpy)
+    first.save(resumed)
+    result = run_xpnet("train", "--resume", str(resumed), "--epochs", "3", "--save", str(resumed), "--data-dir", str(mnist_dir))
+    assert result.returncode == 0, result.stderr
+    assert "Resuming" in result.stdout and "Epoch 3 - Cost" in result.stdout and "Epoch 2 - Cost" not in result.stdout
+    assert run_xpnet("train", "--epochs", "3", "--save", str(straight), "--data-dir", str(mnist_dir)).returncode == 0
+    for a, b in zip(load_checkpoint(resumed).params, load_checkpoint(straight).params):
+        numpy.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_holds_what_it_promises(checkpoint_on_numpy, mnist_splits):
+    checkpoint = load_checkpoint(checkpoint_on_numpy)
+    assert checkpoint.sizes == [784, 200, 10] and checkpoint.config["dtype"] == "float32"
+    assert checkpoint.epoch == 2 and len(checkpoint.history) == 2
+    assert checkpoint.mean == pytest.approx(mnist_splits.train.images.mean())
+    assert [p.shape for p in checkpoint.params] == [(200, 784), (200,), (10, 200), (10,)]
+
+
+def one_line_error(result, message):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_bad_checkpoints_are_one_line_errors(checkpoint_on_numpy, tmp_path, mnist_dir):
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(checkpoint_on_numpy.read_bytes()[:5000])
+    one_line_error(run_xpnet("evaluate", "--checkpoint", str(truncated), "--data-dir", str(mnist_dir)), "not a readable checkpoint")
+    one_line_error(run_xpnet("evaluate", "--checkpoint", str(tmp_path / "missing.npz")), "checkpoint not found")
+    mismatched = tmp_path / "mismatched.npz"
+    checkpoint = load_checkpoint(checkpoint_on_numpy)
+    checkpoint.sizes = [784, 100, 10]
+    checkpoint.save(mismatched)
+    one_line_error(run_xpnet("evaluate", "--checkpoint", str(mismatched)), "param.0 has shape (200, 784) but the architecture 784-100-10")
+    one_line_error(run_xpnet("train", "--resume", str(tmp_path / "missing.npz")), "checkpoint not found")
+    with pytest.raises(DataError, match="not an xpnet checkpoint"):
+        numpy.savez(tmp_path / "other.npz", metadata=numpy.frombuffer(b'{"format": "other"}', numpy.uint8))
+        load_checkpoint(tmp_path / "other.npz")
+
+
+def test_divergence_names_epoch_and_step_and_keeps_the_last_good_checkpoint(checkpoint_on_numpy, tmp_path, mnist_dir):
+    kept = tmp_path / "kept.npz"
+    kept.write_bytes(checkpoint_on_numpy.read_bytes())
+    result = run_xpnet("train", "--lr", "1e6", "--epochs", "2", "--save", str(kept), "--save-every", "1", "--data-dir", str(mnist_dir))
+    one_line_error(result, "training diverged in epoch 1 at step ")
+    assert "try a smaller --lr" in result.stderr and "the last good checkpoint" in result.stderr
+    assert kept.read_bytes() == checkpoint_on_numpy.read_bytes()
+
+
+def test_train_plot_and_no_progress_bar_off_a_terminal(mnist_dir, tmp_path):
+    from PIL import Image
+
+    plot = tmp_path / "curves.png"
+    result = run_xpnet("train", "--epochs", "1", "--plot", str(plot), "--data-dir", str(mnist_dir))
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stdout + result.stderr and "batch/s" not in result.stderr  # no tqdm bar in a pipe
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size[0] > 400
+
+
+def test_evaluate_plot_writes_a_confusion_matrix_png(checkpoint_on_numpy, mnist_dir, tmp_path):
+    from PIL import Image
+
+    plot = tmp_path / "confusion.png"
+    assert run_xpnet("evaluate", "--checkpoint", str(checkpoint_on_numpy), "--plot", str(plot), "--data-dir", str(mnist_dir)).returncode == 0
+    with Image.open(plot) as image:
+        assert image.format == "PNG"
