@@ -237,3 +237,14 @@ def test_data_info_prints_counts_shapes_and_paths(mnist_dir):
     assert "train       50000 images of 28x28, labels 0-9" in result.stdout
     assert "validation  10000 images" in result.stdout and "test        10000 images" in result.stdout
     assert f"{Path(mnist_dir) / 'train-images-idx3-ubyte.gz'}" in result.stdout
+
+
+def test_a_system_package_copy_is_used_before_any_download(tmp_path):
+    """As Debian's dataset-fashion-mnist installs it: found and used, nothing fetched."""
+    system_dir = tmp_path / "usr-share-datasets"
+    system_dir.mkdir()
+    for name, content in CONTENT.items():
+        (system_dir / f"{name}.gz").write_bytes(gzip.compress(content, compresslevel=9))  # recompressed
+    dataset = Dataset("tiny", mirrors=(refused_url(),), files=FILES, system_dirs=(str(system_dir),))
+    assert ensure_dataset(dataset, tmp_path / "cache", verify_existing=True) == system_dir
+    assert not (tmp_path / "cache").exists()

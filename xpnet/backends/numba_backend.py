@@ -5,11 +5,11 @@ Fused here: bias + ReLU (one pass over the layer output), ReLU mask + bias-gradi
 sum (one pass over the output gradient), softmax + cross-entropy + its gradient (one pass per
 row), the SGD update (in place, no temporary), the batch gather and the correct-count.
 
-Threads: kernels are serial. On the 2-core development machine, `parallel=True` versions of
-these kernels were measured against these (bench/NOTES.md): the work per step is small
-(a 512 x 200 pass takes microseconds), so thread start-up and the contention with
-OpenBLAS's two threads cost more than they save. Serial kernels also mean Numba never
-competes with BLAS for the cores: only BLAS runs threads.
+Threads: kernels are serial. `parallel=True` (prange) versions were measured against these on
+the 2-core development machine (`python bench/threads.py`, numbers in bench/README.md): alone,
+the parallel gather and SGD update save about 30 us of a ~2,400 us step at batch 512, but in
+training they make an epoch 5 to 20 times slower, because Numba's threads and OpenBLAS's
+(spinning between products) oversubscribe the two cores. Serial kernels leave both to BLAS.
 
 Compilation: cache=True stores machine code beside the module, or, when the install is
 read-only, in Numba's per-user cache (~/.cache/numba, or $NUMBA_CACHE_DIR); prepare()

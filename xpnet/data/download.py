@@ -121,8 +121,9 @@ def ensure_dataset(dataset, directory, verify_existing, download=True):
     fetched again and replaced only once a good copy is verified.
     """
     directory = Path(directory)
-    for system_dir in dataset.system_dirs:
-        if all(find_file(system_dir, f.name) for f in dataset.files) and not find_file(directory, dataset.files[0].name):
+    for system_dir in dataset.system_dirs:  # a system package's copy, when complete and right
+        found = [find_file(system_dir, f.name) for f in dataset.files]
+        if all(found) and all(check_file(path, f) is None for path, f in zip(found, dataset.files)):
             return Path(system_dir)
     for expected in dataset.files:
         present = find_file(directory, expected.name)
