@@ -45,9 +45,10 @@ def test_compile_time_is_reported_apart_and_never_timed():
     assert all(s < 0.5 for s in seconds)  # four steps of 512 take far less than the sleep
 
 
-def test_quick_bench_writes_json_that_round_trips_and_markdown(tmp_path, capsys):
-    json_path, markdown_path = tmp_path / "bench.json", tmp_path / "bench.md"
-    assert main(["bench", "--quick", "--no-torch", "--json", str(json_path), "--markdown", str(markdown_path)]) == 0
+def test_quick_bench_writes_json_that_round_trips_markdown_and_a_plot(tmp_path, capsys):
+    json_path, markdown_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
+    assert main(["bench", "--quick", "--no-torch", "--json", str(json_path), "--markdown", str(markdown_path),
+                 "--plot", str(plot_path)]) == 0
     document = json.loads(json_path.read_text())
     assert document["schema"] == SCHEMA and document["machine"]["cpus"] >= 1
     results = load_results(json_path)
@@ -62,6 +63,9 @@ def test_quick_bench_writes_json_that_round_trips_and_markdown(tmp_path, capsys)
     assert [r.to_json() for r in results] == document["results"]
     assert "| numba | 200 | 512 |" in markdown_path.read_text()
     assert "samples/s" in capsys.readouterr().out
+    Image = pytest.importorskip("PIL.Image", reason="opening the PNG needs Pillow (in the test extras)")
+    with Image.open(plot_path) as image:
+        assert image.format == "PNG" and image.size[0] >= 400
 
 
 @pytest.mark.parametrize("args", [["--backends", "tpu"], ["--batch-sizes", "0"], ["--batch-sizes", ""], ["--hidden"]])

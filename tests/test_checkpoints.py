@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, portability across backends, and bad files."""
 
+import signal
 import subprocess
 import sys
 
@@ -93,6 +94,22 @@ def test_cli_save_then_resume_equals_one_longer_run(checkpoint_on_numpy, mnist_d
     assert run_xpnet("train", "--epochs", "3", "--save", str(straight), "--data-dir", str(mnist_dir)).returncode == 0
     for a, b in zip(load_checkpoint(resumed).params, load_checkpoint(straight).params):
         numpy.testing.assert_array_equal(a, b)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(mnist_dir, tmp_path):
+    path = tmp_path / "interrupted.npz"
+    process = subprocess.Popen(
+        [sys.executable, "-u", "-m", "xpnet", "train", "--epochs", "20", "--save", str(path), "--data-dir", str(mnist_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in process.stdout:  # wait until training is under way, then press Ctrl-C
+        if line.startswith("Epoch 1 - Cost"):
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and f"Resume with: xpnet train --backend numpy --resume {path} --epochs 20" in stderr
+    assert load_checkpoint(path).epoch in (1, 2)  # the state after the last whole epoch
 
 
 def test_checkpoint_holds_what_it_promises(checkpoint_on_numpy, mnist_splits):

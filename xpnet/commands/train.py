@@ -46,7 +46,7 @@ def run(args):
         path = args.save or INTERRUPTED_PATH
         interrupted.checkpoint.save(path)
         done = interrupted.checkpoint.epoch
-        print(f"xpnet: interrupted in epoch {done + 1}; saved the state after epoch {done} to {path}. "
+        print(f"xpnet: interrupted; saved the state after epoch {done} to {path}. "
               f"Resume with: xpnet train --backend {backend.name} --resume {path} --epochs {config.epochs}", file=sys.stderr)
         return 130
     except Diverged as exc:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy
 from tqdm import tqdm
 
-from xpnet.errors import XpnetError
+from xpnet.errors import DataError, XpnetError
 from xpnet.nn.checkpoint import Checkpoint
 from xpnet.nn.loss import SoftmaxCrossEntropy
 from xpnet.nn.model import MLP
@@ -61,7 +61,7 @@ class Diverged(XpnetError):
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during an epoch; carries the state at that epoch's start, which resumes exactly."""
+    """Ctrl-C; carries the state after the last whole epoch, from which a resume is exact."""
 
     def __init__(self, checkpoint):
         super().__init__(f"interrupted after epoch {checkpoint.epoch}")
@@ -116,6 +116,11 @@ class Trainer:
         )
 
     def restore(self, checkpoint):
+        if checkpoint.sizes != self.model.sizes:
+            raise DataError(
+                f"the checkpoint's network is {'-'.join(map(str, checkpoint.sizes))} but this data needs "
+                f"{'-'.join(map(str, self.model.sizes))}; resume with the dataset it was trained on"
+            )
         checkpoint.load_into(self.model)
         for velocity, saved in zip((v for v in self.optimizer.velocities if v is not None), checkpoint.velocities):
             velocity[...] = self.backend.asarray(saved)
@@ -177,12 +182,12 @@ class Trainer:
     def fit(self, log=print, progress=False, after_epoch=None):
         """Train up to config.epochs; after_epoch(trainer) runs after each (checkpointing)."""
         n = len(self.train_y)
+        self.last_whole_epoch = self.state()
         while self.epoch < self.config.epochs:
-            snapshot = self.state()
             try:
                 self._run_epoch(n, log, progress, after_epoch)
             except KeyboardInterrupt:
-                raise TrainingInterrupted(snapshot) from None
+                raise TrainingInterrupted(self.last_whole_epoch) from None
         self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
         log(f"Test accuracy: {self.history.test_accuracy:.4f}")
         return self.history
@@ -196,6 +201,7 @@ class Trainer:
         self.epoch += 1
         stats = EpochStats(self.epoch, loss, self.accuracy(self.val_x, self.val_y), seconds, n / seconds)
         self.history.epochs.append(stats)
+        self.last_whole_epoch = self.state()  # what Ctrl-C saves from here on: it resumes exactly
         log(
             f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
             f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s)"
