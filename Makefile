@@ -7,7 +7,7 @@ ARGS ?=
 # CI adds cuda12 so the 'CuPy installed, no GPU' path is tested for real.
 TEST_EXTRAS ?= test
 
-.PHONY: train test bench verify clean
+.PHONY: train test lint verify clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/python -m pytest tests $(ARGS)
+
+lint: $(VENV)/.installed-$(TEST_EXTRAS)
+	$(BIN)/ruff check xpnet tests bench conftest.py
+	$(BIN)/ruff format --check xpnet tests bench conftest.py
 
 verify: $(VENV)/.installed
 	$(BIN)/xpnet verify --dtype float32 $(ARGS)

@@ -45,7 +45,9 @@ def setup_ops(backend, batch, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCH_SIZES)
-@pytest.mark.parametrize("op", ["linear_forward", "linear_backward", "relu", "relu_backward", "softmax_cross_entropy", "sgd_update"])
+@pytest.mark.parametrize(
+    "op", ["linear_forward", "linear_backward", "relu", "relu_backward", "softmax_cross_entropy", "sgd_update"]
+)
 def test_op(benchmark, backend, op, batch, dtype):
     backend.prepare(dtype)
     fn = synchronised(backend, setup_ops(backend, batch, dtype)[op])

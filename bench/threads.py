@@ -77,10 +77,14 @@ def main():
     flat_W, flat_grad = W.reshape(-1), grad_W.reshape(-1)
     cases = {
         "gather 512 x 784": (lambda: _take_rows(data, rows, batch), lambda: take_rows_parallel(data, rows, batch)),
-        "SGD update 200 x 784": (lambda: _sgd_update(flat_W, flat_grad, 1e-12, flat_W, 0.0, False, 0.0),
-                                 lambda: sgd_parallel(flat_W, flat_grad, 1e-12)),
-        "ReLU mask + bias-grad sum 512 x 200": (lambda: _mask_and_sum_rows(grad_y, relu_output, True, grad_b),
-                                                lambda: mask_and_sum_columns_parallel(grad_y, relu_output, grad_b)),
+        "SGD update 200 x 784": (
+            lambda: _sgd_update(flat_W, flat_grad, 1e-12, flat_W, 0.0, False, 0.0),
+            lambda: sgd_parallel(flat_W, flat_grad, 1e-12),
+        ),
+        "ReLU mask + bias-grad sum 512 x 200": (
+            lambda: _mask_and_sum_rows(grad_y, relu_output, True, grad_b),
+            lambda: mask_and_sum_columns_parallel(grad_y, relu_output, grad_b),
+        ),
     }
     print(f"{'kernel':<38}{'serial us':>10}{'parallel us':>13}")
     for name, (serial, parallel) in cases.items():

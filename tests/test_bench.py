@@ -47,8 +47,22 @@ def test_compile_time_is_reported_apart_and_never_timed():
 
 def test_quick_bench_writes_json_that_round_trips_markdown_and_a_plot(tmp_path, capsys):
     json_path, markdown_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
-    assert main(["bench", "--quick", "--no-torch", "--json", str(json_path), "--markdown", str(markdown_path),
-                 "--plot", str(plot_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--quick",
+                "--no-torch",
+                "--json",
+                str(json_path),
+                "--markdown",
+                str(markdown_path),
+                "--plot",
+                str(plot_path),
+            ]
+        )
+        == 0
+    )
     document = json.loads(json_path.read_text())
     assert document["schema"] == SCHEMA and document["machine"]["cpus"] >= 1
     results = load_results(json_path)

@@ -13,14 +13,19 @@ from xpnet.errors import DataError
 from xpnet.nn.checkpoint import load_checkpoint
 from xpnet.nn.train import TrainConfig, Trainer, TrainingInterrupted
 
-CONFIG = TrainConfig(epochs=3, batch_size=256, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine")
+CONFIG = TrainConfig(
+    epochs=3, batch_size=256, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine"
+)
 
 
 @pytest.fixture(scope="module")
 def small_splits(mnist_splits):
     """A fifth of the training set: the same code paths, five times faster."""
-    return Splits(Split(mnist_splits.train.images[:10_000], mnist_splits.train.labels[:10_000]),
-                  mnist_splits.validation, mnist_splits.test)
+    return Splits(
+        Split(mnist_splits.train.images[:10_000], mnist_splits.train.labels[:10_000]),
+        mnist_splits.validation,
+        mnist_splits.test,
+    )
 
 
 def quiet(line):
@@ -69,7 +74,9 @@ def run_xpnet(*args):
 @pytest.fixture(scope="module")
 def checkpoint_on_numpy(mnist_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("checkpoint") / "numpy.npz"
-    result = run_xpnet("train", "--backend", "numpy", "--epochs", "2", "--save", str(path), "--data-dir", str(mnist_dir))
+    result = run_xpnet(
+        "train", "--backend", "numpy", "--epochs", "2", "--save", str(path), "--data-dir", str(mnist_dir)
+    )
     assert result.returncode == 0, result.stderr
     return path
 
@@ -77,7 +84,9 @@ def checkpoint_on_numpy(mnist_dir, tmp_path_factory):
 def test_a_numpy_checkpoint_evaluates_identically_on_numba(checkpoint_on_numpy, mnist_dir, tmp_path):
     outputs = {}
     for name in ("numpy", "numba"):
-        result = run_xpnet("evaluate", "--checkpoint", str(checkpoint_on_numpy), "--backend", name, "--data-dir", str(mnist_dir))
+        result = run_xpnet(
+            "evaluate", "--checkpoint", str(checkpoint_on_numpy), "--backend", name, "--data-dir", str(mnist_dir)
+        )
         assert result.returncode == 0, result.stderr
         outputs[name] = result.stdout.replace(f"({name})", "")
     assert outputs["numpy"] == outputs["numba"]
@@ -88,7 +97,9 @@ def test_cli_save_then_resume_equals_one_longer_run(checkpoint_on_numpy, mnist_d
     resumed, straight = tmp_path / "resumed.npz", tmp_path / "straight.npz"
     first = load_checkpoint(checkpoint_on_numpy)
     first.save(resumed)
-    result = run_xpnet("train", "--resume", str(resumed), "--epochs", "3", "--save", str(resumed), "--data-dir", str(mnist_dir))
+    result = run_xpnet(
+        "train", "--resume", str(resumed), "--epochs", "3", "--save", str(resumed), "--data-dir", str(mnist_dir)
+    )
     assert result.returncode == 0, result.stderr
     assert "Resuming" in result.stdout and "Epoch 3 - Cost" in result.stdout and "Epoch 2 - Cost" not in result.stdout
     assert run_xpnet("train", "--epochs", "3", "--save", str(straight), "--data-dir", str(mnist_dir)).returncode == 0
@@ -99,8 +110,22 @@ def test_cli_save_then_resume_equals_one_longer_run(checkpoint_on_numpy, mnist_d
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(mnist_dir, tmp_path):
     path = tmp_path / "interrupted.npz"
     process = subprocess.Popen(
-        [sys.executable, "-u", "-m", "xpnet", "train", "--epochs", "20", "--save", str(path), "--data-dir", str(mnist_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-u",
+            "-m",
+            "xpnet",
+            "train",
+            "--epochs",
+            "20",
+            "--save",
+            str(path),
+            "--data-dir",
+            str(mnist_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in process.stdout:  # wait until training is under way, then press Ctrl-C
         if line.startswith("Epoch 1 - Cost"):
@@ -108,7 +133,9 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(mnist_dir, tmp_path):
             break
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
-    assert "Traceback" not in stderr and f"Resume with: xpnet train --backend numpy --resume {path} --epochs 20" in stderr
+    assert (
+        "Traceback" not in stderr and f"Resume with: xpnet train --backend numpy --resume {path} --epochs 20" in stderr
+    )
     assert load_checkpoint(path).epoch in (1, 2)  # the state after the last whole epoch
 
 
@@ -129,13 +156,18 @@ def one_line_error(result, message):
 def test_bad_checkpoints_are_one_line_errors(checkpoint_on_numpy, tmp_path, mnist_dir):
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(checkpoint_on_numpy.read_bytes()[:5000])
-    one_line_error(run_xpnet("evaluate", "--checkpoint", str(truncated), "--data-dir", str(mnist_dir)), "not a readable checkpoint")
+    one_line_error(
+        run_xpnet("evaluate", "--checkpoint", str(truncated), "--data-dir", str(mnist_dir)), "not a readable checkpoint"
+    )
     one_line_error(run_xpnet("evaluate", "--checkpoint", str(tmp_path / "missing.npz")), "checkpoint not found")
     mismatched = tmp_path / "mismatched.npz"
     checkpoint = load_checkpoint(checkpoint_on_numpy)
     checkpoint.sizes = [784, 100, 10]
     checkpoint.save(mismatched)
-    one_line_error(run_xpnet("evaluate", "--checkpoint", str(mismatched)), "param.0 has shape (200, 784) but the architecture 784-100-10")
+    one_line_error(
+        run_xpnet("evaluate", "--checkpoint", str(mismatched)),
+        "param.0 has shape (200, 784) but the architecture 784-100-10",
+    )
     one_line_error(run_xpnet("train", "--resume", str(tmp_path / "missing.npz")), "checkpoint not found")
     with pytest.raises(DataError, match="not an xpnet checkpoint"):
         numpy.savez(tmp_path / "other.npz", metadata=numpy.frombuffer(b'{"format": "other"}', numpy.uint8))
@@ -145,7 +177,9 @@ def test_bad_checkpoints_are_one_line_errors(checkpoint_on_numpy, tmp_path, mnis
 def test_divergence_names_epoch_and_step_and_keeps_the_last_good_checkpoint(checkpoint_on_numpy, tmp_path, mnist_dir):
     kept = tmp_path / "kept.npz"
     kept.write_bytes(checkpoint_on_numpy.read_bytes())
-    result = run_xpnet("train", "--lr", "1e6", "--epochs", "2", "--save", str(kept), "--save-every", "1", "--data-dir", str(mnist_dir))
+    result = run_xpnet(
+        "train", "--lr", "1e6", "--epochs", "2", "--save", str(kept), "--save-every", "1", "--data-dir", str(mnist_dir)
+    )
     one_line_error(result, "training diverged in epoch 1 at step ")
     assert "try a smaller --lr" in result.stderr and "the last good checkpoint" in result.stderr
     assert kept.read_bytes() == checkpoint_on_numpy.read_bytes()
@@ -166,6 +200,11 @@ def test_evaluate_plot_writes_a_confusion_matrix_png(checkpoint_on_numpy, mnist_
     from PIL import Image
 
     plot = tmp_path / "confusion.png"
-    assert run_xpnet("evaluate", "--checkpoint", str(checkpoint_on_numpy), "--plot", str(plot), "--data-dir", str(mnist_dir)).returncode == 0
+    assert (
+        run_xpnet(
+            "evaluate", "--checkpoint", str(checkpoint_on_numpy), "--plot", str(plot), "--data-dir", str(mnist_dir)
+        ).returncode
+        == 0
+    )
     with Image.open(plot) as image:
         assert image.format == "PNG"

@@ -7,9 +7,7 @@ import pytest
 
 
 def run_xpnet(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "xpnet", *args], capture_output=True, text=True, env=env, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "xpnet", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.parametrize(

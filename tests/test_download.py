@@ -58,7 +58,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if behaviour == "slow":  # about 3 s per file, in small pieces
             for start in range(0, len(body), len(body) // 30 + 1):
-                self.wfile.write(body[start:start + len(body) // 30 + 1])
+                self.wfile.write(body[start : start + len(body) // 30 + 1])
                 self.wfile.flush()
                 time.sleep(0.1)
             return
@@ -110,7 +110,9 @@ def test_a_failing_first_mirror_falls_through_to_the_second(server, tmp_path, fi
 
 def test_every_mirror_wrong_is_one_error_naming_each_and_leaves_nothing(server, tmp_path):
     with pytest.raises(DataError) as info:
-        download_file(TRAIN_IMAGES, tmp_path, [f"{server}/corrupt", f"{server}/truncated", f"{server}/missing", refused_url()])
+        download_file(
+            TRAIN_IMAGES, tmp_path, [f"{server}/corrupt", f"{server}/truncated", f"{server}/missing", refused_url()]
+        )
     message = str(info.value)
     assert "checksum of its content does not match" in message and "truncated" in message
     assert "HTTP 404" in message and "refused" in message.lower()
@@ -143,8 +145,12 @@ ensure_dataset(Dataset("tiny", mirrors=(sys.argv[2],), files=files), sys.argv[3]
 
 def start_download(mirror, directory):
     files = json.dumps([[f.name, f.sha256, f.gz_sha256] for f in FILES])
-    return subprocess.Popen([sys.executable, "-c", DOWNLOAD_SCRIPT, files, mirror, str(directory)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", DOWNLOAD_SCRIPT, files, mirror, str(directory)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_download_killed_midway_leaves_no_file_and_the_next_run_completes(server, tmp_path):

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy
-import pytest
 
 from xpnet.backends import get_backend
 from xpnet.nn.train import TrainConfig, Trainer
@@ -16,7 +15,9 @@ PREPARE = "from xpnet.backends import get_backend; print(get_backend('numba').pr
 def run_python(code, **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
     full_env.update(env)
-    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=full_env, timeout=300
+    )
 
 
 def test_kernels_cache_in_numba_cache_dir_when_the_package_dir_is_not_used(tmp_path):

@@ -16,8 +16,24 @@ from xpnet.nn.checkpoint import load_model  # noqa: E402
 @pytest.fixture(scope="module")
 def checkpoint(mnist_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("predict") / "model.npz"
-    result = subprocess.run([sys.executable, "-m", "xpnet", "train", "--backend", "numba", "--epochs", "3",
-                             "--save", str(path), "--data-dir", str(mnist_dir)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xpnet",
+            "train",
+            "--backend",
+            "numba",
+            "--epochs",
+            "3",
+            "--save",
+            str(path),
+            "--data-dir",
+            str(mnist_dir),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return path
 
@@ -28,7 +44,11 @@ def confident_digits(checkpoint, mnist_splits, count=6):
     logits = model.predict_logits(mnist_splits.test.images[:200]).astype(numpy.float64)
     probabilities = numpy.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
-    good = [i for i in range(200) if probabilities[i].argmax() == mnist_splits.test.labels[i] and probabilities[i].max() > 0.99]
+    good = [
+        i
+        for i in range(200)
+        if probabilities[i].argmax() == mnist_splits.test.labels[i] and probabilities[i].max() > 0.99
+    ]
     return good[:count]
 
 
@@ -53,8 +73,11 @@ def test_predict_reads_real_digits_back(checkpoint, mnist_splits, tmp_path):
         paths.append(str(path))
         labels.append(int(mnist_splits.test.labels[index]))
     assert len(paths) == 6
-    result = subprocess.run([sys.executable, "-m", "xpnet", "predict", "--checkpoint", str(checkpoint), *paths],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "xpnet", "predict", "--checkpoint", str(checkpoint), *paths],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     predicted = [int(line.split(": ")[1].split()[0]) for line in result.stdout.strip().splitlines()]
     assert predicted == labels
@@ -73,13 +96,18 @@ def test_preprocessing_centres_the_digit_like_mnist(mnist_splits, tmp_path):
     assert centre == pytest.approx([14, 14], abs=1.0)
 
 
-@pytest.mark.parametrize("content, message", [(b"hello, not an image\n", "not an image Pillow can read"), (None, "file not found")])
+@pytest.mark.parametrize(
+    "content, message", [(b"hello, not an image\n", "not an image Pillow can read"), (None, "file not found")]
+)
 def test_bad_image_files_are_one_line_errors(checkpoint, tmp_path, content, message):
     path = tmp_path / "digit.png"
     if content is not None:
         path.write_bytes(content)
-    result = subprocess.run([sys.executable, "-m", "xpnet", "predict", "--checkpoint", str(checkpoint), str(path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "xpnet", "predict", "--checkpoint", str(checkpoint), str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]

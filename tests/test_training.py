@@ -46,7 +46,9 @@ def test_normalisation_uses_training_split_statistics(mnist_splits):
 
 
 # The README's recipe: 784-200-10 to >= 98.2% test accuracy in 20 epochs on every CPU backend.
-RECIPE = TrainConfig(epochs=20, batch_size=128, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine")
+RECIPE = TrainConfig(
+    epochs=20, batch_size=128, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine"
+)
 
 
 @pytest.mark.parametrize("name", ["numpy", "numba"])

@@ -36,7 +36,10 @@ def wrong_backends(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_real_backends_agree(mnist_dir, dtype, capsys):
-    assert main(["verify", "--backends", "numpy,numba", "--dtype", dtype, "--steps", "3", "--data-dir", str(mnist_dir)]) == 0
+    assert (
+        main(["verify", "--backends", "numpy,numba", "--dtype", dtype, "--steps", "3", "--data-dir", str(mnist_dir)])
+        == 0
+    )
     assert "All 78 checks agree: numpy, numba" in capsys.readouterr().out
 
 
@@ -46,7 +49,9 @@ def test_real_backends_agree(mnist_dir, dtype, capsys):
 )
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_a_wrong_backend_fails_naming_the_op(mnist_dir, wrong_backends, wrong, op, dtype, capsys):
-    code = main(["verify", "--backends", f"numba,{wrong}", "--dtype", dtype, "--steps", "2", "--data-dir", str(mnist_dir)])
+    code = main(
+        ["verify", "--backends", f"numba,{wrong}", "--dtype", dtype, "--steps", "2", "--data-dir", str(mnist_dir)]
+    )
     captured = capsys.readouterr()
     assert code == 1
     assert f"{wrong} disagrees first at step 1, {op}" in captured.err

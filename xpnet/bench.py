@@ -47,7 +47,9 @@ class Result:
 def synthetic_splits(n_samples=N_SAMPLES, seed=0):
     """MNIST-shaped random data: throughput does not depend on the pixel values."""
     rng = numpy.random.default_rng(seed)
-    split = lambda n: Split(rng.integers(0, 256, (n, 28, 28), dtype=numpy.uint8), rng.integers(0, 10, n).astype(numpy.uint8))
+    split = lambda n: Split(
+        rng.integers(0, 256, (n, 28, 28), dtype=numpy.uint8), rng.integers(0, 10, n).astype(numpy.uint8)
+    )
     return Splits(train=split(n_samples), validation=split(10), test=split(10))
 
 
@@ -98,8 +100,18 @@ def measure(contenders, batch_size, hidden, dtype, repeats):
         if contender.host_arrays:
             contender.extra["epoch_alloc_mib"] = epoch_allocation_peak(contender) / 2**20
         rates = [contender.n_samples / s for s in epoch_seconds]
-        results.append(Result(contender.name, batch_size, tuple(hidden), dtype, statistics.median(rates),
-                              (min(rates), max(rates)), contender.compile_seconds, dict(contender.extra)))
+        results.append(
+            Result(
+                contender.name,
+                batch_size,
+                tuple(hidden),
+                dtype,
+                statistics.median(rates),
+                (min(rates), max(rates)),
+                contender.compile_seconds,
+                dict(contender.extra),
+            )
+        )
     return results
 
 
@@ -108,8 +120,14 @@ def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", split
     splits = splits or synthetic_splits()
     config = TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=dtype)
     trainer = Trainer(backend, splits, config)
-    return Contender(backend.name, trainer.train_epoch, backend.synchronize, len(splits.train), compile_seconds,
-                     host_arrays=backend.xp is numpy)
+    return Contender(
+        backend.name,
+        trainer.train_epoch,
+        backend.synchronize,
+        len(splits.train),
+        compile_seconds,
+        host_arrays=backend.xp is numpy,
+    )
 
 
 def floor_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
@@ -157,15 +175,21 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
     def epoch():
         order = torch.as_tensor(generator.permutation(n_samples), device=device)
         for start in range(0, n_samples, batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=False)
             loss = loss_fn(model(x_all[rows]), y_all[rows])
             loss.backward()
             optimizer.step()
 
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return Contender(f"torch eager ({device})", epoch, synchronize, n_samples, host_arrays=False,
-                     extra={"torch": torch.__version__, "threads": torch.get_num_threads()})
+    return Contender(
+        f"torch eager ({device})",
+        epoch,
+        synchronize,
+        n_samples,
+        host_arrays=False,
+        extra={"torch": torch.__version__, "threads": torch.get_num_threads()},
+    )
 
 
 def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=None):
@@ -179,7 +203,9 @@ def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=No
         trainer = Trainer(b, splits, TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=d))
         order = b.asarray(trainer.rng.permutation(len(trainer.train_y)))
         losses = [float(b.to_numpy(trainer.step(x, y))) for _, (x, y) in zip(range(steps), trainer.batches(order))]
-        runs.append((numpy.array(losses), [b.to_numpy(p.value).astype(numpy.float64) for p in trainer.model.parameters()]))
+        runs.append(
+            (numpy.array(losses), [b.to_numpy(p.value).astype(numpy.float64) for p in trainer.model.parameters()])
+        )
     (ref_loss, ref_w), (loss, w) = runs
     loss_rel = float(numpy.max(numpy.abs(loss - ref_loss) / numpy.abs(ref_loss)))
     weight_rel = max(float(numpy.max(numpy.abs(a - r)) / numpy.max(numpy.abs(r))) for a, r in zip(w, ref_w))

@@ -13,15 +13,31 @@ from xpnet.atomic import write_text
 from xpnet.bench import Result, agreement, backend_contender, floor_contender, measure, torch_contender
 
 SCHEMA = "xpnet-bench/1"
-COLUMNS = ["name", "hidden", "batch", "samples/s", "spread", "x numpy", "of floor", "epoch alloc MiB",
-           "compile s", "loss rel diff", "weight rel diff"]
+COLUMNS = [
+    "name",
+    "hidden",
+    "batch",
+    "samples/s",
+    "spread",
+    "x numpy",
+    "of floor",
+    "epoch alloc MiB",
+    "compile s",
+    "loss rel diff",
+    "weight rel diff",
+]
 
 
 def machine():
     import numpy
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": numpy.__version__}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+    }
 
 
 def torch_devices():
@@ -63,12 +79,17 @@ def rows(results):
         loss_diff, weight_diff = r.extra.get("loss_rel_diff"), r.extra.get("weight_rel_diff")
         alloc = r.extra.get("epoch_alloc_mib")
         yield [
-            r.name, "-".join(map(str, r.hidden)), str(r.batch_size), f"{r.samples_per_second:,.0f}",
+            r.name,
+            "-".join(map(str, r.hidden)),
+            str(r.batch_size),
+            f"{r.samples_per_second:,.0f}",
             f"{r.spread[0]:,.0f}-{r.spread[1]:,.0f}",
-            f"{speedup:.2f}" if speedup else "", f"{of_floor:.0%}" if of_floor else "",
+            f"{speedup:.2f}" if speedup else "",
+            f"{of_floor:.0%}" if of_floor else "",
             f"{alloc:.2f}" if alloc is not None else "n/a",
             f"{r.compile_seconds:.3f}" if r.compile_seconds else "",
-            f"{loss_diff:.1e}" if loss_diff is not None else "", f"{weight_diff:.1e}" if weight_diff is not None else "",
+            f"{loss_diff:.1e}" if loss_diff is not None else "",
+            f"{weight_diff:.1e}" if weight_diff is not None else "",
         ]
 
 
@@ -88,24 +109,43 @@ def plot(results, path):
     figure, axes = plt.subplots(1, len(hiddens), figsize=(6 * len(hiddens), 4.5), squeeze=False)
     for axis, hidden in zip(axes[0], hiddens):
         for name in dict.fromkeys(r.name for r in results):
-            points = sorted((r.batch_size, r.samples_per_second) for r in results if r.name == name and r.hidden == hidden)
+            points = sorted(
+                (r.batch_size, r.samples_per_second) for r in results if r.name == name and r.hidden == hidden
+            )
             style = {"linestyle": "--", "color": "black"} if name.startswith("floor") else {"marker": "o"}
             axis.plot(*zip(*points), label=name, **style)
-        axis.set(xscale="log", yscale="log", xlabel="batch size", ylabel="samples/s",
-                 title=f"784-{'-'.join(map(str, hidden))}-10")
+        axis.set(
+            xscale="log",
+            yscale="log",
+            xlabel="batch size",
+            ylabel="samples/s",
+            title=f"784-{'-'.join(map(str, hidden))}-10",
+        )
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     save_figure(figure, path)
 
 
-def run_report(backends, batch_sizes, hiddens, dtype, repeats, with_torch, json_path, markdown_path, agreement_steps,
-               plot_path=None):
+def run_report(
+    backends,
+    batch_sizes,
+    hiddens,
+    dtype,
+    repeats,
+    with_torch,
+    json_path,
+    markdown_path,
+    agreement_steps,
+    plot_path=None,
+):
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
     results = collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=console.print)
-    title = (f"Training throughput, {dtype}, 50,000-sample epochs, median of {repeats} "
-             f"(agreement: {agreement_steps} steps vs NumPy float64)")
+    title = (
+        f"Training throughput, {dtype}, 50,000-sample epochs, median of {repeats} "
+        f"(agreement: {agreement_steps} steps vs NumPy float64)"
+    )
     table = Table(title=title)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("name", "hidden") else "right")
@@ -115,7 +155,12 @@ def run_report(backends, batch_sizes, hiddens, dtype, repeats, with_torch, json_
     console.print(table)
     command = "xpnet " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("xpnet") else "xpnet bench"
     if json_path:
-        document = {"schema": SCHEMA, "command": command, "machine": machine(), "results": [r.to_json() for r in results]}
+        document = {
+            "schema": SCHEMA,
+            "command": command,
+            "machine": machine(),
+            "results": [r.to_json() for r in results],
+        }
         write_text(json_path, json.dumps(document, indent=2))
     if markdown_path:
         write_text(markdown_path, markdown(table_rows, f"{title}\n\nMachine: {machine()}\n\nCommand: `{command}`"))

@@ -65,8 +65,9 @@ def name_list(text):
 
 
 def add_backend_flag(parser):
-    parser.add_argument("--backend", default=None,
-                        help=f"array backend: {', '.join(REGISTRY)} (default: $XPNET_BACKEND, else numpy)")
+    parser.add_argument(
+        "--backend", default=None, help=f"array backend: {', '.join(REGISTRY)} (default: $XPNET_BACKEND, else numpy)"
+    )
 
 
 def add_dtype_flag(parser):
@@ -77,7 +78,11 @@ def add_data_flags(parser):
     from xpnet.data.datasets import DATASETS
 
     parser.add_argument("--dataset", choices=list(DATASETS), default="mnist")
-    parser.add_argument("--data-dir", default=None, help="directory of the IDX files (default: $XPNET_DATA_DIR, else the per-user cache)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory of the IDX files (default: $XPNET_DATA_DIR, else the per-user cache)",
+    )
 
 
 def add_train_parser(commands):
@@ -91,26 +96,40 @@ def add_train_parser(commands):
     add_data_flags(train)
     train.add_argument("--epochs", type=positive_int, default=defaults.epochs)
     train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    train.add_argument("--lr", type=positive_float, default=defaults.lr,
-                       help=f"learning rate on the mean loss (default {defaults.lr:g}: the seed's 1e-4 on the summed loss of 512)")
-    train.add_argument("--hidden", type=int_list, default=defaults.hidden,
-                       help="hidden layer sizes, e.g. 200 or 512,256,128,64 (default 200)")
+    train.add_argument(
+        "--lr",
+        type=positive_float,
+        default=defaults.lr,
+        help=f"learning rate on the mean loss (default {defaults.lr:g}: the seed's 1e-4 on the summed loss of 512)",
+    )
+    train.add_argument(
+        "--hidden",
+        type=int_list,
+        default=defaults.hidden,
+        help="hidden layer sizes, e.g. 200 or 512,256,128,64 (default 200)",
+    )
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--momentum", type=non_negative_float, default=defaults.momentum)
     train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum > 0)")
     train.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay)
-    train.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule, help="learning-rate schedule over the run")
+    train.add_argument(
+        "--schedule", choices=list(SCHEDULES), default=defaults.schedule, help="learning-rate schedule over the run"
+    )
     train.add_argument("--save", default=None, help="write a checkpoint (.npz) here after the last epoch")
     train.add_argument("--save-every", type=positive_int, default=None, help="also every N epochs (needs --save)")
     train.add_argument("--resume", default=None, help="continue the run saved in this checkpoint, up to --epochs")
     train.add_argument("--plot", default=None, help="write loss and accuracy per epoch as a PNG (needs matplotlib)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar (it is also off when stdout is not a terminal)")
+    train.add_argument(
+        "--quiet", action="store_true", help="no progress bar (it is also off when stdout is not a terminal)"
+    )
     train.set_defaults(command_module="train")
 
 
 def add_verify_parser(commands):
     verify = commands.add_parser("verify", help="check the backends against NumPy float64, op by op and step by step")
-    verify.add_argument("--backends", type=name_list, default=None, help="comma-separated (default: every available backend)")
+    verify.add_argument(
+        "--backends", type=name_list, default=None, help="comma-separated (default: every available backend)"
+    )
     verify.add_argument("--steps", type=positive_int, default=5)
     add_dtype_flag(verify)
     add_data_flags(verify)
@@ -119,14 +138,24 @@ def add_verify_parser(commands):
 
 
 def add_bench_parser(commands):
-    bench = commands.add_parser("bench", help="training throughput of each backend, against the matmul floor and PyTorch")
-    bench.add_argument("--backends", type=name_list, default=None, help="comma-separated (default: every available backend)")
-    bench.add_argument("--batch-sizes", type=int_list, default=None, help="e.g. 128,512 (default 1,64,128,512,2048; --quick 128,512)")
-    bench.add_argument("--hidden", type=int_list, nargs="+", default=None, help="one or more architectures, e.g. --hidden 200 800 2048")
+    bench = commands.add_parser(
+        "bench", help="training throughput of each backend, against the matmul floor and PyTorch"
+    )
+    bench.add_argument(
+        "--backends", type=name_list, default=None, help="comma-separated (default: every available backend)"
+    )
+    bench.add_argument(
+        "--batch-sizes", type=int_list, default=None, help="e.g. 128,512 (default 1,64,128,512,2048; --quick 128,512)"
+    )
+    bench.add_argument(
+        "--hidden", type=int_list, nargs="+", default=None, help="one or more architectures, e.g. --hidden 200 800 2048"
+    )
     add_dtype_flag(bench)
     bench.add_argument("--repeats", type=positive_int, default=None, help="timed epochs per row (default 3; --quick 1)")
     bench.add_argument("--quick", action="store_true", help="batch 128 and 512, one timed epoch: under a minute")
-    bench.add_argument("--no-torch", action="store_true", help="leave out the PyTorch rows even when torch is installed")
+    bench.add_argument(
+        "--no-torch", action="store_true", help="leave out the PyTorch rows even when torch is installed"
+    )
     bench.add_argument("--json", default=None, help="write the results as JSON (schema in bench/README.md)")
     bench.add_argument("--markdown", default=None, help="write the table as Markdown")
     bench.add_argument("--plot", default=None, help="write a PNG of throughput against batch size (needs matplotlib)")
@@ -141,7 +170,9 @@ def add_data_parser(commands):
 
 
 def add_checkpoint_parsers(commands):
-    evaluate = commands.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix of a checkpoint")
+    evaluate = commands.add_parser(
+        "evaluate", help="test accuracy, per-class accuracy and confusion matrix of a checkpoint"
+    )
     evaluate.add_argument("--checkpoint", required=True)
     add_backend_flag(evaluate)
     add_data_flags(evaluate)

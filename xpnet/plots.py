@@ -48,7 +48,14 @@ def plot_confusion(matrix, path):
     image = axis.imshow(matrix, cmap="Blues")
     figure.colorbar(image)
     for (i, j), count in numpy.ndenumerate(matrix):
-        axis.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                  color="white" if count > matrix.max() / 2 else "black")
+        axis.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if count > matrix.max() / 2 else "black",
+        )
     axis.set(xlabel="predicted", ylabel="true", xticks=range(len(matrix)), yticks=range(len(matrix)))
     save_figure(figure, path)

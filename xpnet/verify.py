@@ -59,56 +59,64 @@ def compare(step, op, backend_name, got, ref, dtype, reduction_length, magnitude
         ratio = numpy.full(numpy.shape(ref), numpy.inf)
     worst = numpy.unravel_index(numpy.argmax(ratio), numpy.shape(ratio)) if numpy.ndim(ratio) else ()
     return Check(
-        step, op, backend_name, float(error.max(initial=0)), float(numpy.max(rel, initial=0)),
-        float(numpy.max(ratio)), float(numpy.broadcast_to(bound, numpy.shape(ratio))[worst]),
+        step,
+        op,
+        backend_name,
+        float(error.max(initial=0)),
+        float(numpy.max(rel, initial=0)),
+        float(numpy.max(ratio)),
+        float(numpy.broadcast_to(bound, numpy.shape(ratio))[worst]),
     )
 
 
 def check_step(step, candidate, dtype, reference_model, x, labels, lr):
     """Each op of one SGD step of the candidate, fed the reference's inputs, against the reference."""
-    ref = reference_model.backend
-    layers = reference_model.net.layers
-    name = candidate.name
-    cast = lambda array: candidate.asarray(numpy.asarray(array, dtype=numpy.float64).astype(dtype))
-    host = candidate.to_numpy
-    # Round the shared inputs once, so the reference sees exactly what the candidate sees.
-    x = x.astype(dtype).astype(numpy.float64)
-    params = [(l.W.value.astype(dtype).astype(numpy.float64), l.b.value.astype(dtype).astype(numpy.float64)) for l in layers]
-    checks, inputs, outputs = [], [], []
+    ref, layers, checks = reference_model.backend, reference_model.net.layers, []
+    rounded = lambda array: numpy.asarray(array, dtype=numpy.float64).astype(dtype).astype(numpy.float64)
+    on_candidate = lambda array: candidate.asarray(array.astype(dtype))
+
+    def check(op, got, expected, reduction_length, magnitude):
+        got = candidate.to_numpy(got)
+        checks.append(compare(step, op, candidate.name, got, expected, dtype, reduction_length, magnitude))
+
+    # Inputs are rounded to the candidate's dtype once, so the reference sees what it sees.
+    params = [(rounded(layer.W.value), rounded(layer.b.value)) for layer in layers]
+    inputs, outputs, x = [], [], rounded(x)
     for i, (layer, (W, b)) in enumerate(zip(layers, params)):
         y_ref = ref.linear_forward(x, W, b, layer.relu)
-        y = candidate.linear_forward(cast(x), cast(W), cast(b), layer.relu)
-        magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
-        checks.append(compare(step, f"layer {i + 1} forward", name, host(y), y_ref, dtype, W.shape[1] + 1, magnitude))
+        y = candidate.linear_forward(on_candidate(x), on_candidate(W), on_candidate(b), layer.relu)
+        check(f"layer {i + 1} forward", y, y_ref, W.shape[1] + 1, numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b))
         inputs.append(x)
-        outputs.append(y_ref)
-        x = y_ref.astype(dtype).astype(numpy.float64)
-    logits = x
+        outputs.append(rounded(y_ref))
+        x = outputs[-1]
+
+    logits, (batch, classes) = x, x.shape
     loss_ref, grad_ref = ref.softmax_cross_entropy(logits, labels)
-    loss, grad = candidate.softmax_cross_entropy(cast(logits), candidate.asarray(labels))
-    batch, classes = logits.shape
+    loss, grad = candidate.softmax_cross_entropy(on_candidate(logits), candidate.asarray(labels))
     shifted = logits - logits.max(axis=1, keepdims=True)
     per_row = numpy.log(numpy.exp(shifted).sum(axis=1)) + numpy.abs(shifted[numpy.arange(batch), labels])
-    checks.append(compare(step, "softmax cross-entropy loss", name, host(loss), loss_ref, dtype, batch + classes + 3, per_row.mean()))
-    checks.append(compare(step, "softmax cross-entropy grad", name, host(grad), grad_ref, dtype, classes + 3, numpy.abs(grad_ref) + 1.0 / batch))
-    grad_y = grad_ref.astype(dtype).astype(numpy.float64)
+    check("softmax cross-entropy loss", loss, loss_ref, batch + classes + 3, per_row.mean())
+    check("softmax cross-entropy grad", grad, grad_ref, classes + 3, numpy.abs(grad_ref) + 1.0 / batch)
+
+    grad_y = rounded(grad_ref)
     for i in reversed(range(len(layers))):
-        layer, (W, b), x_in = layers[i], params[i], inputs[i]
-        relu_output = outputs[i].astype(dtype).astype(numpy.float64) if layer.relu else None
+        (W, b), x_in = params[i], inputs[i]
+        relu_output = outputs[i] if layers[i].relu else None
         grads_ref = _backward(ref, numpy.float64, x_in, W, grad_y, relu_output, need_x=i > 0)
-        grads = _backward(candidate, dtype, cast(x_in), cast(W), cast(grad_y),
-                          None if relu_output is None else cast(relu_output), need_x=i > 0)
-        masked = numpy.abs(grad_y) * (relu_output > 0) if layer.relu else numpy.abs(grad_y)
+        candidate_relu = None if relu_output is None else on_candidate(relu_output)
+        grads = _backward(candidate, dtype, *map(on_candidate, (x_in, W, grad_y)), candidate_relu, need_x=i > 0)
+        masked = numpy.abs(grad_y) * (relu_output > 0) if relu_output is not None else numpy.abs(grad_y)
         magnitudes = [masked.T @ numpy.abs(x_in), masked.sum(axis=0), masked @ numpy.abs(W)]
-        for label, got, expected, k, m in zip(["grad W", "grad b", "grad x"], grads, grads_ref, [batch, batch, W.shape[0]], magnitudes):
-            checks.append(compare(step, f"layer {i + 1} backward {label}", name, host(got), expected, dtype, k, m))
-        for label, p, g in (("W", W, grads_ref[0]), ("b", b, grads_ref[1])):
-            g = g.astype(dtype).astype(numpy.float64)
-            updated = cast(p)
-            candidate.sgd_update(updated, cast(g), lr)
-            checks.append(compare(step, f"layer {i + 1} update {label}", name, host(updated), p - lr * g, dtype, 2, numpy.abs(p) + lr * numpy.abs(g)))
+        for label, got, expected, k, m in zip(
+            ["grad W", "grad b", "grad x"], grads, grads_ref, [batch, batch, W.shape[0]], magnitudes
+        ):
+            check(f"layer {i + 1} backward {label}", got, expected, k, m)
+        for label, p, g in (("W", W, rounded(grads_ref[0])), ("b", b, rounded(grads_ref[1]))):
+            updated = on_candidate(p)
+            candidate.sgd_update(updated, on_candidate(g), lr)
+            check(f"layer {i + 1} update {label}", updated, p - lr * g, 2, numpy.abs(p) + lr * numpy.abs(g))
         if i > 0:
-            grad_y = grads_ref[2].astype(dtype).astype(numpy.float64)
+            grad_y = rounded(grads_ref[2])
     return checks
 
 
@@ -130,7 +138,7 @@ def verify(candidates, images, labels, steps=5, dtype="float32", hidden=(200,), 
     order = numpy.random.default_rng(seed).permutation(len(labels))
     checks = []
     for step in range(1, steps + 1):
-        rows = order[((step - 1) * batch_size) % len(labels):][:batch_size]
+        rows = order[((step - 1) * batch_size) % len(labels) :][:batch_size]
         x, y = images[rows].astype(numpy.float64), labels[rows].astype(numpy.int64)
         for candidate in candidates:
             checks.extend(check_step(step, candidate, dtype, model, x, y, lr))

@@ -16,7 +16,10 @@ import functools
 from xpnet.backends.base import Backend
 from xpnet.errors import BackendUnavailable
 
-INSTALL_HINT = "pip install 'xpnet[cuda12]' for a CUDA 12 driver or 'xpnet[cuda13]' for CUDA 13 (nvidia-smi shows the driver's CUDA version)"
+INSTALL_HINT = (
+    "pip install 'xpnet[cuda12]' for a CUDA 12 driver or 'xpnet[cuda13]' for CUDA 13 "
+    "(nvidia-smi shows the driver's CUDA version)"
+)
 
 _MASK_AND_SUM_ROWS = r"""
 template <typename T>
@@ -35,7 +38,8 @@ __global__ void mask_and_sum_rows(T* grad_y, const T* relu_output, bool relu, T*
 
 _SOFTMAX_CROSS_ENTROPY = r"""
 template <typename T>
-__global__ void softmax_cross_entropy(const T* logits, const long long* labels, T* grad, double* row_loss, int rows, int cols) {
+__global__ void softmax_cross_entropy(const T* logits, const long long* labels, T* grad, double* row_loss,
+                                      int rows, int cols) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;  // one thread per row: rows are short (10 classes)
     if (i >= rows) return;
     const T* z = logits + (long long)i * cols;
@@ -46,9 +50,9 @@ __global__ void softmax_cross_entropy(const T* logits, const long long* labels, 
     for (int j = 0; j < cols; ++j) { g[j] = exp(z[j] - peak); norm += g[j]; }
     long long label = labels[i];
     row_loss[i] = log(norm) - (double)(z[label] - peak);
-    T scale = (T)(1.0 / (norm * rows));
-    for (int j = 0; j < cols; ++j) g[j] *= scale;
-    g[label] -= (T)(1.0 / rows);
+    for (int j = 0; j < cols; ++j) g[j] /= (T)norm;  // the reference's order: (p - onehot) / n
+    g[label] -= 1;
+    for (int j = 0; j < cols; ++j) g[j] /= (T)rows;
 }
 """
 
@@ -58,15 +62,20 @@ def _kernels():
     import cupy
 
     options = ("--std=c++14",)
-    names = ("mask_and_sum_rows<float>", "mask_and_sum_rows<double>",
-             "softmax_cross_entropy<float>", "softmax_cross_entropy<double>")
+    names = (
+        "mask_and_sum_rows<float>",
+        "mask_and_sum_rows<double>",
+        "softmax_cross_entropy<float>",
+        "softmax_cross_entropy<double>",
+    )
     module = cupy.RawModule(code=_MASK_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY, options=options, name_expressions=names)
     return {
         "add_bias_relu": cupy.ElementwiseKernel(
             "T b, bool relu", "T y", "T v = y + b; y = (relu && v < 0) ? (T)0 : v;", "xpnet_add_bias_relu"
         ),
         "sgd_update": cupy.ElementwiseKernel(
-            "T grad, T lr, T momentum, bool nesterov, T weight_decay", "T param, T velocity",
+            "T grad, T lr, T momentum, bool nesterov, T weight_decay",
+            "T param, T velocity",
             """T step = grad;
                if (weight_decay != 0) step += weight_decay * param;
                if (momentum != 0) {
@@ -124,8 +133,9 @@ class CupyBackend(Backend):
 
     def prepare(self, dtype):
         """Compile the fused kernels (or load them from CuPy's disk cache) outside any timing."""
-        import numpy
         import time
+
+        import numpy
 
         start = time.perf_counter()
         x = self.xp.ones((2, 3), dtype)
@@ -133,7 +143,7 @@ class CupyBackend(Backend):
         y = self.linear_forward(x, x, self.xp.zeros(2, dtype), relu=True)
         self.linear_backward(x, x, y, self.xp.empty((2, 3), dtype), self.xp.empty(2, dtype), relu_output=y)
         self.softmax_cross_entropy(y, labels, self.xp.empty_like(y))
-        self.sgd_update(x, x, 0.1)
+        self.sgd_update(x, self.xp.zeros_like(x), 0.1)
         self.synchronize()
         return time.perf_counter() - start
 
@@ -147,7 +157,14 @@ class CupyBackend(Backend):
 
         rows, cols = grad_y.shape
         relu = relu_output is not None
-        args = (grad_y, relu_output if relu else grad_y, numpy.bool_(relu), grad_b, numpy.int32(rows), numpy.int32(cols))
+        args = (
+            grad_y,
+            relu_output if relu else grad_y,
+            numpy.bool_(relu),
+            grad_b,
+            numpy.int32(rows),
+            numpy.int32(cols),
+        )
         _launch("mask_and_sum_rows", grad_y.dtype, cols, args)
         self.xp.matmul(grad_y.T, x, out=grad_W)
         if grad_x is not None:
@@ -161,8 +178,12 @@ class CupyBackend(Backend):
         grad = self.xp.empty_like(logits) if grad_out is None else grad_out
         row_loss = self.xp.empty(rows, numpy.float64)
         labels = labels.astype(numpy.int64, copy=False)
-        _launch("softmax_cross_entropy", logits.dtype, rows,
-                (logits, labels, grad, row_loss, numpy.int32(rows), numpy.int32(cols)))
+        _launch(
+            "softmax_cross_entropy",
+            logits.dtype,
+            rows,
+            (logits, labels, grad, row_loss, numpy.int32(rows), numpy.int32(cols)),
+        )
         return row_loss.mean().astype(logits.dtype), grad
 
     def sgd_update(self, param, grad, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0):

@@ -80,10 +80,13 @@ def _softmax_cross_entropy(logits, labels, grad):
             grad[i, j] = math.exp(logits[i, j] - peak)
             norm += grad[i, j]
         total += math.log(norm) - (logits[i, labels[i]] - peak)
-        scale = 1.0 / (norm * rows)
+        # The reference's order, (p - onehot) / n: p - 1 cancels when p is near 1, and any
+        # other order would round that difference differently.
         for j in range(cols):
-            grad[i, j] *= scale
-        grad[i, labels[i]] -= 1.0 / rows
+            grad[i, j] /= norm
+        grad[i, labels[i]] -= 1
+        for j in range(cols):
+            grad[i, j] /= rows
     return total / rows
 
 

@@ -8,6 +8,15 @@ def run(args):
     backends = [get_backend(name) for name in (args.backends or available_backends())]
     batch_sizes = args.batch_sizes or ((128, 512) if args.quick else (1, 64, 128, 512, 2048))
     repeats = args.repeats or (1 if args.quick else 3)
-    return run_report(backends, batch_sizes, args.hidden or [(200,)], args.dtype, repeats,
-                      with_torch=not args.no_torch, json_path=args.json, markdown_path=args.markdown,
-                      agreement_steps=3 if args.quick else 10, plot_path=args.plot)
+    return run_report(
+        backends,
+        batch_sizes,
+        args.hidden or [(200,)],
+        args.dtype,
+        repeats,
+        with_torch=not args.no_torch,
+        json_path=args.json,
+        markdown_path=args.markdown,
+        agreement_steps=3 if args.quick else 10,
+        plot_path=args.plot,
+    )

@@ -18,9 +18,16 @@ def run(args):
             path = find_file(directory, expected.name)
             reason = "missing" if path is None else check_file(path, expected)
             failures += reason is not None
-            print(f"{'ok  ' if reason is None else 'FAIL'} {path or directory / expected.name}" + (f": {reason}" if reason else ""))
+            print(
+                f"{'ok  ' if reason is None else 'FAIL'} {path or directory / expected.name}"
+                + (f": {reason}" if reason else "")
+            )
         if failures:
-            print(f"xpnet data verify: {failures} of 4 files in {directory} are not {args.dataset}; run `xpnet data download` to fetch them", file=sys.stderr)
+            print(
+                f"xpnet data verify: {failures} of 4 files in {directory} are not {args.dataset}; "
+                "run `xpnet data download` to fetch them",
+                file=sys.stderr,
+            )
             return 1
         print(f"{directory} holds the verified {args.dataset} files")
         return 0
@@ -28,8 +35,10 @@ def run(args):
     splits = load_splits(directory)
     for split_name in ("train", "validation", "test"):
         split = getattr(splits, split_name)
-        print(f"{split_name:<10} {len(split):>6} images of {'x'.join(map(str, split.images.shape[1:]))}, "
-              f"labels {split.labels.min()}-{split.labels.max()}")
+        print(
+            f"{split_name:<10} {len(split):>6} images of {'x'.join(map(str, split.images.shape[1:]))}, "
+            f"labels {split.labels.min()}-{split.labels.max()}"
+        )
     for name in get_dataset(args.dataset).files:
         print(f"file       {find_file(directory, name.name)}")
     return 0

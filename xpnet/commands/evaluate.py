@@ -22,7 +22,9 @@ def run(args):
     model = load_model(args.checkpoint, backend)
     test = load_splits(prepare_data_dir(args.data_dir, args.dataset)).test
     if test.images[0].size != model.sizes[0]:
-        raise DataError(f"{args.checkpoint} takes {model.sizes[0]} inputs but the test images have {test.images[0].size}")
+        raise DataError(
+            f"{args.checkpoint} takes {model.sizes[0]} inputs but the test images have {test.images[0].size}"
+        )
     predictions = model.predict_logits(test.images).argmax(axis=1)
     n_classes = model.sizes[-1]
     matrix = confusion_matrix(test.labels, predictions, n_classes)

@@ -23,8 +23,18 @@ def run(args):
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     data_dir = prepare_data_dir(args.data_dir, args.dataset)
     splits = load_splits(data_dir)
-    config = TrainConfig(args.epochs, args.batch_size, args.lr, args.hidden, args.seed, args.dtype,
-                         args.momentum, args.nesterov, args.weight_decay, args.schedule)
+    config = TrainConfig(
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        args.hidden,
+        args.seed,
+        args.dtype,
+        args.momentum,
+        args.nesterov,
+        args.weight_decay,
+        args.schedule,
+    )
     trainer = Trainer(backend, splits, config, checkpoint)
     config = trainer.config  # a resumed run keeps its checkpoint's settings
     compile_seconds = backend.prepare(config.dtype)
@@ -46,14 +56,19 @@ def run(args):
         path = args.save or INTERRUPTED_PATH
         interrupted.checkpoint.save(path)
         done = interrupted.checkpoint.epoch
-        print(f"xpnet: interrupted; saved the state after epoch {done} to {path}. "
-              f"Resume with: xpnet train --backend {backend.name} --resume {path} --epochs {config.epochs}", file=sys.stderr)
+        print(
+            f"xpnet: interrupted; saved the state after epoch {done} to {path}. "
+            f"Resume with: xpnet train --backend {backend.name} --resume {path} --epochs {config.epochs}",
+            file=sys.stderr,
+        )
         return 130
     except Diverged as exc:
         kept = f"; the last good checkpoint, {args.save}, is kept" if args.save and args.save_every else ""
         raise XpnetError(f"{exc}{kept}") from None
-    epoch_seconds = sum(e.seconds for e in history.epochs[-(config.epochs - (checkpoint.epoch if checkpoint else 0)):])
-    print(f"Training time: {epoch_seconds:.1f} s in epochs ({time.perf_counter() - start:.1f} s with validation and test)")
+    epoch_seconds = sum(e.seconds for e in history.epochs[-(config.epochs - (checkpoint.epoch if checkpoint else 0)) :])
+    print(
+        f"Training time: {epoch_seconds:.1f} s in epochs ({time.perf_counter() - start:.1f} s with validation and test)"
+    )
     if args.save:
         trainer.state().save(args.save)
         print(f"Saved checkpoint to {args.save}")

@@ -24,8 +24,15 @@ def run(args):
     for column in ("op", "backend", "max abs err", "max rel err", "tolerance", "error/bound", "result"):
         table.add_column(column, justify="left" if column in ("op", "backend") else "right")
     for check in summarize(checks):
-        table.add_row(check.op, check.backend, f"{check.max_abs:.2e}", f"{check.max_rel:.2e}", f"{check.tolerance:.2e}",
-                      f"{check.bound_used:.3f}", "pass" if check.passed else "[bold red]FAIL")
+        table.add_row(
+            check.op,
+            check.backend,
+            f"{check.max_abs:.2e}",
+            f"{check.max_rel:.2e}",
+            f"{check.tolerance:.2e}",
+            f"{check.bound_used:.3f}",
+            "pass" if check.passed else "[bold red]FAIL",
+        )
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # a log or pipe: wide enough that rows stay on one line
@@ -33,8 +40,13 @@ def run(args):
     failed = [check for check in checks if not check.passed]
     if failed:
         first = failed[0]
-        print(f"xpnet verify: {first.backend} disagrees first at step {first.step}, {first.op}: "
-              f"error {first.max_abs:.3g} is {first.bound_used:.3g}x its bound", file=sys.stderr)
+        print(
+            f"xpnet verify: {first.backend} disagrees first at step {first.step}, {first.op}: "
+            f"error {first.max_abs:.3g} is {first.bound_used:.3g}x its bound",
+            file=sys.stderr,
+        )
         return 1
-    print(f"All {len(checks)} checks agree: {', '.join(b.name for b in candidates)} ({args.dtype}, {args.steps} steps).")
+    print(
+        f"All {len(checks)} checks agree: {', '.join(b.name for b in candidates)} ({args.dtype}, {args.steps} steps)."
+    )
     return 0

@@ -105,7 +105,9 @@ def download_file(expected, directory, mirrors, timeout=TIMEOUT, deadline=DEADLI
                 return final
             failures.append(f"{url}: {reason}")
         except PermissionError as exc:
-            raise DataError(f"cannot write to {directory} ({exc.strerror}); pass --data-dir a writable directory") from None
+            raise DataError(
+                f"cannot write to {directory} ({exc.strerror}); pass --data-dir a writable directory"
+            ) from None
         except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts and resets are OSErrors
             failures.append(f"{url}: {_describe(exc)}")
         finally:
@@ -139,7 +141,9 @@ def ensure_dataset(dataset, directory, verify_existing, download=True):
             download_file(expected, directory, dataset.mirrors)
         except DataError as exc:
             if present is not None:
-                raise DataError(f"{reason} and could not be fetched again ({exc}); delete it and retry online, or pass --data-dir") from None
+                raise DataError(
+                    f"{reason} and could not be fetched again ({exc}); delete it and retry online, or pass --data-dir"
+                ) from None
             raise DataError(f"{exc}. Offline? Put the four files in {directory} or pass --data-dir") from None
     return directory
 

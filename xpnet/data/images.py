@@ -32,7 +32,7 @@ def mnist_like(path):
     if pixels.max() == 0:
         raise DataError(f"{path}: the image is blank; no digit to read")
     rows, cols = numpy.nonzero(pixels > INK * pixels.max())
-    digit = pixels[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    digit = pixels[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     scale = DIGIT_SIZE / max(digit.shape)
     height, width = max(1, round(digit.shape[0] * scale)), max(1, round(digit.shape[1] * scale))
     resized = numpy.asarray(Image.fromarray(digit.astype(numpy.float32)).resize((width, height), Image.LANCZOS))
@@ -42,5 +42,5 @@ def mnist_like(path):
     top = int(numpy.clip(round(FRAME_SIZE / 2 - centre_y), 0, FRAME_SIZE - height))
     left = int(numpy.clip(round(FRAME_SIZE / 2 - centre_x), 0, FRAME_SIZE - width))
     frame = numpy.zeros((FRAME_SIZE, FRAME_SIZE))
-    frame[top:top + height, left:left + width] = resized
+    frame[top : top + height, left : left + width] = resized
     return frame.round().astype(numpy.uint8)

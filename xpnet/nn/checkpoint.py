@@ -41,8 +41,14 @@ class Checkpoint:
 
     def save(self, path):
         metadata = {
-            "format": FORMAT, "config": self.config, "sizes": self.sizes, "mean": self.mean, "std": self.std,
-            "epoch": self.epoch, "optimizer_steps": self.optimizer_steps, "rng_state": self.rng_state,
+            "format": FORMAT,
+            "config": self.config,
+            "sizes": self.sizes,
+            "mean": self.mean,
+            "std": self.std,
+            "epoch": self.epoch,
+            "optimizer_steps": self.optimizer_steps,
+            "rng_state": self.rng_state,
             "history": self.history,
         }
         arrays = {f"param.{i}": a for i, a in enumerate(self.params)}
@@ -94,7 +100,14 @@ def load_checkpoint(path):
                     f"{'-'.join(map(str, sizes))} needs {shape}; the checkpoint is inconsistent"
                 )
     return Checkpoint(
-        config=metadata["config"], sizes=sizes, mean=metadata["mean"], std=metadata["std"], epoch=metadata["epoch"],
-        optimizer_steps=metadata["optimizer_steps"], rng_state=metadata["rng_state"], history=metadata["history"],
-        params=params, velocities=velocities,
+        config=metadata["config"],
+        sizes=sizes,
+        mean=metadata["mean"],
+        std=metadata["std"],
+        epoch=metadata["epoch"],
+        optimizer_steps=metadata["optimizer_steps"],
+        rng_state=metadata["rng_state"],
+        history=metadata["history"],
+        params=params,
+        velocities=velocities,
     )

@@ -65,12 +65,17 @@ class Linear:
         return self.y
 
     def backward(self, grad_y):
-        """grad_x = grad_y @ W, grad_W = grad_y.T @ x, grad_b = sum_rows(grad_y) (grad_y masked by y > 0 first when relu)."""
+        """grad_W = g.T @ x, grad_b = sum_rows(g), grad_x = g @ W, with g = grad_y * (y > 0) if relu else grad_y."""
         grad_x = None
         if self.input_grad:
             grad_x = self._buffers.get("grad_x", self.x.shape, self.x.dtype)
         return self.backend.linear_backward(
-            self.x, self.W.value, grad_y, self.W.grad, self.b.grad, grad_x,
+            self.x,
+            self.W.value,
+            grad_y,
+            self.W.grad,
+            self.b.grad,
+            grad_x,
             relu_output=self.y if self.relu else None,
         )
 

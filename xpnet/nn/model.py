@@ -42,7 +42,9 @@ class MLP:
     def predict_logits(self, host_images, batch_size=2048):
         """Logits for raw (un-normalised) host images, computed in batches, returned to the host."""
         x = self.backend.asarray(self.normalize(host_images))
-        return numpy.concatenate([
-            self.backend.to_numpy(self.forward(x[start:start + batch_size])).copy()
-            for start in range(0, len(x), batch_size)
-        ])
+        return numpy.concatenate(
+            [
+                self.backend.to_numpy(self.forward(x[start : start + batch_size])).copy()
+                for start in range(0, len(x), batch_size)
+            ]
+        )

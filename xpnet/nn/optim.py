@@ -18,8 +18,17 @@ class SGD:
     """Stochastic gradient descent with optional momentum (heavy-ball or Nesterov, as
     torch.optim.SGD defines them), L2 weight decay, and a per-step learning-rate schedule."""
 
-    def __init__(self, backend, parameters, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
-                 schedule="constant", total_steps=1):
+    def __init__(
+        self,
+        backend,
+        parameters,
+        lr,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        schedule="constant",
+        total_steps=1,
+    ):
         if not lr > 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
         if nesterov and not momentum > 0:
@@ -29,9 +38,7 @@ class SGD:
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
         self.schedule, self.total_steps = SCHEDULES[schedule], max(total_steps, 1)
         self.steps_taken = 0
-        self.velocities = [
-            backend.xp.zeros_like(p.value) if momentum else None for p in self.parameters
-        ]
+        self.velocities = [backend.xp.zeros_like(p.value) if momentum else None for p in self.parameters]
 
     def current_lr(self):
         return self.schedule(self.lr, self.steps_taken, self.total_steps)

@@ -79,8 +79,12 @@ class Trainer:
         pixels = splits.train.images.astype(numpy.float64)
         n_classes = int(max(splits.train.labels.max(), splits.test.labels.max())) + 1
         self.model = MLP(
-            backend, [pixels[0].size, *config.hidden, n_classes], dtype=config.dtype,
-            mean=pixels.mean(), std=pixels.std(), rng=self.rng,
+            backend,
+            [pixels[0].size, *config.hidden, n_classes],
+            dtype=config.dtype,
+            mean=pixels.mean(),
+            std=pixels.std(),
+            rng=self.rng,
         )
         self.loss = SoftmaxCrossEntropy(backend)
         self.train_x, self.train_y = self._to_device(splits.train)
@@ -88,8 +92,14 @@ class Trainer:
         self.test_x, self.test_y = self._to_device(splits.test)
         self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
         self.optimizer = SGD(
-            backend, self.model.parameters(), config.lr, config.momentum, config.nesterov,
-            config.weight_decay, config.schedule, total_steps=self.steps_per_epoch * config.epochs,
+            backend,
+            self.model.parameters(),
+            config.lr,
+            config.momentum,
+            config.nesterov,
+            config.weight_decay,
+            config.schedule,
+            total_steps=self.steps_per_epoch * config.epochs,
         )
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
         self.history = History()
@@ -108,8 +118,13 @@ class Trainer:
         """Everything needed to continue this run exactly, copied to the host."""
         to_host = self.backend.to_numpy
         return Checkpoint(
-            config=dataclasses.asdict(self.config), sizes=self.model.sizes, mean=self.model.mean, std=self.model.std,
-            epoch=self.epoch, optimizer_steps=self.optimizer.steps_taken, rng_state=self.rng.bit_generator.state,
+            config=dataclasses.asdict(self.config),
+            sizes=self.model.sizes,
+            mean=self.model.mean,
+            std=self.model.std,
+            epoch=self.epoch,
+            optimizer_steps=self.optimizer.steps_taken,
+            rng_state=self.rng.bit_generator.state,
             history=[dataclasses.asdict(e) for e in self.history.epochs],
             params=[to_host(p.value).copy() for p in self.model.parameters()],
             velocities=[to_host(v).copy() for v in self.optimizer.velocities if v is not None],
@@ -143,7 +158,7 @@ class Trainer:
         x_buffer = backend.empty((size, self.train_x.shape[1]), self.train_x.dtype)
         y_buffer = backend.empty((size,), self.train_y.dtype)
         for start in range(0, len(order), size):
-            rows = order[start:start + size]
+            rows = order[start : start + size]
             n = len(rows)
             yield (
                 backend.take_rows(self.train_x, rows, out=x_buffer[:n]),
@@ -155,7 +170,9 @@ class Trainer:
         the first step whose loss was not finite."""
         n = len(self.train_y)
         order = self.backend.asarray(self.rng.permutation(n))
-        bar = tqdm(total=self.steps_per_epoch, disable=not progress, leave=False, unit="batch", desc=f"Epoch {self.epoch + 1}")
+        bar = tqdm(
+            total=self.steps_per_epoch, disable=not progress, leave=False, unit="batch", desc=f"Epoch {self.epoch + 1}"
+        )
         # Overflow is caught below and reported with its step; NumPy's own warnings would only
         # repeat it, once per op, as noise.
         with bar, numpy.errstate(over="ignore", invalid="ignore"):
@@ -175,8 +192,8 @@ class Trainer:
     def accuracy(self, x, y, batch_size=2048):
         correct = 0
         for start in range(0, len(y), batch_size):
-            logits = self.model.forward(x[start:start + batch_size])
-            correct = correct + self.backend.count_correct(logits, y[start:start + batch_size])
+            logits = self.model.forward(x[start : start + batch_size])
+            correct = correct + self.backend.count_correct(logits, y[start : start + batch_size])
         return int(self.backend.to_numpy(correct)) / len(y)
 
     def fit(self, log=print, progress=False, after_epoch=None):
