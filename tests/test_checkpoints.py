@@ -109,23 +109,15 @@ def test_cli_save_then_resume_equals_one_longer_run(checkpoint_on_numpy, mnist_d
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(mnist_dir, tmp_path):
     path = tmp_path / "interrupted.npz"
+    command = [sys.executable, "-u", "-m", "xpnet", "train", "--epochs", "20", "--save", str(path)]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-u",
-            "-m",
-            "xpnet",
-            "train",
-            "--epochs",
-            "20",
-            "--save",
-            str(path),
-            "--data-dir",
-            str(mnist_dir),
-        ],
+        [*command, "--data-dir", str(mnist_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As at a terminal: a shell without job control (CI, nohup) starts children with
+        # SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in process.stdout:  # wait until training is under way, then press Ctrl-C
         if line.startswith("Epoch 1 - Cost"):

@@ -6,8 +6,6 @@ only the ops it fuses. Ops that take ``out`` write into it and return it, so the
 preallocate their buffers once per batch shape instead of once per step.
 """
 
-import time
-
 import numpy
 
 
@@ -111,12 +109,3 @@ class Backend:
                 grad[...] = velocity
         self.xp.multiply(grad, lr, out=grad)
         self.xp.subtract(param, grad, out=param)
-
-
-def timed(backend, fn, *args):
-    """Run fn(*args) and return (result, seconds), synchronising so queued work is counted."""
-    backend.synchronize()
-    start = time.perf_counter()
-    result = fn(*args)
-    backend.synchronize()
-    return result, time.perf_counter() - start
