@@ -57,6 +57,21 @@ __global__ void softmax_cross_entropy(const T* logits, const long long* labels, 
 """
 
 
+# ElementwiseKernel specs: (inputs, outputs, body), one element per thread, broadcast by CuPy.
+_ADD_BIAS_RELU = ("T b, bool relu", "T y", "T v = y + b; y = (relu && v < 0) ? (T)0 : v;")
+_SGD_UPDATE = (
+    "T grad, T lr, T momentum, bool nesterov, T weight_decay",
+    "T param, T velocity",
+    """T step = grad;
+       if (weight_decay != 0) step += weight_decay * param;
+       if (momentum != 0) {
+           velocity = velocity * momentum + step;
+           step = nesterov ? step + momentum * velocity : velocity;
+       }
+       param -= lr * step;""",
+)
+
+
 @functools.cache
 def _kernels():
     import cupy
@@ -70,21 +85,8 @@ def _kernels():
     )
     module = cupy.RawModule(code=_MASK_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY, options=options, name_expressions=names)
     return {
-        "add_bias_relu": cupy.ElementwiseKernel(
-            "T b, bool relu", "T y", "T v = y + b; y = (relu && v < 0) ? (T)0 : v;", "xpnet_add_bias_relu"
-        ),
-        "sgd_update": cupy.ElementwiseKernel(
-            "T grad, T lr, T momentum, bool nesterov, T weight_decay",
-            "T param, T velocity",
-            """T step = grad;
-               if (weight_decay != 0) step += weight_decay * param;
-               if (momentum != 0) {
-                   velocity = velocity * momentum + step;
-                   step = nesterov ? step + momentum * velocity : velocity;
-               }
-               param -= lr * step;""",
-            "xpnet_sgd_update",
-        ),
+        "add_bias_relu": cupy.ElementwiseKernel(*_ADD_BIAS_RELU, "xpnet_add_bias_relu"),
+        "sgd_update": cupy.ElementwiseKernel(*_SGD_UPDATE, "xpnet_sgd_update"),
         "module": module,
     }
 
