@@ -23,7 +23,7 @@ import numpy
 
 from xpnet.backends import get_backend
 from xpnet.nn.loss import SoftmaxCrossEntropy
-from xpnet.nn.model import MLP
+from xpnet.nn.model import MLP, pixel_statistics
 from xpnet.nn.optim import SGD
 from xpnet.nn.train import SEED_LR
 
@@ -130,10 +130,13 @@ def _backward(backend, dtype, x, W, grad_y, relu_output, need_x):
 
 
 def verify(candidates, images, labels, steps=5, dtype="float32", hidden=(200,), batch_size=512, seed=0, lr=SEED_LR):
-    """All checks of every candidate over `steps` reference steps on the given (normalised) data."""
+    """All checks of every candidate over `steps` reference steps on raw training images
+    (uint8, normalised here with their own statistics, as training does) and labels."""
     reference = get_backend("numpy")
-    sizes = [images.shape[1], *hidden, int(labels.max()) + 1]
-    model = MLP(reference, sizes, seed=seed, dtype="float64")
+    sizes = [images[0].size, *hidden, int(labels.max()) + 1]
+    mean, std = pixel_statistics(images)
+    model = MLP(reference, sizes, seed=seed, dtype="float64", mean=mean, std=std)
+    images = model.normalize(images)
     loss_fn, optimizer = SoftmaxCrossEntropy(reference), SGD(reference, model.parameters(), lr)
     order = numpy.random.default_rng(seed).permutation(len(labels))
     checks = []

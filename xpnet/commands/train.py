@@ -47,8 +47,9 @@ def run(args):
 
     def after_epoch(trainer):
         if args.save_every and trainer.epoch % args.save_every == 0 and trainer.epoch < config.epochs:
-            trainer.state().save(args.save)
+            trainer.last_whole_epoch.save(args.save)  # the state fit just took after this epoch
 
+    first_epoch = trainer.epoch
     start = time.perf_counter()
     try:
         history = trainer.fit(progress=sys.stdout.isatty() and not args.quiet, after_epoch=after_epoch)
@@ -65,12 +66,12 @@ def run(args):
     except Diverged as exc:
         kept = f"; the last good checkpoint, {args.save}, is kept" if args.save and args.save_every else ""
         raise XpnetError(f"{exc}{kept}") from None
-    epoch_seconds = sum(e.seconds for e in history.epochs[-(config.epochs - (checkpoint.epoch if checkpoint else 0)) :])
+    epoch_seconds = sum(e.seconds for e in history.epochs[first_epoch:])
     print(
         f"Training time: {epoch_seconds:.1f} s in epochs ({time.perf_counter() - start:.1f} s with validation and test)"
     )
     if args.save:
-        trainer.state().save(args.save)
+        trainer.last_whole_epoch.save(args.save)
         print(f"Saved checkpoint to {args.save}")
     if args.plot:
         from xpnet.plots import plot_history

@@ -129,14 +129,14 @@ def ensure_dataset(dataset, directory, verify_existing, download=True):
             return Path(system_dir)
     for expected in dataset.files:
         present = find_file(directory, expected.name)
-        reason = "missing"
+        reason = f"{directory / expected.name}(.gz) is missing"
         if present is not None:
             reason = check_file(present, expected) if verify_existing else None
             if reason is None:
                 continue
             reason = f"{present} is corrupt ({reason})"
         if not download:
-            raise DataError(f"{directory}: {expected.name} is {reason}")
+            raise DataError(f"{reason}; run `xpnet data download`")
         try:
             download_file(expected, directory, dataset.mirrors)
         except DataError as exc:

@@ -6,6 +6,12 @@ import numpy
 from xpnet.nn.layers import Linear, Sequential
 
 
+def pixel_statistics(images):
+    """Mean and standard deviation of all pixels of a (training) image set, in float64."""
+    pixels = images.astype(numpy.float64)
+    return pixels.mean(), pixels.std()
+
+
 class MLP:
     """sizes = [784, 200, 10] gives 784-200-10; any number of hidden layers works."""
 

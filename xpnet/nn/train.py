@@ -19,7 +19,7 @@ from tqdm import tqdm
 from xpnet.errors import DataError, XpnetError
 from xpnet.nn.checkpoint import Checkpoint
 from xpnet.nn.loss import SoftmaxCrossEntropy
-from xpnet.nn.model import MLP
+from xpnet.nn.model import MLP, pixel_statistics
 from xpnet.nn.optim import SGD
 
 # The seed recipe used lr 1e-4 on the summed gradient of batches of 512; on the mean loss
@@ -76,14 +76,14 @@ class Trainer:
             config = dataclasses.replace(checkpoint.train_config(TrainConfig), epochs=config.epochs)
         self.backend, self.config = backend, config
         self.rng = numpy.random.default_rng(config.seed)
-        pixels = splits.train.images.astype(numpy.float64)
         n_classes = int(max(splits.train.labels.max(), splits.test.labels.max())) + 1
+        mean, std = pixel_statistics(splits.train.images)
         self.model = MLP(
             backend,
-            [pixels[0].size, *config.hidden, n_classes],
+            [splits.train.images[0].size, *config.hidden, n_classes],
             dtype=config.dtype,
-            mean=pixels.mean(),
-            std=pixels.std(),
+            mean=mean,
+            std=std,
             rng=self.rng,
         )
         self.loss = SoftmaxCrossEntropy(backend)
