@@ -9,11 +9,14 @@ compilation (backend.prepare) and a warm-up call happen before timing starts.
 import numpy
 import pytest
 
+from xpnet.backends import REGISTRY
 from xpnet.bench import synthetic_splits
 from xpnet.nn.train import TrainConfig, Trainer
 
 BATCH_SIZES = [1, 64, 128, 512, 2048]
 DTYPES = ["float32", "float64"]
+# The real backends only: the CPU emulation of the CuPy backend has no speed worth timing.
+EVERY_BACKEND = pytest.mark.parametrize("backend", list(REGISTRY), indirect=True)
 
 
 def synchronised(backend, fn):
@@ -43,6 +46,7 @@ def setup_ops(backend, batch, dtype):
     }
 
 
+@EVERY_BACKEND
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCH_SIZES)
 @pytest.mark.parametrize(
@@ -56,6 +60,7 @@ def test_op(benchmark, backend, op, batch, dtype):
     benchmark(fn)
 
 
+@EVERY_BACKEND
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCH_SIZES)
 def test_training_step(benchmark, backend, batch, dtype):

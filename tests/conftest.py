@@ -2,7 +2,6 @@ import os
 
 import pytest
 
-from xpnet.backends import get_backend
 from xpnet.data.mnist import missing_files, resolve_data_dir
 
 
@@ -30,15 +29,15 @@ def mnist_splits(mnist_dir):
 
 @pytest.fixture(scope="session")
 def seed_recipe_history(mnist_splits):
-    """The seed recipe's 20-epoch run on a named backend, trained once per session."""
+    """The seed recipe's 20-epoch run on a backend, trained once per backend and session."""
     from xpnet.nn.train import TrainConfig, Trainer
 
     histories = {}
 
-    def history(name):
-        if name not in histories:
-            trainer = Trainer(get_backend(name), mnist_splits, TrainConfig())
-            histories[name] = trainer.fit(log=lambda line: None)
-        return histories[name]
+    def history(backend):
+        if backend.name not in histories:
+            trainer = Trainer(backend, mnist_splits, TrainConfig())
+            histories[backend.name] = trainer.fit(log=lambda line: None)
+        return histories[backend.name]
 
     return history

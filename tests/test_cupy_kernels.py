@@ -1,11 +1,13 @@
-"""The CuPy backend's raw CUDA kernels, compiled to PTX with nvcc: this catches syntax and type
-errors on machines without a GPU (nothing compiled here runs). Skipped where nvcc is absent."""
+"""The CuPy backend's CUDA kernels compiled to PTX with nvcc: this catches what CUDA's compiler
+refuses and the host compiler of the CPU emulation (tests/cuda_host.py) might accept, on
+machines without a GPU (nothing compiled here runs). Skipped where nvcc is absent."""
 
 import shutil
 import subprocess
 
 import pytest
 
+from tests.cuda_host import elementwise_as_cuda
 from xpnet.backends import cupy_backend
 
 NVCC = shutil.which("nvcc")
@@ -30,25 +32,6 @@ def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path):
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "kernels.ptx").read_text()
     assert ptx.count(".entry") == 4  # two kernels, each for float and double
-
-
-def elementwise_as_cuda(name, spec, dtype):
-    """An ElementwiseKernel spec as a plain CUDA kernel, declaring its parameters the way CuPy's
-    generated code does (inputs const, outputs writable references, one element per thread)."""
-    inputs, outputs, body = spec
-    declarations, arguments = [], []
-    for kind, params in (("in", inputs), ("out", outputs)):
-        for param in params.split(","):
-            type_name, var = param.split()
-            c_type = dtype if type_name == "T" else type_name
-            arguments.append(f"{c_type}* {var}_")
-            const = "const " if kind == "in" else ""
-            declarations.append(f"{const}{c_type}& {var} = {var}_[i];")
-    return (
-        f"__global__ void {name}({', '.join(arguments)}, int n) {{\n"
-        f"  int i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= n) return;\n"
-        f"  typedef {dtype} T;\n  " + "\n  ".join(declarations) + f"\n  {body}\n}}\n"
-    )
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here, so the CUDA sources cannot be compiled")

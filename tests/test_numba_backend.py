@@ -1,13 +1,8 @@
-"""Numba-specific behaviour: compile caching, and agreement with NumPy through whole training."""
+"""Numba-specific behaviour: where its compiled kernels are cached, and what happens without a cache."""
 
 import os
 import subprocess
 import sys
-
-import numpy
-
-from xpnet.backends import get_backend
-from xpnet.nn.train import TrainConfig, Trainer
 
 PREPARE = "from xpnet.backends import get_backend; print(get_backend('numba').prepare('float32'))"
 
@@ -34,21 +29,3 @@ def test_no_writable_cache_falls_back_to_compiling_with_one_warning():
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("Numba kernels will be compiled on every run") == 1
     assert float(result.stdout) > 0
-
-
-def test_float64_training_matches_numpy_after_50_steps(mnist_splits):
-    config = TrainConfig(dtype="float64", seed=3)
-    trainers = [Trainer(get_backend(name), mnist_splits, config) for name in ("numpy", "numba")]
-    for trainer in trainers:
-        order = trainer.backend.asarray(trainer.rng.permutation(len(trainer.train_y)))
-        for _, (x, y) in zip(range(50), trainer.batches(order)):
-            trainer.step(x, y)
-    for ref, got in zip(*(t.model.parameters() for t in trainers)):
-        numpy.testing.assert_allclose(got.value, ref.value, rtol=1e-9, atol=0)
-
-
-def test_numba_training_reaches_numpys_validation_accuracy(seed_recipe_history):
-    """The seed recipe on both backends: final validation accuracy within 0.3 points."""
-    accuracy = {name: seed_recipe_history(name).epochs[-1].val_accuracy for name in ("numpy", "numba")}
-    assert accuracy["numba"] >= 0.965
-    assert abs(accuracy["numba"] - accuracy["numpy"]) <= 0.003

@@ -1,15 +1,18 @@
-"""Training on the real MNIST files (found through XPNET_DATA_DIR)."""
+"""Training on the real MNIST files (found through XPNET_DATA_DIR), and every accelerated
+backend's agreement with NumPy through whole training runs."""
 
 import numpy
 import pytest
 
+from tests.cuda_host import CXX, DeviceArray, EmulatedCupyBackend
 from xpnet.backends import get_backend
+from xpnet.bench import synthetic_splits
 from xpnet.nn.train import TrainConfig, Trainer
 
 
 def test_seed_recipe_reaches_the_seeds_validation_accuracy(seed_recipe_history):
     """The seed notebook reached 0.969 after 20 epochs; we require >= 0.965."""
-    history = seed_recipe_history("numpy")
+    history = seed_recipe_history(get_backend("numpy"))
     assert history.epochs[-1].val_accuracy >= 0.965
     assert history.test_accuracy >= 0.96
 
@@ -34,6 +37,20 @@ def test_same_seed_gives_same_weights_and_first_loss(mnist_splits):
     assert not numpy.array_equal(other.model.parameters()[0].value, runs[0].model.parameters()[0].value)
 
 
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) here to run the emulated CuPy backend")
+def test_an_epoch_reads_from_the_device_once_not_once_per_step():
+    """On a GPU each host read of a device value is a copy and a wait. The emulated CuPy
+    backend counts every such read: one per epoch (the step losses), one per accuracy pass."""
+    config = TrainConfig(batch_size=256, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine")
+    trainer = Trainer(EmulatedCupyBackend(), synthetic_splits(n_samples=2048), config)
+    before = DeviceArray.host_reads
+    trainer.train_epoch()
+    assert (trainer.steps_per_epoch, DeviceArray.host_reads - before) == (8, 1)
+    before = DeviceArray.host_reads
+    trainer.accuracy(trainer.train_x, trainer.train_y, batch_size=512)
+    assert DeviceArray.host_reads - before == 1
+
+
 def test_normalisation_uses_training_split_statistics(mnist_splits):
     trainer = Trainer(get_backend("numpy"), mnist_splits, TrainConfig(epochs=1))
     pixels = mnist_splits.train.images.astype(numpy.float64)
@@ -51,7 +68,28 @@ RECIPE = TrainConfig(
 )
 
 
-@pytest.mark.parametrize("name", ["numpy", "numba"])
-def test_readme_recipe_reaches_982_test_accuracy(mnist_splits, name):
-    history = Trainer(get_backend(name), mnist_splits, RECIPE).fit(log=lambda line: None)
+@pytest.mark.parametrize("backend", ["numpy", "numba", "cupy"], indirect=True)
+def test_readme_recipe_reaches_982_test_accuracy(mnist_splits, backend):
+    history = Trainer(backend, mnist_splits, RECIPE).fit(log=lambda line: None)
     assert history.test_accuracy >= 0.982
+
+
+@pytest.mark.parametrize("backend", ["numba", "cupy", "cupy-emulated"], indirect=True)
+def test_float64_training_matches_numpy_after_50_steps(mnist_splits, backend):
+    config = TrainConfig(dtype="float64", seed=3)
+    trainers = [Trainer(b, mnist_splits, config) for b in (get_backend("numpy"), backend)]
+    for trainer in trainers:
+        order = trainer.backend.asarray(trainer.rng.permutation(len(trainer.train_y)))
+        for _, (x, y) in zip(range(50), trainer.batches(order)):
+            trainer.step(x, y)
+    for ref, got in zip(*(t.model.parameters() for t in trainers)):
+        numpy.testing.assert_allclose(backend.to_numpy(got.value), ref.value, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["numba", "cupy"], indirect=True)
+def test_training_reaches_numpys_validation_accuracy(seed_recipe_history, backend):
+    """The seed recipe on both backends: final validation accuracy within 0.3 points."""
+    accuracy = seed_recipe_history(backend).epochs[-1].val_accuracy
+    reference = seed_recipe_history(get_backend("numpy")).epochs[-1].val_accuracy
+    assert accuracy >= 0.965
+    assert abs(accuracy - reference) <= 0.003

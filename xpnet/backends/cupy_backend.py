@@ -12,6 +12,9 @@ CupyBackend is made.
 """
 
 import functools
+import time
+
+import numpy
 
 from xpnet.backends.base import Backend
 from xpnet.errors import BackendUnavailable
@@ -73,30 +76,18 @@ _SGD_UPDATE = (
 
 
 @functools.cache
-def _kernels():
-    import cupy
-
-    options = ("--std=c++14",)
-    names = (
-        "mask_and_sum_rows<float>",
-        "mask_and_sum_rows<double>",
-        "softmax_cross_entropy<float>",
-        "softmax_cross_entropy<double>",
+def _kernels(cupy):
+    """The fused kernels, built on first use; keyed by the cupy module so that a stand-in
+    (the tests' CPU emulation of CuPy's kernel API) gets kernels of its own."""
+    names = [f"{kernel}<{t}>" for kernel in ("mask_and_sum_rows", "softmax_cross_entropy") for t in ("float", "double")]
+    module = cupy.RawModule(
+        code=_MASK_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY, options=("--std=c++14",), name_expressions=names
     )
-    module = cupy.RawModule(code=_MASK_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY, options=options, name_expressions=names)
     return {
         "add_bias_relu": cupy.ElementwiseKernel(*_ADD_BIAS_RELU, "xpnet_add_bias_relu"),
         "sgd_update": cupy.ElementwiseKernel(*_SGD_UPDATE, "xpnet_sgd_update"),
         "module": module,
     }
-
-
-def _launch(name, dtype, n_threads, args):
-    import numpy
-
-    kernel = _kernels()["module"].get_function(f"{name}<{'float' if dtype == numpy.float32 else 'double'}>")
-    block = 128
-    kernel(((n_threads + block - 1) // block,), (block,), args)
 
 
 class CupyBackend(Backend):
@@ -127,6 +118,13 @@ class CupyBackend(Backend):
                 "check nvidia-smi and CUDA_VISIBLE_DEVICES, or use --backend numba"
             )
 
+    def _launch(self, name, dtype, n_threads, args):
+        """Run raw kernel name<float or double> with one thread per row or column."""
+        c_type = "float" if dtype == numpy.float32 else "double"
+        kernel = _kernels(self.xp)["module"].get_function(f"{name}<{c_type}>")
+        block = 128
+        kernel(((n_threads + block - 1) // block,), (block,), args)
+
     def to_numpy(self, array):
         return self.xp.asnumpy(array)
 
@@ -135,10 +133,6 @@ class CupyBackend(Backend):
 
     def prepare(self, dtype):
         """Compile the fused kernels (or load them from CuPy's disk cache) outside any timing."""
-        import time
-
-        import numpy
-
         start = time.perf_counter()
         x = self.xp.ones((2, 3), dtype)
         labels = self.xp.zeros(2, numpy.int64)
@@ -151,12 +145,10 @@ class CupyBackend(Backend):
 
     def linear_forward(self, x, W, b, relu=False, out=None):
         out = self.xp.matmul(x, W.T, out=out)
-        _kernels()["add_bias_relu"](b, relu, out)
+        _kernels(self.xp)["add_bias_relu"](b, relu, out)
         return out
 
     def linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x=None, relu_output=None):
-        import numpy
-
         rows, cols = grad_y.shape
         relu = relu_output is not None
         args = (
@@ -167,20 +159,18 @@ class CupyBackend(Backend):
             numpy.int32(rows),
             numpy.int32(cols),
         )
-        _launch("mask_and_sum_rows", grad_y.dtype, cols, args)
+        self._launch("mask_and_sum_rows", grad_y.dtype, cols, args)
         self.xp.matmul(grad_y.T, x, out=grad_W)
         if grad_x is not None:
             self.xp.matmul(grad_y, W, out=grad_x)
         return grad_x
 
     def softmax_cross_entropy(self, logits, labels, grad_out=None):
-        import numpy
-
         rows, cols = logits.shape
         grad = self.xp.empty_like(logits) if grad_out is None else grad_out
         row_loss = self.xp.empty(rows, numpy.float64)
         labels = labels.astype(numpy.int64, copy=False)
-        _launch(
+        self._launch(
             "softmax_cross_entropy",
             logits.dtype,
             rows,
@@ -193,4 +183,4 @@ class CupyBackend(Backend):
         cast = param.dtype.type
         if velocity is None:  # the kernel's velocity output is then a dummy it never writes
             velocity, momentum = param, 0.0
-        _kernels()["sgd_update"](grad, cast(lr), cast(momentum), nesterov, cast(weight_decay), param, velocity)
+        _kernels(self.xp)["sgd_update"](grad, cast(lr), cast(momentum), nesterov, cast(weight_decay), param, velocity)

@@ -177,7 +177,7 @@ class Trainer:
         # repeat it, once per op, as noise.
         with bar, numpy.errstate(over="ignore", invalid="ignore"):
             for i, (x, y) in enumerate(self.batches(order)):
-                self.step_losses[i] = self.step(x, y)
+                self.step_losses[i : i + 1] = self.step(x, y)  # array to array: `[i] =` may pass through a host float
                 bar.update()
         losses = self.backend.to_numpy(self.step_losses).astype(numpy.float64)
         bad = numpy.flatnonzero(~numpy.isfinite(losses))

@@ -1,0 +1,339 @@
+"""CuPy's kernel API on the CPU, so that the CuPy backend's own CUDA code runs where no GPU is.
+
+CupyBackend takes everything from its ``xp``: the array functions, ``RawModule`` and
+``ElementwiseKernel``. ``EMULATED_CUPY`` is such an ``xp``: NumPy for the arrays, and those two
+classes compiling the backend's CUDA C++ with the host's C++ compiler and running each launch
+serially, block by block and thread by thread. That is exact for kernels whose threads neither
+share memory nor synchronise (all of xpnet's): no thread's result depends on the others' order.
+
+A launch also checks what a GPU would not report: each argument's C type against the kernel's
+parameter (a float64 array for a float*, a Python int for an int: CuPy would pass 8 bytes),
+that arrays are contiguous (a kernel indexes them linearly), and that nothing is written
+outside an argument (each array runs between guard bytes that must come back intact).
+
+What it cannot show, and only a GPU run can: cuBLAS's products (NumPy's stand in), nvcc's
+code (it fuses a*b+c into one rounding; g++ for x86-64 does not), CuPy's own marshalling and
+broadcasting (mirrored here from its documentation), streams, device memory, and speed.
+"""
+
+import ctypes
+import functools
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+from xpnet.backends.cupy_backend import CupyBackend
+
+CXX = shutil.which("g++") or shutil.which("c++")
+
+# Declares what CUDA provides, and `launch`, which runs a kernel over every (block, thread).
+SHIM = r"""
+#include <cmath>
+#include <cstdio>
+#include <type_traits>
+#include <utility>
+#define __global__
+struct dim3 { unsigned x, y, z; };
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
+using std::exp;  // CUDA's float overloads, as in device code
+using std::log;
+
+template <typename... A, std::size_t... I>
+static void run_thread(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
+    kernel(*static_cast<A*>(args[I])...);  // args as cuLaunchKernel takes them: one pointer per argument
+}
+
+template <typename... A>
+static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** args) {
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    for (unsigned b = 0; b < grid; ++b) {
+        for (unsigned t = 0; t < block; ++t) {
+            blockIdx = {b, 0, 0};
+            threadIdx = {t, 0, 0};
+            run_thread(kernel, args, std::index_sequence_for<A...>{});
+        }
+    }
+}
+
+// A parameter as "[*][c]<kind><bytes>,": pointer, const pointee, kind f(loat) i(nteger) b(ool).
+template <typename A>
+static int describe(char* out) {
+    using P = typename std::remove_pointer<A>::type;
+    using V = typename std::remove_const<P>::type;
+    char kind = std::is_same<V, bool>::value             ? 'b'
+                : std::is_floating_point<V>::value       ? 'f'
+                : std::is_integral<V>::value             ? 'i'
+                                                         : '?';
+    return std::sprintf(out, "%s%s%c%d,", std::is_pointer<A>::value ? "*" : "",
+                        std::is_const<P>::value ? "c" : "", kind, (int)sizeof(V));
+}
+
+template <typename... A>
+static const char* signature(void (*)(A...)) {
+    static char text[1024];
+    char* end = text;
+    int in_order[] = {0, (end += describe<A>(end), 0)...};
+    (void)in_order;
+    *end = 0;
+    return text;
+}
+"""
+
+ENTRY = """
+extern "C" void xpnet_launch_{k}(unsigned grid, unsigned block, void** args) {{ launch(&{expr}, grid, block, args); }}
+extern "C" const char* xpnet_signature_{k}() {{ return signature(&{expr}); }}
+"""
+
+KINDS = {"f": "f", "i": "i", "u": "i", "b": "b"}  # NumPy dtype kind -> the shim's kind
+C_NAMES = {("f", 4): "float", ("f", 8): "double", ("i", 4): "int", ("i", 8): "long long", ("b", 1): "bool"}
+
+
+@functools.cache
+def _build_dir():
+    return tempfile.TemporaryDirectory(prefix="xpnet-cuda-host-")  # removed when the process ends
+
+
+@functools.cache
+def _compile(source, std):
+    directory = Path(_build_dir().name)
+    stem = f"module{len(list(directory.glob('*.so')))}"
+    (directory / f"{stem}.cpp").write_text(source)
+    command = [CXX, f"-std={std}", "-O2", "-shared", "-fPIC", f"{stem}.cpp", "-o", f"{stem}.so"]
+    result = subprocess.run(command, cwd=directory, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"the host compiler refused the kernel source:\n{result.stderr}")
+    return ctypes.CDLL(str(directory / f"{stem}.so"))
+
+
+@dataclass(frozen=True)
+class Param:
+    pointer: bool
+    const: bool
+    kind: str
+    size: int
+
+    @classmethod
+    def parse(cls, text):
+        pointer, text = text.startswith("*"), text.lstrip("*")
+        const, text = text.startswith("c"), text.lstrip("c")
+        return cls(pointer, const, text[0], int(text[1:]))
+
+    def accepts(self, arg):
+        if self.pointer:
+            is_right_kind = isinstance(arg, numpy.ndarray) and arg.flags.c_contiguous
+        else:
+            is_right_kind = isinstance(arg, numpy.generic)  # CuPy passes a Python int as 8 bytes
+        return is_right_kind and KINDS.get(arg.dtype.kind) == self.kind and arg.dtype.itemsize == self.size
+
+    def __str__(self):
+        c_name = C_NAMES.get((self.kind, self.size), f"{self.kind}{self.size * 8}")
+        return f"{'const ' if self.const else ''}{c_name}{'*' if self.pointer else ''}"
+
+
+def describe(arg):
+    if isinstance(arg, numpy.ndarray):
+        return f"{'' if arg.flags.c_contiguous else 'non-contiguous '}{arg.dtype} array"
+    return f"{arg.dtype} scalar" if isinstance(arg, numpy.generic) else f"Python {type(arg).__name__}"
+
+
+class Guarded:
+    """An array's bytes copied between guard bands, for a kernel to work on and be checked.
+
+    The bands are all 0xFF bytes: a stray read gets NaN or the index -1, which stays near the
+    array instead of sending the next access anywhere in memory."""
+
+    def __init__(self, array):
+        self.array = array
+        self.guard = max(4096, -(-array.nbytes // 64) * 64)  # past any thread's stray index here
+        self.pattern = numpy.full(2 * self.guard, 0xFF, numpy.uint8)
+        self.buffer = numpy.concatenate([self.pattern[: self.guard], self._bytes(), self.pattern[self.guard :]])
+        self.address = ctypes.c_void_p(self.buffer.ctypes.data + self.guard)
+        self.written = False
+
+    def finish(self, where):
+        guards = numpy.concatenate([self.buffer[: self.guard], self.buffer[-self.guard :]])
+        if not numpy.array_equal(guards, self.pattern):
+            raise AssertionError(f"{where} wrote outside the argument's {self.array.nbytes} bytes")
+        if self.written:
+            self._bytes()[:] = self.buffer[self.guard : -self.guard]
+
+    def _bytes(self):
+        return numpy.asarray(self.array).reshape(-1).view(numpy.uint8)  # a plain view: no host reads counted
+
+
+class RawKernel:
+    """A kernel of a RawModule, called as CuPy's are: kernel(grid, block, args)."""
+
+    def __init__(self, library, index, name):
+        self.name = name
+        self._launch = getattr(library, f"xpnet_launch_{index}")
+        self._launch.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+        self._launch.restype = None
+        signature = getattr(library, f"xpnet_signature_{index}")
+        signature.restype = ctypes.c_char_p
+        self.params = [Param.parse(p) for p in signature().decode().split(",") if p]
+
+    def __call__(self, grid, block, args):
+        (grid,), (block,) = grid, block  # xpnet launches 1-D grids only
+        if len(args) != len(self.params):
+            raise TypeError(f"{self.name} takes {len(self.params)} arguments, got {len(args)}")
+        slots, guarded = [], {}
+        for position, (arg, param) in enumerate(zip(args, self.params), 1):
+            where = f"argument {position} of {self.name}"
+            if not param.accepts(arg):
+                raise TypeError(f"{where}: {describe(arg)} passed for parameter type {param}")
+            if not param.pointer:
+                slots.append(numpy.array(arg))  # the value, at an address the kernel reads it from
+                continue
+            same = next((p for p, g in guarded.items() if g.array is arg), None)  # an argument passed twice
+            if same is None:
+                if any(numpy.shares_memory(arg, g.array) for g in guarded.values()):
+                    raise NotImplementedError(f"{where} overlaps another argument without being it")
+                same, guarded[position] = position, Guarded(arg)
+            guarded[same].written |= not param.const
+            slots.append(guarded[same].address)
+        addresses = [ctypes.addressof(s) if isinstance(s, ctypes.c_void_p) else s.ctypes.data for s in slots]
+        self._launch(grid, block, (ctypes.c_void_p * len(slots))(*addresses))
+        for position, g in guarded.items():
+            g.finish(f"{self.name} (grid {grid} x block {block}), argument {position},")
+
+
+class RawModule:
+    """cupy.RawModule: the code compiled for the host, its kernels named by name_expressions."""
+
+    def __init__(self, code, options=(), name_expressions=()):
+        std = next((o.split("=", 1)[1] for o in options if o.startswith("--std=")), "c++17")  # NVRTC's default
+        entries = "".join(ENTRY.format(k=k, expr=expr) for k, expr in enumerate(name_expressions))
+        self._library = _compile(SHIM + code + entries, std)
+        self._index = {expr: k for k, expr in enumerate(name_expressions)}
+
+    def get_function(self, name):
+        return RawKernel(self._library, self._index[name], name)
+
+
+def parse_params(params):
+    """'T b, bool relu' -> [('T', 'b'), ('bool', 'relu')]."""
+    return [tuple(p.split()) for p in params.split(",")]
+
+
+def elementwise_as_cuda(name, spec, c_type):
+    """An ElementwiseKernel spec as a plain CUDA kernel over n elements, declaring its
+    parameters as CuPy's generated code does: inputs const, outputs writable references."""
+    inputs, outputs, body = spec
+    arguments, declarations = [], []
+    for const, params in (("const ", inputs), ("", outputs)):
+        for type_name, var in parse_params(params):
+            param_type = c_type if type_name == "T" else type_name
+            arguments.append(f"{const}{param_type}* {var}_")
+            declarations.append(f"{const}{param_type}& {var} = {var}_[i];")
+    return (
+        f"__global__ void {name}({', '.join(arguments)}, int n) {{\n"
+        f"  int i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= n) return;\n"
+        f"  typedef {c_type} T;\n  " + "\n  ".join(declarations) + f"\n  {body};  // CuPy adds the semicolon\n}}\n"
+    )
+
+
+C_TYPES = {"float": numpy.float32, "double": numpy.float64, "bool": numpy.bool_, "int": numpy.int32}
+
+
+class ElementwiseKernel:
+    """cupy.ElementwiseKernel for calls that pass every output, each already of the broadcast
+    shape (as xpnet's do): T is bound by the arrays' dtype, inputs and scalars broadcast."""
+
+    def __init__(self, in_params, out_params, operation, name):
+        self.spec, self.name = (in_params, out_params, operation), name
+        self.params = parse_params(in_params) + parse_params(out_params)
+        self.n_inputs = len(parse_params(in_params))
+
+    def __call__(self, *args):
+        if len(args) != len(self.params):
+            raise TypeError(f"{self.name}: pass all {len(self.params)} arguments, outputs included")
+        bound = {a.dtype for a, (t, _) in zip(args, self.params) if t == "T" and isinstance(a, numpy.ndarray)}
+        if len(bound) != 1:
+            raise TypeError(f"{self.name}: type T is bound to {sorted(map(str, bound))}")
+        dtype = bound.pop()
+        types = [dtype if t == "T" else numpy.dtype(C_TYPES[t]) for t, _ in self.params]
+        shape = numpy.broadcast_shapes(*(numpy.shape(a) for a in args))
+        outputs = args[self.n_inputs :]
+        for out, out_type in zip(outputs, types[self.n_inputs :]):
+            if not (isinstance(out, numpy.ndarray) and out.shape == shape and out.dtype == out_type):
+                raise TypeError(f"{self.name}: each output must be a {out_type} array of shape {shape}")
+        inputs = [
+            numpy.ascontiguousarray(numpy.broadcast_to(numpy.asarray(a, t), shape))
+            for a, t in zip(args[: self.n_inputs], types)
+        ]
+        c_type = "float" if dtype == numpy.float32 else "double"
+        kernel = RawModule(elementwise_as_cuda(self.name, self.spec, c_type), name_expressions=[self.name])
+        size = int(numpy.prod(shape))
+        block = 128
+        kernel.get_function(self.name)((-(-size // block),), (block,), [*inputs, *outputs, numpy.int32(size)])
+
+
+def _counted(method_name):
+    method = getattr(numpy.ndarray, method_name)
+
+    def read_on_host(self, *args, **kwargs):
+        DeviceArray.host_reads += 1
+        return method(self, *args, **kwargs)
+
+    return read_on_host
+
+
+class DeviceArray(numpy.ndarray):
+    """The arrays of EMULATED_CUPY: NumPy arrays that count each read of their values on the
+    host (float(), int(), bool(), .item(), asnumpy), since on a GPU each is a copy from the
+    device and a wait for all queued work."""
+
+    host_reads = 0
+    __float__, __int__, __bool__, __index__, item, tolist = map(
+        _counted, ["__float__", "__int__", "__bool__", "__index__", "item", "tolist"]
+    )
+
+
+# The cupy functions that make arrays: theirs are DeviceArrays, and ops on those stay DeviceArrays.
+CREATORS = {"array", "asarray", "empty", "empty_like", "zeros", "zeros_like", "ones", "arange"}
+
+
+class EmulatedCupy:
+    """The part of the cupy module that CupyBackend uses, over DeviceArrays."""
+
+    RawModule = RawModule
+    ElementwiseKernel = ElementwiseKernel
+
+    class cuda:
+        class _Stream:
+            def synchronize(self):
+                pass  # each emulated launch has finished when it returns
+
+        @classmethod
+        def get_current_stream(cls):
+            return cls._Stream()
+
+    @staticmethod
+    def asnumpy(array):
+        """A host copy, as CuPy's is."""
+        DeviceArray.host_reads += 1
+        return numpy.array(array, subok=False)
+
+    def __getattr__(self, name):
+        function = getattr(numpy, name)
+        if name not in CREATORS:
+            return function
+        return lambda *args, **kwargs: function(*args, **kwargs).view(DeviceArray)
+
+
+EMULATED_CUPY = EmulatedCupy()
+
+
+class EmulatedCupyBackend(CupyBackend):
+    """CupyBackend, unchanged, with the emulation as its xp."""
+
+    name = "cupy-emulated"
+
+    def __init__(self):
+        self.xp = EMULATED_CUPY
