@@ -8,7 +8,9 @@
 #   bench.*     `xpnet bench` on numpy, numba and cupy with the torch rows (cuda and cpu)
 # The MNIST files must travel with the checkout, in a folder git ignores:
 #   mkdir -p .mnist && cp ../shared/mnist/* .mnist/ && echo /.mnist/ >> .git/info/exclude
-# then run `bash bench/gpu_check.sh` there with `.mnist` carried. About 6 minutes on 16 cores.
+# then run `bash bench/gpu_check.sh` there with `.mnist` carried. The dry run on the 2-core
+# development machine (no GPU rows) took under 9 minutes; each step's log lands in $OUT as it
+# finishes, so a call cut off at its 10-minute limit still returns what was done.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-out}
