@@ -6,7 +6,7 @@ import pytest
 from xpnet.backends import REGISTRY, get_backend
 from xpnet.errors import BackendUnavailable
 
-EMULATED_CUPY = "cupy-emulated"
+EMULATED_CUPY = "cupy-emulated"  # EmulatedCupyBackend.name, without importing the emulation here
 
 
 @pytest.fixture(params=[*REGISTRY, EMULATED_CUPY])

@@ -74,7 +74,7 @@ def test_readme_recipe_reaches_982_test_accuracy(mnist_splits, backend):
     assert history.test_accuracy >= 0.982
 
 
-@pytest.mark.parametrize("backend", ["numba", "cupy", "cupy-emulated"], indirect=True)
+@pytest.mark.parametrize("backend", ["numba", "cupy", EmulatedCupyBackend.name], indirect=True)
 def test_float64_training_matches_numpy_after_50_steps(mnist_splits, backend):
     config = TrainConfig(dtype="float64", seed=3)
     trainers = [Trainer(b, mnist_splits, config) for b in (get_backend("numpy"), backend)]
