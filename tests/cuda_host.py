@@ -90,7 +90,14 @@ extern "C" const char* xpnet_signature_{k}() {{ return signature(&{expr}); }}
 """
 
 KINDS = {"f": "f", "i": "i", "u": "i", "b": "b"}  # NumPy dtype kind -> the shim's kind
-C_NAMES = {("f", 4): "float", ("f", 8): "double", ("i", 4): "int", ("i", 8): "long long", ("b", 1): "bool"}
+C_TYPES = {
+    "float": numpy.float32,
+    "double": numpy.float64,
+    "bool": numpy.bool_,
+    "int": numpy.int32,
+    "long long": numpy.int64,
+}
+C_NAMES = {(KINDS[numpy.dtype(t).kind], numpy.dtype(t).itemsize): name for name, t in C_TYPES.items()}
 
 
 @functools.cache
@@ -238,7 +245,10 @@ def elementwise_as_cuda(name, spec, c_type):
     )
 
 
-C_TYPES = {"float": numpy.float32, "double": numpy.float64, "bool": numpy.bool_, "int": numpy.int32}
+@functools.cache
+def _elementwise_kernel(name, spec, c_type):
+    """The kernel for one ElementwiseKernel and one type T, compiled once."""
+    return RawModule(elementwise_as_cuda(name, spec, c_type), name_expressions=[name]).get_function(name)
 
 
 class ElementwiseKernel:
@@ -247,8 +257,8 @@ class ElementwiseKernel:
 
     def __init__(self, in_params, out_params, operation, name):
         self.spec, self.name = (in_params, out_params, operation), name
-        self.params = parse_params(in_params) + parse_params(out_params)
-        self.n_inputs = len(parse_params(in_params))
+        inputs = parse_params(in_params)
+        self.params, self.n_inputs = inputs + parse_params(out_params), len(inputs)
 
     def __call__(self, *args):
         if len(args) != len(self.params):
@@ -267,11 +277,10 @@ class ElementwiseKernel:
             numpy.ascontiguousarray(numpy.broadcast_to(numpy.asarray(a, t), shape))
             for a, t in zip(args[: self.n_inputs], types)
         ]
-        c_type = "float" if dtype == numpy.float32 else "double"
-        kernel = RawModule(elementwise_as_cuda(self.name, self.spec, c_type), name_expressions=[self.name])
+        kernel = _elementwise_kernel(self.name, self.spec, C_NAMES[("f", dtype.itemsize)])
         size = int(numpy.prod(shape))
         block = 128
-        kernel.get_function(self.name)((-(-size // block),), (block,), [*inputs, *outputs, numpy.int32(size)])
+        kernel((-(-size // block),), (block,), [*inputs, *outputs, numpy.int32(size)])
 
 
 def _counted(method_name):
