@@ -41,6 +41,7 @@ struct dim3 { unsigned x, y, z; };
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
 using std::exp;  // CUDA's float overloads, as in device code
 using std::log;
+using std::nan;
 
 template <typename... A, std::size_t... I>
 static void run_thread(void (*kernel)(A...), void** args, std::index_sequence<I...>) {
@@ -277,10 +278,19 @@ class ElementwiseKernel:
             numpy.ascontiguousarray(numpy.broadcast_to(numpy.asarray(a, t), shape))
             for a, t in zip(args[: self.n_inputs], types)
         ]
+        # CuPy indexes every argument through its strides; the emulation's kernels index
+        # linearly, so strided outputs are worked on in contiguous copies and written back.
+        work = []
+        for out in outputs:  # an output passed twice is one array, in one copy
+            same = next((w for o, w in zip(outputs, work) if o is out), None)
+            work.append(numpy.ascontiguousarray(out) if same is None else same)
         kernel = _elementwise_kernel(self.name, self.spec, C_NAMES[("f", dtype.itemsize)])
         size = int(numpy.prod(shape))
         block = 128
-        kernel((-(-size // block),), (block,), [*inputs, *outputs, numpy.int32(size)])
+        kernel((-(-size // block),), (block,), [*inputs, *work, numpy.int32(size)])
+        for out, written in zip(outputs, work):
+            if written is not out:
+                out[...] = written
 
 
 def _counted(method_name):
@@ -305,7 +315,7 @@ class DeviceArray(numpy.ndarray):
 
 
 # The cupy functions that make arrays: theirs are DeviceArrays, and ops on those stay DeviceArrays.
-CREATORS = {"array", "asarray", "empty", "empty_like", "zeros", "zeros_like", "ones", "arange"}
+CREATORS = {"array", "asarray", "ascontiguousarray", "empty", "empty_like", "zeros", "zeros_like", "ones", "arange"}
 
 
 class EmulatedCupy:
@@ -322,6 +332,11 @@ class EmulatedCupy:
         @classmethod
         def get_current_stream(cls):
             return cls._Stream()
+
+    @staticmethod
+    def take(a, indices, axis=None, out=None):
+        """cupy.take wraps indices outside the axis around (it has no mode): never out of bounds."""
+        return numpy.take(a, indices, axis=axis, out=out, mode="wrap")
 
     @staticmethod
     def asnumpy(array):
@@ -345,4 +360,4 @@ class EmulatedCupyBackend(CupyBackend):
     name = "cupy-emulated"
 
     def __init__(self):
-        self.xp = EMULATED_CUPY
+        super().__init__(EMULATED_CUPY)

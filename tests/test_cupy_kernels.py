@@ -12,14 +12,14 @@ from xpnet.backends import cupy_backend
 
 NVCC = shutil.which("nvcc")
 INSTANTIATIONS = """
-template __global__ void mask_and_sum_rows<{T}>({T}*, const {T}*, bool, {T}*, int, int);
+template __global__ void mask_and_sum_rows<{T}>(const {T}*, const {T}*, bool, {T}*, {T}*, int, int);
 template __global__ void softmax_cross_entropy<{T}>(const {T}*, const long long*, {T}*, double*, int, int);
 """
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here, so the CUDA sources cannot be compiled")
 def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path):
-    source = cupy_backend._MASK_AND_SUM_ROWS + cupy_backend._SOFTMAX_CROSS_ENTROPY
+    source = cupy_backend._MASK_AND_SUM_ROWS + cupy_backend._SOFTMAX_CROSS_ENTROPY + cupy_backend._CHECK_RANGE
     source += "".join(INSTANTIATIONS.format(T=t) for t in ("float", "double"))
     (tmp_path / "kernels.cu").write_text(source)
     result = subprocess.run(
@@ -31,7 +31,7 @@ def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "kernels.ptx").read_text()
-    assert ptx.count(".entry") == 4  # two kernels, each for float and double
+    assert ptx.count(".entry") == 5  # two kernels, each for float and double, and check_range
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here, so the CUDA sources cannot be compiled")

@@ -1,8 +1,20 @@
-"""The one error type users see: the CLI prints its message on one line and exits 2."""
+"""The errors users see: the CLI prints any XpnetError's message on one line and exits 2."""
 
 
 class XpnetError(Exception):
     """A problem with the user's input or environment, with a message saying what to do."""
+
+
+class UsageError(XpnetError):
+    """A command-line flag, or a combination of flags, that cannot work."""
+
+
+class ConfigError(XpnetError, ValueError):
+    """A training setting out of its range (a learning rate of 0, momentum without a velocity...)."""
+
+
+class ArgumentError(XpnetError, ValueError):
+    """An op was given arrays it cannot use: a shape, dtype or label range that does not fit."""
 
 
 class BackendUnavailable(XpnetError):

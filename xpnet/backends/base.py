@@ -2,11 +2,35 @@
 
 A backend is an object, so several live in one process (that is how the parity tests compare
 them). NumPy and CuPy run this code as it is, with their own ``xp``; a faster backend overrides
-only the ops it fuses. Ops that take ``out`` write into it and return it, so the layers can
-preallocate their buffers once per batch shape instead of once per step.
+only the private ``_op`` methods it fuses. Each public op checks its arguments first, here and
+so identically on every backend, then calls its ``_op``, which may trust them.
+
+Contracts, the same on every backend (tests/test_backends.py checks their behaviour):
+
+- An op writes only into the arguments it names as outputs: ``out`` and ``grad_out``, the
+  ``grad_*`` buffers of ``linear_backward``, ``param`` and ``velocity`` of ``sgd_update``. Every
+  other argument is left as it was. An output left as None is allocated and returned.
+- ``asarray`` and ``to_numpy`` always copy: a backend's array never shares memory with a host
+  array its caller holds, so writing to one never changes the other.
+- Shapes must fit, and the floating arrays of one op share one dtype, float32 or float64:
+  nothing is cast silently (cast with ``asarray(a, dtype)``). Labels and row indices are
+  integer arrays within [0, classes) and [0, rows). A fault is an ArgumentError (a ValueError)
+  naming the argument; on the CPU it is raised by the call, on the GPU by the next read from
+  the device (``to_numpy`` or ``synchronize``), since checking sooner would make every step wait.
+- Any strided view is accepted (``W.T`` included): a kernel that needs contiguous memory
+  handles the others by the base code or a contiguous copy.
+- ``count_correct`` counts a row with any NaN logit as wrong: NaN is no prediction.
 """
 
 import numpy
+
+from xpnet.errors import ArgumentError
+
+FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def _shape_text(shape):
+    return "(" + ", ".join(map(str, shape)) + ")"
 
 
 class Backend:
@@ -15,12 +39,12 @@ class Backend:
 
     # -- placement ------------------------------------------------------------------------
     def asarray(self, host_array, dtype=None):
-        """Move a host array onto this backend (a no-op on the CPU when dtype already fits)."""
-        return self.xp.asarray(host_array, dtype=dtype)
+        """A copy of host_array on this backend, in dtype when given (never an alias of it)."""
+        return self.xp.array(host_array, dtype=dtype, copy=True)
 
     def to_numpy(self, array):
-        """Move an array back to the host: the only way out, so copies are never silent."""
-        return numpy.asarray(array)
+        """A host copy of array, which the caller owns: the only way out, so copies are never silent."""
+        return numpy.array(array, copy=True)
 
     def empty(self, shape, dtype):
         return self.xp.empty(shape, dtype=dtype)
@@ -32,40 +56,113 @@ class Backend:
         """Compile whatever this backend compiles for dtype; returns the seconds it took."""
         return 0.0
 
+    # -- argument checks: one place, so every backend refuses the same things ---------------
+    def _check_range(self, name, values, stop):
+        """values must be integers in [0, stop): a kernel indexes with them."""
+        if values.size and (int(values.min()) < 0 or int(values.max()) >= stop):
+            low, high = int(values.min()), int(values.max())
+            raise ArgumentError(f"{name} must lie in [0, {stop}), got values from {low} to {high}")
+
+    @staticmethod
+    def _check(name, array, shape=None, dtype=None, ndim=None, kind=None):
+        """array has the given shape (None entries match anything), dtype, ndim or dtype kind."""
+        if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+            raise ArgumentError(f"{name} must be an array, got {type(array).__name__}")
+        if kind == "float" and array.dtype not in FLOAT_DTYPES:
+            raise ArgumentError(f"{name} must be float32 or float64, got {array.dtype}")
+        if kind == "int" and array.dtype.kind not in "iu":
+            raise ArgumentError(f"{name} must hold integers, got {array.dtype}")
+        if dtype is not None and array.dtype != dtype:
+            raise ArgumentError(
+                f"{name} is {array.dtype} but the op's other arrays are {dtype}; "
+                "nothing is cast silently: convert with backend.asarray(array, dtype)"
+            )
+        if ndim is None and shape is not None:
+            ndim = len(shape)
+        if ndim is not None and array.ndim != ndim:
+            raise ArgumentError(f"{name} must have {ndim} dimensions, got shape {_shape_text(array.shape)}")
+        if shape is not None and any(want is not None and want != got for want, got in zip(shape, array.shape)):
+            wanted = _shape_text("*" if want is None else want for want in shape)
+            raise ArgumentError(f"{name} must have shape {wanted}, got {_shape_text(array.shape)}")
+        return array
+
+    def _output(self, name, out, shape, dtype):
+        """The given output buffer, checked, or a new one."""
+        if out is None:
+            return self.empty(shape, dtype)
+        return self._check(name, out, shape, dtype)
+
+    # -- the ops: check, then compute ------------------------------------------------------
     def take_rows(self, source, indices, out=None):
         """out[i] = source[indices[i]]: the mini-batch gather, done where the data lives."""
+        self._check("indices", indices, ndim=1, kind="int")
+        if source.ndim < 1:
+            raise ArgumentError("source must have at least one dimension (its rows)")
+        self._check_range("indices", indices, len(source))
+        out = self._output("out", out, (len(indices), *source.shape[1:]), source.dtype)
+        return self._take_rows(source, indices, out)
+
+    def _take_rows(self, source, indices, out):
         return self.xp.take(source, indices, axis=0, out=out)
 
-    # -- compute --------------------------------------------------------------------------
     def linear_forward(self, x, W, b, relu=False, out=None):
         """y = x @ W.T + b, then max(y, 0) when relu is set (so a backend may fuse the two)."""
-        out = self.xp.matmul(x, W.T, out=out)
+        n_out, n_in = self._check("W", W, ndim=2, kind="float").shape
+        self._check("x", x, (None, n_in), W.dtype)
+        self._check("b", b, (n_out,), W.dtype)
+        out = self._output("out", out, (len(x), n_out), W.dtype)
+        return self._linear_forward(x, W, b, relu, out)
+
+    def _linear_forward(self, x, W, b, relu, out):
+        self.xp.matmul(x, W.T, out=out)
         out += b
         if relu:
             self.xp.maximum(out, 0, out=out)
         return out
 
-    def linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x=None, relu_output=None):
-        """grad_W = grad_y.T @ x, grad_b = sum over rows of grad_y, grad_x = grad_y @ W.
+    def linear_backward(self, x, W, grad_y, grad_W=None, grad_b=None, grad_x=None, relu_output=None, grad_z=None):
+        """grad_W = g.T @ x, grad_b = sum over rows of g, grad_x = g @ W, where g = grad_z =
+        grad_y * (relu_output > 0) when the layer's fused ReLU output is given, else grad_y.
 
-        With relu_output (the layer's fused ReLU output) grad_y is first masked in place by
-        relu_output > 0, the ReLU backward. grad_x is skipped when None: the first layer's
-        input gradient has no use. Results go into the given buffers; returns grad_x.
+        grad_x is computed only when a buffer is passed (the first layer's input gradient has
+        no use); grad_z receives the masked gradient (allocated when None). Returns
+        (grad_W, grad_b, grad_x), grad_x None unless asked for.
         """
-        if relu_output is not None:
-            self.relu_backward(relu_output, grad_y, out=grad_y)
-        self.xp.matmul(grad_y.T, x, out=grad_W)
-        self.xp.sum(grad_y, axis=0, out=grad_b)
+        n_out, n_in = self._check("W", W, ndim=2, kind="float").shape
+        batch = len(self._check("x", x, (None, n_in), W.dtype))
+        self._check("grad_y", grad_y, (batch, n_out), W.dtype)
+        grad_W = self._output("grad_W", grad_W, (n_out, n_in), W.dtype)
+        grad_b = self._output("grad_b", grad_b, (n_out,), W.dtype)
         if grad_x is not None:
-            self.xp.matmul(grad_y, W, out=grad_x)
-        return grad_x
+            self._check("grad_x", grad_x, (batch, n_in), W.dtype)
+        if relu_output is None:
+            grad_z = grad_y
+        else:
+            self._check("relu_output", relu_output, (batch, n_out), W.dtype)
+            grad_z = self._output("grad_z", grad_z, (batch, n_out), W.dtype)
+        self._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z)
+        return grad_W, grad_b, grad_x
+
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z):
+        if relu_output is not None:
+            self._relu_backward(relu_output, grad_y, grad_z)
+        self.xp.matmul(grad_z.T, x, out=grad_W)
+        self.xp.sum(grad_z, axis=0, out=grad_b)
+        if grad_x is not None:
+            self.xp.matmul(grad_z, W, out=grad_x)
 
     def relu(self, z, out=None):
         """a = max(z, 0)."""
-        return self.xp.maximum(z, 0, out=out)
+        self._check("z", z, kind="float")
+        return self.xp.maximum(z, 0, out=self._output("out", out, z.shape, z.dtype))
 
     def relu_backward(self, a, grad_a, out=None):
         """grad_z = grad_a * (a > 0), with a the ReLU's output (a > 0 exactly where z > 0)."""
+        self._check("a", a, kind="float")
+        self._check("grad_a", grad_a, a.shape, a.dtype)
+        return self._relu_backward(a, grad_a, self._output("out", out, a.shape, a.dtype))
+
+    def _relu_backward(self, a, grad_a, out):
         return self.xp.multiply(grad_a, a > 0, out=out)
 
     def softmax_cross_entropy(self, logits, labels, grad_out=None):
@@ -74,38 +171,55 @@ class Backend:
         Stable for any finite logits: each row's maximum is subtracted before exp, so exp never
         overflows and the log-sum-exp is at least 0. Returns (loss as a 0-d array, grad).
         """
+        rows, classes = self._check("logits", logits, ndim=2, kind="float").shape
+        self._check("labels", labels, (rows,), kind="int")
+        self._check_range("labels", labels, classes)
+        grad = self._output("grad_out", grad_out, logits.shape, logits.dtype)
+        return self._softmax_cross_entropy(logits, labels, grad), grad
+
+    def _softmax_cross_entropy(self, logits, labels, grad):
         xp = self.xp
         n = logits.shape[0]
         rows = xp.arange(n)
         shifted = logits - logits.max(axis=1, keepdims=True)
-        grad = xp.exp(shifted, out=grad_out)
+        xp.exp(shifted, out=grad)
         sums = grad.sum(axis=1, keepdims=True)
         loss = (xp.log(sums[:, 0]) - shifted[rows, labels]).mean()
         grad /= sums
         grad[rows, labels] -= 1
         grad /= n
-        return loss, grad
+        return loss
 
     def count_correct(self, logits, labels):
-        """How many rows' largest logit is at the label, as a 0-d array (stays on the device)."""
-        return (logits.argmax(axis=1) == labels).sum()
+        """How many rows' largest logit is at the label, as a 0-d array (stays on the device).
+        A row holding a NaN is never correct."""
+        rows, classes = self._check("logits", logits, ndim=2, kind="float").shape
+        self._check("labels", labels, (rows,), kind="int")
+        self._check_range("labels", labels, classes)
+        return self._count_correct(logits, labels)
+
+    def _count_correct(self, logits, labels):
+        xp = self.xp
+        return ((logits.argmax(axis=1) == labels) & ~xp.isnan(logits).any(axis=1)).sum()
 
     def sgd_update(self, param, grad, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0):
         """param -= lr * step, in place, where g = grad + weight_decay * param and step = g
         (plain), v = momentum * v + g then step = v (momentum) or g + momentum * v (Nesterov),
-        as torch.optim.SGD defines them. velocity is updated in place.
-
-        grad is spent: this version works in it (it is left holding lr * step) to avoid
-        temporaries. Nothing reads a gradient after its update; the next backward overwrites it.
+        as torch.optim.SGD defines them. velocity is needed, and updated in place, only when
+        momentum is above 0. grad is left as it was.
         """
-        if weight_decay:
-            grad += weight_decay * param
-        if velocity is not None:
+        self._check("param", param, kind="float")
+        self._check("grad", grad, param.shape, param.dtype)
+        if momentum:
+            if velocity is None:
+                raise ArgumentError("momentum needs a velocity buffer shaped like param (zeros to start)")
+            self._check("velocity", velocity, param.shape, param.dtype)
+        self._sgd_update(param, grad, lr, velocity, momentum, nesterov, weight_decay)
+
+    def _sgd_update(self, param, grad, lr, velocity, momentum, nesterov, weight_decay):
+        step = grad + weight_decay * param if weight_decay else grad
+        if momentum:
             velocity *= momentum
-            velocity += grad
-            if nesterov:
-                grad += momentum * velocity
-            else:
-                grad[...] = velocity
-        self.xp.multiply(grad, lr, out=grad)
-        self.xp.subtract(param, grad, out=param)
+            velocity += step
+            step = step + momentum * velocity if nesterov else velocity
+        param -= lr * step

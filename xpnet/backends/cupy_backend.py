@@ -7,6 +7,12 @@ slowdown. Kernels are built lazily (CuPy compiles at first launch and caches on 
 at import. TF32 is left off (CUPY_TF32 unset), so float32 products keep full precision and
 the parity tests' float32 bounds hold.
 
+Argument checks: shapes and dtypes are checked on the host by the base class, as on every
+backend. Label and index ranges are checked on the GPU (check_range) and the result is read
+with the next read from the device, so a step never waits for them; the kernels themselves
+never index outside their arrays whatever the labels hold. The raw kernels index linearly, so
+non-contiguous arguments go through contiguous copies.
+
 This module imports without CuPy: CuPy is an optional extra and is imported when a
 CupyBackend is made.
 """
@@ -17,7 +23,7 @@ import time
 import numpy
 
 from xpnet.backends.base import Backend
-from xpnet.errors import BackendUnavailable
+from xpnet.errors import ArgumentError, BackendUnavailable
 
 INSTALL_HINT = (
     "pip install 'xpnet[cuda12]' for a CUDA 12 driver or 'xpnet[cuda13]' for CUDA 13 "
@@ -26,14 +32,19 @@ INSTALL_HINT = (
 
 _MASK_AND_SUM_ROWS = r"""
 template <typename T>
-__global__ void mask_and_sum_rows(T* grad_y, const T* relu_output, bool relu, T* grad_b, int rows, int cols) {
+__global__ void mask_and_sum_rows(const T* grad_y, const T* relu_output, bool relu, T* grad_z, T* grad_b,
+                                  int rows, int cols) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;  // one thread per column: coalesced rows
     if (j >= cols) return;
     T sum = 0;
     for (int i = 0; i < rows; ++i) {
         int k = i * cols + j;
-        if (relu && !(relu_output[k] > 0)) grad_y[k] = 0;
-        sum += grad_y[k];
+        T g = grad_y[k];
+        if (relu) {
+            if (!(relu_output[k] > 0)) g = 0;
+            grad_z[k] = g;
+        }
+        sum += g;
     }
     grad_b[j] = sum;
 }
@@ -47,15 +58,26 @@ __global__ void softmax_cross_entropy(const T* logits, const long long* labels, 
     if (i >= rows) return;
     const T* z = logits + (long long)i * cols;
     T* g = grad + (long long)i * cols;
+    long long label = labels[i];
+    if (label < 0 || label >= cols) {  // never index outside the row: check_range reports the fault
+        row_loss[i] = nan("");
+        return;
+    }
     T peak = z[0];
     for (int j = 1; j < cols; ++j) peak = z[j] > peak ? z[j] : peak;
     double norm = 0;
     for (int j = 0; j < cols; ++j) { g[j] = exp(z[j] - peak); norm += g[j]; }
-    long long label = labels[i];
     row_loss[i] = log(norm) - (double)(z[label] - peak);
     for (int j = 0; j < cols; ++j) g[j] /= (T)norm;  // the reference's order: (p - onehot) / n
     g[label] -= 1;
     for (int j = 0; j < cols; ++j) g[j] /= (T)rows;
+}
+"""
+
+_CHECK_RANGE = r"""
+__global__ void check_range(const long long* values, long long stop, int n, int* fault, int code) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n && (values[i] < 0 || values[i] >= stop)) *fault = code;  // every writer writes the same code
 }
 """
 
@@ -81,7 +103,9 @@ def _kernels(cupy):
     (the tests' CPU emulation of CuPy's kernel API) gets kernels of its own."""
     names = [f"{kernel}<{t}>" for kernel in ("mask_and_sum_rows", "softmax_cross_entropy") for t in ("float", "double")]
     module = cupy.RawModule(
-        code=_MASK_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY, options=("--std=c++14",), name_expressions=names
+        code=_MASK_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + _CHECK_RANGE,
+        options=("--std=c++14",),
+        name_expressions=[*names, "check_range"],
     )
     return {
         "add_bias_relu": cupy.ElementwiseKernel(*_ADD_BIAS_RELU, "xpnet_add_bias_relu"),
@@ -93,10 +117,15 @@ def _kernels(cupy):
 class CupyBackend(Backend):
     name = "cupy"
 
-    def __init__(self):
-        import cupy
-
-        self.xp = cupy
+    def __init__(self, xp=None):
+        """xp is CuPy; the tests pass their CPU emulation of CuPy's kernel API instead."""
+        if xp is None:
+            import cupy as xp
+        self.xp = xp
+        # Range checks run on the device and are read with the next read from it: an int the
+        # failing check sets, and the (name, stop) of each check since the last read.
+        self._fault = xp.zeros(1, numpy.int32)
+        self._pending_checks = []
 
     @staticmethod
     def check_available():
@@ -118,18 +147,40 @@ class CupyBackend(Backend):
                 "check nvidia-smi and CUDA_VISIBLE_DEVICES, or use --backend numba"
             )
 
-    def _launch(self, name, dtype, n_threads, args):
-        """Run raw kernel name<float or double> with one thread per row or column."""
-        c_type = "float" if dtype == numpy.float32 else "double"
-        kernel = _kernels(self.xp)["module"].get_function(f"{name}<{c_type}>")
+    def _launch(self, name, n_threads, args, dtype=None):
+        """Run raw kernel name (name<float or double> for a dtype) with one thread per item."""
+        if dtype is not None:
+            name = f"{name}<{'float' if dtype == numpy.float32 else 'double'}>"
+        kernel = _kernels(self.xp)["module"].get_function(name)
         block = 128
-        kernel(((n_threads + block - 1) // block,), (block,), args)
+        kernel((max(1, (n_threads + block - 1) // block),), (block,), args)
+
+    # -- range checks, deferred: reading their result at once would make every step wait --------
+    def _check_range(self, name, values, stop):
+        self._pending_checks.append((name, stop))
+        values = self.xp.ascontiguousarray(values, dtype=numpy.int64)
+        code = numpy.int32(len(self._pending_checks))
+        self._launch(
+            "check_range", values.size, (values, numpy.int64(stop), numpy.int32(values.size), self._fault, code)
+        )
+
+    def _raise_faults(self):
+        if not self._pending_checks:
+            return
+        code = int(self.xp.asnumpy(self._fault)[0])
+        pending, self._pending_checks = self._pending_checks, []
+        if code:
+            self._fault[...] = 0
+            name, stop = pending[code - 1]
+            raise ArgumentError(f"{name} must lie in [0, {stop}), got a value outside it (found on the GPU)")
 
     def to_numpy(self, array):
-        return self.xp.asnumpy(array)
+        self._raise_faults()
+        return self.xp.asnumpy(array) if isinstance(array, self.xp.ndarray) else numpy.array(array, copy=True)
 
     def synchronize(self):
         self.xp.cuda.get_current_stream().synchronize()
+        self._raise_faults()
 
     def prepare(self, dtype):
         """Compile the fused kernels (or load them from CuPy's disk cache) outside any timing."""
@@ -137,49 +188,51 @@ class CupyBackend(Backend):
         x = self.xp.ones((2, 3), dtype)
         labels = self.xp.zeros(2, numpy.int64)
         y = self.linear_forward(x, x, self.xp.zeros(2, dtype), relu=True)
-        self.linear_backward(x, x, y, self.xp.empty((2, 3), dtype), self.xp.empty(2, dtype), relu_output=y)
-        self.softmax_cross_entropy(y, labels, self.xp.empty_like(y))
+        self.linear_backward(x, x, y, relu_output=y)
+        self.softmax_cross_entropy(y, labels)
         self.sgd_update(x, self.xp.zeros_like(x), 0.1)
         self.synchronize()
         return time.perf_counter() - start
 
-    def linear_forward(self, x, W, b, relu=False, out=None):
-        out = self.xp.matmul(x, W.T, out=out)
+    # -- ops -------------------------------------------------------------------------------
+    def _contiguous_output(self, out):
+        """out itself when the raw kernels can write it, else a contiguous stand-in to copy back."""
+        return out if out.flags.c_contiguous else self.xp.empty(out.shape, out.dtype)
+
+    def _linear_forward(self, x, W, b, relu, out):
+        self.xp.matmul(x, W.T, out=out)
         _kernels(self.xp)["add_bias_relu"](b, relu, out)
         return out
 
-    def linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x=None, relu_output=None):
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z):
         rows, cols = grad_y.shape
         relu = relu_output is not None
-        args = (
-            grad_y,
-            relu_output if relu else grad_y,
-            numpy.bool_(relu),
-            grad_b,
-            numpy.int32(rows),
-            numpy.int32(cols),
-        )
-        self._launch("mask_and_sum_rows", grad_y.dtype, cols, args)
-        self.xp.matmul(grad_y.T, x, out=grad_W)
+        contiguous = self.xp.ascontiguousarray
+        grad_y = contiguous(grad_y)
+        z, b = self._contiguous_output(grad_z) if relu else grad_y, self._contiguous_output(grad_b)
+        args = (grad_y, contiguous(relu_output) if relu else grad_y, numpy.bool_(relu), z, b)
+        self._launch("mask_and_sum_rows", cols, (*args, numpy.int32(rows), numpy.int32(cols)), grad_y.dtype)
+        if relu and z is not grad_z:
+            grad_z[...] = z
+        if b is not grad_b:
+            grad_b[...] = b
+        self.xp.matmul(z.T, x, out=grad_W)
         if grad_x is not None:
-            self.xp.matmul(grad_y, W, out=grad_x)
-        return grad_x
+            self.xp.matmul(z, W, out=grad_x)
 
-    def softmax_cross_entropy(self, logits, labels, grad_out=None):
+    def _softmax_cross_entropy(self, logits, labels, grad_out):
         rows, cols = logits.shape
-        grad = self.xp.empty_like(logits) if grad_out is None else grad_out
+        grad = self._contiguous_output(grad_out)
         row_loss = self.xp.empty(rows, numpy.float64)
-        labels = labels.astype(numpy.int64, copy=False)
-        self._launch(
-            "softmax_cross_entropy",
-            logits.dtype,
-            rows,
-            (logits, labels, grad, row_loss, numpy.int32(rows), numpy.int32(cols)),
-        )
-        return row_loss.mean().astype(logits.dtype), grad
+        labels = self.xp.ascontiguousarray(labels, dtype=numpy.int64)
+        args = (self.xp.ascontiguousarray(logits), labels, grad, row_loss, numpy.int32(rows), numpy.int32(cols))
+        self._launch("softmax_cross_entropy", rows, args, logits.dtype)
+        if grad is not grad_out:
+            grad_out[...] = grad
+        return row_loss.mean().astype(logits.dtype)
 
-    def sgd_update(self, param, grad, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0):
-        """One fused kernel; grad is left untouched."""
+    def _sgd_update(self, param, grad, lr, velocity, momentum, nesterov, weight_decay):
+        """One fused kernel; CuPy's elementwise kernels take any strides."""
         cast = param.dtype.type
         if velocity is None:  # the kernel's velocity output is then a dummy it never writes
             velocity, momentum = param, 0.0

@@ -57,14 +57,16 @@ def _add_bias_relu(out, b, relu):
 
 
 @kernel
-def _mask_and_sum_rows(grad_y, relu_output, relu, grad_b):
+def _mask_and_sum_rows(grad_y, relu_output, relu, grad_z, grad_b):
     rows, cols = grad_y.shape
     grad_b[:] = 0
     for i in range(rows):
         for j in range(cols):
+            g = grad_y[i, j]
             if relu:  # multiply by the mask, as NumPy does, rather than branch: it vectorises (6x)
-                grad_y[i, j] *= relu_output[i, j] > 0
-            grad_b[j] += grad_y[i, j]
+                g *= relu_output[i, j] > 0
+                grad_z[i, j] = g
+            grad_b[j] += g
 
 
 @kernel
@@ -115,12 +117,17 @@ def _take_rows(source, indices, out):
 def _count_correct(logits, labels):
     correct = 0
     for i in range(logits.shape[0]):
-        best = 0
-        for j in range(1, logits.shape[1]):
+        best, has_nan = 0, False
+        for j in range(logits.shape[1]):
+            has_nan |= logits[i, j] != logits[i, j]
             if logits[i, j] > logits[i, best]:
                 best = j
-        correct += best == labels[i]
+        correct += best == labels[i] and not has_nan
     return correct
+
+
+def _c_contiguous(*arrays):
+    return all(a.flags.c_contiguous for a in arrays)
 
 
 class NumbaBackend(Backend):
@@ -134,45 +141,46 @@ class NumbaBackend(Backend):
         b = numpy.zeros(4, dtype)
         labels = numpy.zeros(2, numpy.int64)
         y = self.linear_forward(x, W, b, relu=True)
-        self.linear_backward(x, W, y, numpy.empty_like(W), numpy.empty_like(b), relu_output=y)
-        self.softmax_cross_entropy(y, labels, numpy.empty_like(y))
+        self.linear_backward(x, W, y, relu_output=y)
+        self.linear_backward(x, W, y, grad_x=numpy.empty_like(x))
+        self.softmax_cross_entropy(y, labels)
         self.count_correct(y, labels)
         self.sgd_update(W, numpy.zeros_like(W), 0.1)
         self.sgd_update(W, numpy.zeros_like(W), 0.1, numpy.zeros_like(W), 0.9, True, 1e-4)
-        self.take_rows(x, labels, numpy.empty_like(x))
-        self.take_rows(labels, labels, numpy.empty_like(labels))
+        self.take_rows(x, labels)
+        self.take_rows(labels, labels)
         return time.perf_counter() - start
 
-    def take_rows(self, source, indices, out=None):
-        if out is None:
-            out = numpy.empty((len(indices), *source.shape[1:]), source.dtype)
+    def _take_rows(self, source, indices, out):
+        if not _c_contiguous(source, out):  # the kernel sees rows as flat runs of memory
+            return super()._take_rows(source, indices, out)
         # One 2-D kernel serves images and labels alike (labels as one-column rows).
         _take_rows(source.reshape(len(source), -1), indices, out.reshape(len(out), -1))
         return out
 
-    def linear_forward(self, x, W, b, relu=False, out=None):
-        out = numpy.matmul(x, W.T, out=out)
+    def _linear_forward(self, x, W, b, relu, out):
+        numpy.matmul(x, W.T, out=out)
         _add_bias_relu(out, b, relu)
         return out
 
-    def linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x=None, relu_output=None):
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z):
         relu = relu_output is not None
-        _mask_and_sum_rows(grad_y, relu_output if relu else grad_y, relu, grad_b)
-        numpy.matmul(grad_y.T, x, out=grad_W)
+        _mask_and_sum_rows(grad_y, relu_output if relu else grad_y, relu, grad_z, grad_b)
+        numpy.matmul(grad_z.T, x, out=grad_W)
         if grad_x is not None:
-            numpy.matmul(grad_y, W, out=grad_x)
-        return grad_x
+            numpy.matmul(grad_z, W, out=grad_x)
 
-    def softmax_cross_entropy(self, logits, labels, grad_out=None):
-        grad = numpy.empty_like(logits) if grad_out is None else grad_out
-        loss = _softmax_cross_entropy(logits, labels, grad)
-        return logits.dtype.type(loss), grad
+    def _softmax_cross_entropy(self, logits, labels, grad):
+        return logits.dtype.type(_softmax_cross_entropy(logits, labels, grad))
 
-    def count_correct(self, logits, labels):
-        return _count_correct(logits, labels)
+    def _count_correct(self, logits, labels):
+        return numpy.asarray(_count_correct(logits, labels))
 
-    def sgd_update(self, param, grad, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0):
-        """One fused pass; unlike the base version, grad is left untouched."""
+    def _sgd_update(self, param, grad, lr, velocity, momentum, nesterov, weight_decay):
         if velocity is None:  # the kernel reads velocity only when momentum is set
             velocity, momentum = param, 0.0
+        if not _c_contiguous(param, grad, velocity):  # the kernel walks them as one flat run each
+            return super()._sgd_update(
+                param, grad, lr, velocity if momentum else None, momentum, nesterov, weight_decay
+            )
         _sgd_update(param.reshape(-1), grad.reshape(-1), lr, velocity.reshape(-1), momentum, nesterov, weight_decay)
