@@ -2,7 +2,10 @@ import os
 
 import pytest
 
-from xpnet.data.mnist import missing_files, resolve_data_dir
+from xpnet.data.datasets import FILE_NAMES
+from xpnet.data.idx import write_idx
+from xpnet.data.mnist import VALIDATION_SIZE, missing_files, resolve_data_dir
+from xpnet.data.synthetic import synthetic_splits
 
 
 @pytest.fixture(scope="session")
@@ -11,7 +14,7 @@ def mnist_dir():
 
     Skipped where they are absent, except in CI, where their absence is a set-up failure.
     """
-    data_dir = resolve_data_dir()
+    data_dir, _ = resolve_data_dir()
     if not data_dir.is_dir() or missing_files(data_dir):
         message = f"real MNIST files not found in {data_dir}; set XPNET_DATA_DIR to ../shared/mnist"
         if os.environ.get("CI"):
@@ -25,6 +28,18 @@ def mnist_splits(mnist_dir):
     from xpnet.data.mnist import load_splits
 
     return load_splits(mnist_dir)
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory):
+    """A generated dataset in IDX files, the smallest the seed's split accepts (2,048 training
+    images beside the 10,000 of validation): for CLI tests of behaviour, not accuracy."""
+    directory = tmp_path_factory.mktemp("small-dataset")
+    splits = synthetic_splits(n_train=2_048 + VALIDATION_SIZE, n_test=100, seed=1)
+    arrays = (splits.train.images, splits.train.labels, splits.test.images, splits.test.labels)
+    for name, array in zip(FILE_NAMES, arrays):
+        write_idx(directory / f"{name}.gz", array)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,10 @@ import time
 import pytest
 
 from xpnet.backends.numpy_backend import NumpyBackend
-from xpnet.bench import Contender, backend_contender, synthetic_splits, time_interleaved
+from xpnet.bench import Contender, backend_contender, time_interleaved
 from xpnet.bench_report import SCHEMA, load_results
 from xpnet.cli import main
+from xpnet.data.synthetic import synthetic_splits
 
 
 def test_every_clock_read_follows_a_synchronize():
@@ -38,7 +39,7 @@ class SlowCompile(NumpyBackend):
 
 def test_compile_time_is_reported_apart_and_never_timed():
     backend = SlowCompile()
-    contender = backend_contender(backend, 512, splits=synthetic_splits(n_samples=2048))
+    contender = backend_contender(backend, 512, splits=synthetic_splits(n_train=2048))
     assert contender.compile_seconds == 0.5 and SlowCompile.prepare_calls == 1
     (seconds,) = time_interleaved([contender], repeats=2)
     assert SlowCompile.prepare_calls == 1  # timing never compiles

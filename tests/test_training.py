@@ -1,15 +1,17 @@
 """Training on the real MNIST files (found through XPNET_DATA_DIR), and every accelerated
-backend's agreement with NumPy through whole training runs."""
+backend's agreement with NumPy through whole training runs. The 20-epoch runs are the slow
+tier (`make test-slow`)."""
 
 import numpy
 import pytest
 
 from tests.cuda_host import CXX, DeviceArray, EmulatedCupyBackend
 from xpnet.backends import get_backend
-from xpnet.bench import synthetic_splits
+from xpnet.data.synthetic import synthetic_splits
 from xpnet.nn.train import TrainConfig, Trainer
 
 
+@pytest.mark.slow
 def test_seed_recipe_reaches_the_seeds_validation_accuracy(seed_recipe_history):
     """The seed notebook reached 0.969 after 20 epochs; we require >= 0.965."""
     history = seed_recipe_history(get_backend("numpy"))
@@ -24,8 +26,7 @@ def test_two_epochs_reach_092(mnist_splits):
 
 
 def first_batch_loss(trainer):
-    x, y = next(trainer.batches(trainer.backend.asarray(trainer.rng.permutation(len(trainer.train_y)))))
-    return float(trainer.backend.to_numpy(trainer.loss.forward(trainer.model.forward(x), y)))
+    return trainer.run_steps(1)[0]
 
 
 def test_same_seed_gives_same_weights_and_first_loss(mnist_splits):
@@ -38,17 +39,21 @@ def test_same_seed_gives_same_weights_and_first_loss(mnist_splits):
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) here to run the emulated CuPy backend")
-def test_an_epoch_reads_from_the_device_once_not_once_per_step():
+def test_the_device_is_read_a_fixed_number_of_times_per_call_not_once_per_step():
     """On a GPU each host read of a device value is a copy and a wait. The emulated CuPy
-    backend counts every such read: one per epoch (the step losses), one per accuracy pass."""
+    backend counts every such read: run_steps makes two whatever its length (the step losses,
+    and the flag of the range checks done on the device), and an accuracy pass makes two."""
     config = TrainConfig(batch_size=256, momentum=0.9, nesterov=True, weight_decay=1e-3, schedule="cosine")
-    trainer = Trainer(EmulatedCupyBackend(), synthetic_splits(n_samples=2048), config)
-    before = DeviceArray.host_reads
-    trainer.train_epoch()
-    assert (trainer.steps_per_epoch, DeviceArray.host_reads - before) == (8, 1)
+    trainer = Trainer(EmulatedCupyBackend(), synthetic_splits(n_train=2048), config)
+    reads = []
+    for steps in (1, 6):
+        before = DeviceArray.host_reads
+        trainer.run_steps(steps)
+        reads.append(DeviceArray.host_reads - before)
+    assert reads == [2, 2]
     before = DeviceArray.host_reads
     trainer.accuracy(trainer.train_x, trainer.train_y, batch_size=512)
-    assert DeviceArray.host_reads - before == 1
+    assert DeviceArray.host_reads - before == 2
 
 
 def test_normalisation_uses_training_split_statistics(mnist_splits):
@@ -68,6 +73,7 @@ RECIPE = TrainConfig(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["numpy", "numba", "cupy"], indirect=True)
 def test_readme_recipe_reaches_982_test_accuracy(mnist_splits, backend):
     history = Trainer(backend, mnist_splits, RECIPE).fit(log=lambda line: None)
@@ -79,13 +85,12 @@ def test_float64_training_matches_numpy_after_50_steps(mnist_splits, backend):
     config = TrainConfig(dtype="float64", seed=3)
     trainers = [Trainer(b, mnist_splits, config) for b in (get_backend("numpy"), backend)]
     for trainer in trainers:
-        order = trainer.backend.asarray(trainer.rng.permutation(len(trainer.train_y)))
-        for _, (x, y) in zip(range(50), trainer.batches(order)):
-            trainer.step(x, y)
+        trainer.run_steps(50)
     for ref, got in zip(*(t.model.parameters() for t in trainers)):
         numpy.testing.assert_allclose(backend.to_numpy(got.value), ref.value, rtol=1e-9, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["numba", "cupy"], indirect=True)
 def test_training_reaches_numpys_validation_accuracy(seed_recipe_history, backend):
     """The seed recipe on both backends: final validation accuracy within 0.3 points."""

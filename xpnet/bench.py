@@ -17,16 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy
 
-from xpnet.data.mnist import Split, Splits
-from xpnet.nn.train import TrainConfig, Trainer
+from xpnet.data.synthetic import synthetic_splits
+from xpnet.nn.train import TrainConfig, Trainer, seed_lr
 
 N_SAMPLES = 50_000
-
-
-def seed_lr(batch_size):
-    """The seed's lr of 1e-4 on the summed loss, as a rate on the mean loss of this batch size:
-    a fixed rate on the mean would diverge at batch 1 and slow every row with inf and NaN."""
-    return 1e-4 * batch_size
 
 
 @dataclass
@@ -42,15 +36,6 @@ class Result:
 
     def to_json(self):
         return {**asdict(self), "hidden": list(self.hidden), "spread": list(self.spread)}
-
-
-def synthetic_splits(n_samples=N_SAMPLES, seed=0):
-    """MNIST-shaped random data: throughput does not depend on the pixel values."""
-    rng = numpy.random.default_rng(seed)
-    split = lambda n: Split(
-        rng.integers(0, 256, (n, 28, 28), dtype=numpy.uint8), rng.integers(0, 10, n).astype(numpy.uint8)
-    )
-    return Splits(train=split(n_samples), validation=split(10), test=split(10))
 
 
 @dataclass
@@ -197,15 +182,12 @@ def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=No
     steps from the same seed, against the NumPy float64 reference."""
     from xpnet.backends import get_backend
 
-    splits = splits or synthetic_splits(n_samples=steps * batch_size)
+    splits = splits or synthetic_splits(n_train=steps * batch_size)
     runs = []
     for b, d in ((get_backend("numpy"), "float64"), (backend, dtype)):
         trainer = Trainer(b, splits, TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=d))
-        order = b.asarray(trainer.rng.permutation(len(trainer.train_y)))
-        losses = [float(b.to_numpy(trainer.step(x, y))) for _, (x, y) in zip(range(steps), trainer.batches(order))]
-        runs.append(
-            (numpy.array(losses), [b.to_numpy(p.value).astype(numpy.float64) for p in trainer.model.parameters()])
-        )
+        losses = trainer.run_steps(steps)
+        runs.append((losses, [b.to_numpy(p.value).astype(numpy.float64) for p in trainer.model.parameters()]))
     (ref_loss, ref_w), (loss, w) = runs
     loss_rel = float(numpy.max(numpy.abs(loss - ref_loss) / numpy.abs(ref_loss)))
     weight_rel = max(float(numpy.max(numpy.abs(a - r)) / numpy.max(numpy.abs(r))) for a, r in zip(w, ref_w))

@@ -7,11 +7,7 @@ import math
 import sys
 
 from xpnet.backends import REGISTRY
-from xpnet.errors import XpnetError
-
-
-class UsageError(XpnetError):
-    pass
+from xpnet.errors import UsageError, XpnetError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -22,10 +22,7 @@ from dataclasses import dataclass
 import numpy
 
 from xpnet.backends import get_backend
-from xpnet.nn.loss import SoftmaxCrossEntropy
-from xpnet.nn.model import MLP, pixel_statistics
-from xpnet.nn.optim import SGD
-from xpnet.nn.train import SEED_LR
+from xpnet.nn.train import TrainConfig, Trainer, seed_lr
 
 
 def error_bound(dtype, reduction_length, magnitude):
@@ -121,33 +118,23 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
 
 
 def _backward(backend, dtype, x, W, grad_y, relu_output, need_x):
-    grad_W = backend.empty(W.shape, dtype)
-    grad_b = backend.empty(W.shape[:1], dtype)
     grad_x = backend.empty(x.shape, dtype) if need_x else None
-    grad_y = backend.asarray(backend.to_numpy(grad_y).copy())  # the fused mask writes in place
-    backend.linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, relu_output)
-    return [g for g in (grad_W, grad_b, grad_x) if g is not None]
+    grads = backend.linear_backward(x, W, grad_y, grad_x=grad_x, relu_output=relu_output)
+    return [g for g in grads if g is not None]
 
 
-def verify(candidates, images, labels, steps=5, dtype="float32", hidden=(200,), batch_size=512, seed=0, lr=SEED_LR):
-    """All checks of every candidate over `steps` reference steps on raw training images
-    (uint8, normalised here with their own statistics, as training does) and labels."""
-    reference = get_backend("numpy")
-    sizes = [images[0].size, *hidden, int(labels.max()) + 1]
-    mean, std = pixel_statistics(images)
-    model = MLP(reference, sizes, seed=seed, dtype="float64", mean=mean, std=std)
-    images = model.normalize(images)
-    loss_fn, optimizer = SoftmaxCrossEntropy(reference), SGD(reference, model.parameters(), lr)
-    order = numpy.random.default_rng(seed).permutation(len(labels))
+def verify(candidates, data, steps=5, dtype="float32", hidden=(200,), batch_size=512, seed=0, lr=None):
+    """All checks of every candidate over `steps` steps of a float64 NumPy training run on
+    data (splits, as xpnet.load_dataset gives), from the run's state before each step."""
+    lr = seed_lr(batch_size) if lr is None else lr
+    config = TrainConfig(batch_size=batch_size, lr=lr, hidden=hidden, seed=seed, dtype="float64")
+    reference = Trainer(get_backend("numpy"), data, config)
     checks = []
     for step in range(1, steps + 1):
-        rows = order[((step - 1) * batch_size) % len(labels) :][:batch_size]
-        x, y = images[rows].astype(numpy.float64), labels[rows].astype(numpy.int64)
+        x, y = reference.batch(reference.epoch_step)
         for candidate in candidates:
-            checks.extend(check_step(step, candidate, dtype, model, x, y, lr))
-        loss_fn.forward(model.forward(x), y)
-        model.backward(loss_fn.backward())
-        optimizer.step()
+            checks.extend(check_step(step, candidate, dtype, reference.model, x, y, lr))
+        reference.run_steps(1)
     return checks
 
 

@@ -2,9 +2,10 @@
 
 import sys
 
+from xpnet.data import load_dataset
 from xpnet.data.datasets import get_dataset
 from xpnet.data.download import check_file, prepare_data_dir
-from xpnet.data.mnist import find_file, load_splits, resolve_data_dir
+from xpnet.data.mnist import find_file, resolve_data_dir
 
 
 def run(args):
@@ -12,7 +13,7 @@ def run(args):
         print(f"{args.dataset}: all four files verified in {prepare_data_dir(args.data_dir, args.dataset)}")
         return 0
     if args.action == "verify":
-        directory = resolve_data_dir(args.data_dir, args.dataset)
+        directory, _ = resolve_data_dir(args.data_dir, args.dataset)
         failures = 0
         for expected in get_dataset(args.dataset).files:
             path = find_file(directory, expected.name)
@@ -31,8 +32,7 @@ def run(args):
             return 1
         print(f"{directory} holds the verified {args.dataset} files")
         return 0
-    directory = prepare_data_dir(args.data_dir, args.dataset, download=False)
-    splits = load_splits(directory)
+    splits = load_dataset(args.dataset, args.data_dir, download=False)
     for split_name in ("train", "validation", "test"):
         split = getattr(splits, split_name)
         print(
@@ -40,5 +40,5 @@ def run(args):
             f"labels {split.labels.min()}-{split.labels.max()}"
         )
     for name in get_dataset(args.dataset).files:
-        print(f"file       {find_file(directory, name.name)}")
+        print(f"file       {find_file(splits.directory, name.name)}")
     return 0

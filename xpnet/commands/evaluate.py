@@ -4,9 +4,7 @@ import numpy
 from rich.console import Console
 from rich.table import Table
 
-from xpnet.backends import get_backend
-from xpnet.data.download import prepare_data_dir
-from xpnet.data.mnist import load_splits
+from xpnet.data import load_dataset
 from xpnet.errors import DataError
 from xpnet.nn.checkpoint import load_model
 
@@ -18,19 +16,20 @@ def confusion_matrix(labels, predictions, n_classes):
 
 
 def run(args):
-    backend = get_backend(args.backend)
-    model = load_model(args.checkpoint, backend)
-    test = load_splits(prepare_data_dir(args.data_dir, args.dataset)).test
+    model = load_model(args.checkpoint, args.backend)
+    test = load_dataset(args.dataset, args.data_dir).test
     if test.images[0].size != model.sizes[0]:
         raise DataError(
             f"{args.checkpoint} takes {model.sizes[0]} inputs but the test images have {test.images[0].size}"
         )
-    predictions = model.predict_logits(test.images).argmax(axis=1)
+    predictions = model.predict(test.images)
     n_classes = model.sizes[-1]
     matrix = confusion_matrix(test.labels, predictions, n_classes)
     per_class = matrix.diagonal() / numpy.maximum(matrix.sum(axis=1), 1)
     console = Console()
-    console.print(f"Test accuracy: {matrix.diagonal().sum() / len(test):.4f} on {len(test):,} images ({backend.name})")
+    console.print(
+        f"Test accuracy: {matrix.diagonal().sum() / len(test):.4f} on {len(test):,} images ({model.backend.name})"
+    )
     table = Table(title="Confusion matrix (rows: true label, columns: predicted)")
     table.add_column("true")
     for j in range(n_classes):

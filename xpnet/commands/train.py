@@ -4,10 +4,8 @@ import sys
 import time
 
 from xpnet.backends import get_backend
-from xpnet.cli import UsageError
-from xpnet.data.download import prepare_data_dir
-from xpnet.data.mnist import load_splits
-from xpnet.errors import XpnetError
+from xpnet.data import load_dataset
+from xpnet.errors import UsageError, XpnetError
 from xpnet.nn.checkpoint import load_checkpoint
 from xpnet.nn.train import Diverged, TrainConfig, Trainer, TrainingInterrupted
 
@@ -17,12 +15,6 @@ INTERRUPTED_PATH = "xpnet-interrupted.npz"
 def run(args):
     if args.save_every and not args.save:
         raise UsageError("--save-every needs --save PATH")
-    if args.nesterov and not args.momentum > 0:
-        raise UsageError("--nesterov needs --momentum above 0, e.g. --momentum 0.9")
-    backend = get_backend(args.backend)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    data_dir = prepare_data_dir(args.data_dir, args.dataset)
-    splits = load_splits(data_dir)
     config = TrainConfig(
         args.epochs,
         args.batch_size,
@@ -35,13 +27,13 @@ def run(args):
         args.weight_decay,
         args.schedule,
     )
+    backend = get_backend(args.backend)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    splits = load_dataset(args.dataset, args.data_dir)
     trainer = Trainer(backend, splits, config, checkpoint)
     config = trainer.config  # a resumed run keeps its checkpoint's settings
-    compile_seconds = backend.prepare(config.dtype)
-    if compile_seconds:
-        print(f"{backend.name}: compiled kernels in {compile_seconds:.2f} s (not counted in epoch times)")
     sizes = "-".join(map(str, trainer.model.sizes))
-    print(f"Training {sizes} on {backend.name} ({config.dtype}), data from {data_dir}")
+    print(f"Training {sizes} on {backend.name} ({config.dtype}), data from {splits.directory}")
     if checkpoint is not None:
         print(f"Resuming {args.resume} after epoch {trainer.epoch}, up to epoch {config.epochs}")
 

@@ -6,19 +6,16 @@ from rich.console import Console
 from rich.table import Table
 
 from xpnet.backends import available_backends, get_backend
-from xpnet.data.download import prepare_data_dir
-from xpnet.data.mnist import load_splits
+from xpnet.data import load_dataset
 from xpnet.verify import summarize, verify
 
 
 def run(args):
     candidates = [get_backend(name) for name in (args.backends or available_backends())]
-    splits = load_splits(prepare_data_dir(args.data_dir, args.dataset))
+    splits = load_dataset(args.dataset, args.data_dir)
     for backend in candidates:
         backend.prepare(args.dtype)
-    checks = verify(
-        candidates, splits.train.images, splits.train.labels, steps=args.steps, dtype=args.dtype, seed=args.seed
-    )
+    checks = verify(candidates, splits, steps=args.steps, dtype=args.dtype, seed=args.seed)
     table = Table(title=f"{args.dtype} against NumPy float64, worst over {args.steps} steps (error/bound <= 1 passes)")
     for column in ("op", "backend", "max abs err", "max rel err", "tolerance", "error/bound", "result"):
         table.add_column(column, justify="left" if column in ("op", "backend") else "right")

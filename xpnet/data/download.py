@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from xpnet.data.datasets import get_dataset
 from xpnet.data.idx import read_bytes
-from xpnet.data.mnist import ENV_VAR, find_file, missing_files, require_files, user_cache_dir
+from xpnet.data.mnist import find_file, missing_files, require_files, resolve_data_dir
 from xpnet.errors import DataError
 
 TIMEOUT = 30.0  # seconds for the connection and for each read
@@ -154,12 +154,11 @@ def prepare_data_dir(data_dir=None, dataset="mnist", download=True):
     download somewhere unexpected); what it lacks is downloaded into it. The cache is
     created as needed and its files are verified on every use."""
     spec = get_dataset(dataset)
-    given = data_dir or os.environ.get(ENV_VAR)
-    if given:
-        directory = Path(given).expanduser()
-        if not directory.is_dir():
-            require_files(directory)  # raises the one-line "does not exist" error
-        if not missing_files(directory):
-            return directory
-        return ensure_dataset(spec, directory, verify_existing=False, download=download)
-    return ensure_dataset(spec, user_cache_dir(dataset), verify_existing=True, download=download)
+    directory, named = resolve_data_dir(data_dir, dataset)
+    if not named:
+        return ensure_dataset(spec, directory, verify_existing=True, download=download)
+    if not directory.is_dir():
+        require_files(directory)  # raises the one-line "does not exist" error
+    if not missing_files(directory):
+        return directory
+    return ensure_dataset(spec, directory, verify_existing=False, download=download)

@@ -12,16 +12,11 @@ from pathlib import Path
 
 import numpy
 
+from xpnet.data.datasets import FILE_NAMES
 from xpnet.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 from xpnet.errors import DataError
 
 ENV_VAR = "XPNET_DATA_DIR"
-FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
 VALIDATION_SIZE = 10_000  # the last 10,000 training images, as in the seed recipe
 
 
@@ -31,8 +26,10 @@ def user_cache_dir(dataset="mnist"):
 
 
 def resolve_data_dir(data_dir=None, dataset="mnist"):
-    """The directory to read (and later download into), by the precedence above."""
-    return Path(data_dir or os.environ.get(ENV_VAR) or user_cache_dir(dataset)).expanduser()
+    """(directory, named): the directory to read (and download into) by the precedence above,
+    and whether the user named it (flag or environment) rather than it being the cache."""
+    named = data_dir or os.environ.get(ENV_VAR)
+    return Path(named or user_cache_dir(dataset)).expanduser(), bool(named)
 
 
 def find_file(data_dir, name):
@@ -44,7 +41,7 @@ def find_file(data_dir, name):
 
 
 def missing_files(data_dir):
-    return [name for name in FILES.values() if find_file(data_dir, name) is None]
+    return [name for name in FILE_NAMES if find_file(data_dir, name) is None]
 
 
 def require_files(data_dir):
@@ -77,6 +74,7 @@ class Splits:
     train: Split
     validation: Split
     test: Split
+    directory: Path = None  # where the files were read from; None for data made in memory
 
 
 def read_pair(images_path, labels_path):
@@ -93,9 +91,9 @@ def read_pair(images_path, labels_path):
 def load_splits(data_dir, validation_size=VALIDATION_SIZE):
     """Training (all but the last validation_size), validation (the rest) and test (t10k)."""
     require_files(data_dir)
-    path = {key: find_file(data_dir, name) for key, name in FILES.items()}
-    train = read_pair(path["train_images"], path["train_labels"])
-    test = read_pair(path["test_images"], path["test_labels"])
+    train_images, train_labels, test_images, test_labels = (find_file(data_dir, name) for name in FILE_NAMES)
+    train = read_pair(train_images, train_labels)
+    test = read_pair(test_images, test_labels)
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(
             f"training images are {train.images.shape[1:]} but test images are "
@@ -103,7 +101,7 @@ def load_splits(data_dir, validation_size=VALIDATION_SIZE):
         )
     if len(train) <= validation_size:
         raise DataError(
-            f"{path['train_images']} has {len(train)} images; at least {validation_size + 1} "
+            f"{train_images} has {len(train)} images; at least {validation_size + 1} "
             "are needed to hold out the validation set"
         )
     cut = len(train) - validation_size
@@ -111,4 +109,5 @@ def load_splits(data_dir, validation_size=VALIDATION_SIZE):
         train=Split(train.images[:cut], train.labels[:cut]),
         validation=Split(train.images[cut:], train.labels[cut:]),
         test=test,
+        directory=Path(data_dir),
     )

@@ -13,13 +13,12 @@ class Parameter:
     """A trainable array and the gradient of the loss with respect to it (same shape)."""
 
     def __init__(self, backend, host_value):
-        # A copy: on the CPU asarray would alias the caller's array, and updates would write into it.
-        self.value = backend.asarray(numpy.array(host_value))
+        self.value = backend.asarray(host_value)  # a copy: updates never reach the caller's array
         self.grad = backend.empty(self.value.shape, self.value.dtype)
 
 
-class _Buffers:
-    """Arrays reused across steps; reallocated only when the batch shape changes."""
+class Buffers:
+    """Arrays reused across steps, one per key; reallocated only when the shape or dtype changes."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -49,7 +48,7 @@ class Linear:
         host_W = rng.standard_normal((n_out, n_in)) / numpy.sqrt(n_in / 2)
         self.W = Parameter(backend, host_W.astype(dtype))
         self.b = Parameter(backend, numpy.zeros(n_out, dtype=dtype))
-        self._buffers = _Buffers(backend)
+        self._buffers = Buffers(backend)
 
     @property
     def shape(self):
@@ -66,18 +65,14 @@ class Linear:
 
     def backward(self, grad_y):
         """grad_W = g.T @ x, grad_b = sum_rows(g), grad_x = g @ W, with g = grad_y * (y > 0) if relu else grad_y."""
-        grad_x = None
-        if self.input_grad:
-            grad_x = self._buffers.get("grad_x", self.x.shape, self.x.dtype)
-        return self.backend.linear_backward(
-            self.x,
-            self.W.value,
-            grad_y,
-            self.W.grad,
-            self.b.grad,
-            grad_x,
-            relu_output=self.y if self.relu else None,
+        buffer = self._buffers.get
+        grad_x = buffer("grad_x", self.x.shape, self.x.dtype) if self.input_grad else None
+        grad_z = buffer("grad_z", self.y.shape, self.y.dtype) if self.relu else None
+        relu_output = self.y if self.relu else None
+        self.backend.linear_backward(
+            self.x, self.W.value, grad_y, self.W.grad, self.b.grad, grad_x, relu_output, grad_z
         )
+        return grad_x
 
 
 class ReLU:

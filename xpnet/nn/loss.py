@@ -1,17 +1,28 @@
 """Softmax + cross-entropy as one layer-like object: fused, because the gradient of the pair is
 simply (softmax - onehot) / n, which is both cheaper and stabler than chaining the two."""
 
+import numpy
+
+from xpnet.nn.layers import Buffers
+
+
+def softmax(logits):
+    """Row-wise softmax of host logits in float64, stable: each row's maximum is subtracted first."""
+    shifted = numpy.asarray(logits, dtype=numpy.float64)
+    shifted = shifted - shifted.max(axis=-1, keepdims=True)
+    exp = numpy.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
 
 class SoftmaxCrossEntropy:
     def __init__(self, backend):
         self.backend = backend
-        self._grad = None
+        self._buffers = Buffers(backend)
 
     def forward(self, logits, labels):
         """Mean over the batch of -log softmax(logits)[label], as a 0-d backend array."""
-        if self._grad is None or self._grad.shape != logits.shape or self._grad.dtype != logits.dtype:
-            self._grad = self.backend.empty(logits.shape, logits.dtype)
-        loss, self.grad = self.backend.softmax_cross_entropy(logits, labels, grad_out=self._grad)
+        grad_out = self._buffers.get("grad", logits.shape, logits.dtype)
+        loss, self.grad = self.backend.softmax_cross_entropy(logits, labels, grad_out=grad_out)
         return loss
 
     def backward(self):

@@ -3,7 +3,9 @@ input normalisation it was trained with (kept with the model, since it is part o
 
 import numpy
 
+from xpnet.errors import ArgumentError
 from xpnet.nn.layers import Linear, Sequential
+from xpnet.nn.loss import softmax
 
 
 def pixel_statistics(images):
@@ -13,11 +15,15 @@ def pixel_statistics(images):
 
 
 class MLP:
-    """sizes = [784, 200, 10] gives 784-200-10; any number of hidden layers works."""
+    """sizes = [784, 200, 10] gives 784-200-10; any number of hidden layers works.
+
+    mean and std are the training pixels' (0..255 scale): inputs are normalised with them.
+    Weights come from the seed, or from rng when given (the trainer shares its generator).
+    """
 
     def __init__(self, backend, sizes, seed=0, dtype="float32", mean=0.0, std=1.0, rng=None):
         if len(sizes) < 2 or min(sizes) < 1:
-            raise ValueError(f"an MLP needs at least two positive layer sizes, got {sizes}")
+            raise ArgumentError(f"an MLP needs at least two positive layer sizes, got {sizes}")
         self.backend = backend
         self.sizes = list(sizes)
         self.dtype = numpy.dtype(dtype)
@@ -45,12 +51,63 @@ class MLP:
     def backward(self, grad_logits):
         return self.net.backward(grad_logits)
 
-    def predict_logits(self, host_images, batch_size=2048):
-        """Logits for raw (un-normalised) host images, computed in batches, returned to the host."""
-        x = self.backend.asarray(self.normalize(host_images))
-        return numpy.concatenate(
+    # -- using a trained model -----------------------------------------------------------------
+    def pixels(self, images):
+        """(pixels on the 0..255 scale, one image?) for uint8 images in 0..255 or float images in
+        [0, 1] (torchvision's ToTensor convention): a batch (n, 28, 28) or (n, 784), or one image."""
+        images = numpy.asarray(images)
+        n_in = self.sizes[0]
+        row_size = int(numpy.prod(images.shape[1:])) if images.ndim >= 2 else None
+        single = images.size == n_in and row_size != n_in
+        if single:
+            images = images.reshape(1, n_in)
+        elif row_size != n_in:
+            raise ArgumentError(
+                f"images must be a batch shaped (n, 28, 28) or (n, {n_in}), or one image of {n_in} pixels; "
+                f"got shape {images.shape}"
+            )
+        if images.dtype == numpy.uint8:
+            return images, single
+        if images.dtype.kind in "iu" and images.size and (images.min() < 0 or images.max() > 255):
+            raise ArgumentError(
+                f"integer images must hold pixels in 0..255, got {images.min()}..{images.max()}; "
+                "for floats in [0, 1] pass a float array"
+            )
+        if images.dtype.kind in "iu":
+            return images, single
+        if images.dtype.kind != "f":
+            raise ArgumentError(f"images must be uint8 (0..255) or float ([0, 1]), got {images.dtype}")
+        if images.size and not (numpy.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
+            raise ArgumentError(
+                f"float images must lie in [0, 1] (as torchvision's ToTensor gives), got values from "
+                f"{images.min()} to {images.max()}; pass 0..255 pixels as uint8, or divide them by 255"
+            )
+        return images.astype(numpy.float64) * 255, single
+
+    def predict_logits(self, images, batch_size=2048):
+        """Logits (host, the model's dtype) for images as ``pixels`` takes them, in batches."""
+        host, single = self.pixels(images)
+        x = self.backend.asarray(self.normalize(host))
+        logits = numpy.concatenate(
             [
-                self.backend.to_numpy(self.forward(x[start : start + batch_size])).copy()
-                for start in range(0, len(x), batch_size)
+                self.backend.to_numpy(self.forward(x[start : start + batch_size]))
+                for start in range(0, max(len(x), 1), batch_size)
             ]
         )
+        return logits[0] if single else logits
+
+    def predict_proba(self, images):
+        """Class probabilities (float64, rows sum to 1) for images as ``pixels`` takes them."""
+        return softmax(self.predict_logits(images))
+
+    def predict(self, images):
+        """The most probable class of each image (an int64 array, or one int for one image)."""
+        labels = self.predict_logits(images).argmax(axis=-1)
+        return int(labels) if labels.ndim == 0 else labels
+
+    def save(self, path):
+        """Write the model alone (weights, architecture, normalisation) for xpnet.load_model."""
+        from xpnet.nn.checkpoint import Checkpoint
+
+        params = [self.backend.to_numpy(p.value) for p in self.parameters()]
+        Checkpoint(self.sizes, self.dtype.name, self.mean, self.std, params).save(path)

@@ -2,6 +2,8 @@
 
 import math
 
+from xpnet.errors import ConfigError
+
 
 def cosine_lr(base_lr, step, total_steps):
     """lr * (1 + cos(pi * step / total)) / 2: from lr down to 0 over the run."""
@@ -12,6 +14,20 @@ SCHEDULES = {
     "constant": lambda base_lr, step, total_steps: base_lr,
     "cosine": cosine_lr,
 }
+
+
+def check_sgd_settings(lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant"):
+    """Raise ConfigError, saying what to use instead, for settings SGD cannot train with."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"the learning rate must be a finite number above 0, got {lr}")
+    if not (math.isfinite(momentum) and 0 <= momentum < 1):
+        raise ConfigError(f"momentum must be in [0, 1), got {momentum}; 0.9 is usual")
+    if nesterov and not momentum > 0:
+        raise ConfigError("Nesterov momentum needs a momentum above 0, e.g. 0.9")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight decay must be a finite number >= 0, got {weight_decay}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown learning-rate schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
 
 
 class SGD:
@@ -29,10 +45,7 @@ class SGD:
         schedule="constant",
         total_steps=1,
     ):
-        if not lr > 0:
-            raise ValueError(f"learning rate must be positive, got {lr}")
-        if nesterov and not momentum > 0:
-            raise ValueError("Nesterov momentum needs a momentum above 0")
+        check_sgd_settings(lr, momentum, nesterov, weight_decay, schedule)
         self.backend = backend
         self.parameters = list(parameters)
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay

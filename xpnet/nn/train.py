@@ -3,9 +3,11 @@
 Data flow: the normalised training set moves to the backend once; each epoch a permutation
 from the host generator moves once; each step gathers its batch where the data lives, runs
 forward, loss, backward and update, and stores the batch's loss in a device-side array that
-is read back once per epoch. So the GPU never waits on the host inside an epoch, every
-backend with the same seed starts from the same weights and sees the same batches, and a
-NaN can still be traced to the step where it first appeared.
+is read back once per call of ``run_steps`` (once per epoch under ``fit``). So the GPU never
+waits on the host inside an epoch, every backend with the same seed starts from the same
+weights and sees the same batches, and a NaN can still be traced to the step where it first
+appeared. The state after any whole step (``state``, ``save``) resumes exactly: it holds the
+generator's state from the start of the unfinished epoch and how many of its steps are done.
 """
 
 import dataclasses
@@ -16,22 +18,28 @@ from dataclasses import dataclass, field
 import numpy
 from tqdm import tqdm
 
-from xpnet.errors import DataError, XpnetError
+from xpnet.errors import ConfigError, DataError, XpnetError
 from xpnet.nn.checkpoint import Checkpoint
+from xpnet.nn.layers import Buffers
 from xpnet.nn.loss import SoftmaxCrossEntropy
 from xpnet.nn.model import MLP, pixel_statistics
-from xpnet.nn.optim import SGD
+from xpnet.nn.optim import SGD, check_sgd_settings
 
-# The seed recipe used lr 1e-4 on the summed gradient of batches of 512; on the mean loss
-# that is the same step, 1e-4 * 512.
-SEED_LR = 1e-4 * 512
+
+def seed_lr(batch_size=512):
+    """The seed recipe's lr of 1e-4 on the *summed* loss of a batch, as a rate on the mean loss:
+    1e-4 * batch_size, 0.0512 at the seed's 512. (A fixed rate on the mean loss would diverge
+    at batch 1.)"""
+    return 1e-4 * batch_size
 
 
 @dataclass
 class TrainConfig:
+    """One training run's settings; the defaults are the seed recipe. Checked when made."""
+
     epochs: int = 20
     batch_size: int = 512
-    lr: float = SEED_LR
+    lr: float = seed_lr()
     hidden: tuple = (200,)
     seed: int = 0
     dtype: str = "float32"
@@ -39,6 +47,18 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     schedule: str = "constant"
+
+    def __post_init__(self):
+        self.hidden = tuple(self.hidden)
+        for name in ("epochs", "batch_size", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, numpy.integer)) or value < (0 if name == "seed" else 1):
+                raise ConfigError(f"{name} must be an integer >= {0 if name == 'seed' else 1}, got {value!r}")
+        if not self.hidden or not all(isinstance(h, (int, numpy.integer)) and h >= 1 for h in self.hidden):
+            raise ConfigError(f"hidden must be one or more layer sizes >= 1, e.g. (200,), got {self.hidden!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        check_sgd_settings(self.lr, self.momentum, self.nesterov, self.weight_decay, self.schedule)
 
 
 @dataclass
@@ -69,27 +89,37 @@ class TrainingInterrupted(Exception):
 
 
 class Trainer:
-    """Owns the model, the loss, the optimiser and the device-resident data of one run."""
+    """Owns the model, the loss, the optimiser and the device-resident data of one run.
 
-    def __init__(self, backend, splits, config, checkpoint=None):
-        if checkpoint is not None:  # the run's own settings; only the number of epochs may change
+    backend is a Backend or its name; data the splits of ``xpnet.load_dataset``; config a
+    TrainConfig (the seed recipe when None). checkpoint, from ``load_checkpoint``, continues
+    that run with its own settings; only the number of epochs is taken from config.
+    """
+
+    def __init__(self, backend, data, config=None, checkpoint=None):
+        from xpnet.backends import get_backend
+
+        if backend is None or isinstance(backend, str):
+            backend = get_backend(backend)
+        config = config or TrainConfig()
+        if checkpoint is not None:
             config = dataclasses.replace(checkpoint.train_config(TrainConfig), epochs=config.epochs)
         self.backend, self.config = backend, config
         self.rng = numpy.random.default_rng(config.seed)
-        n_classes = int(max(splits.train.labels.max(), splits.test.labels.max())) + 1
-        mean, std = pixel_statistics(splits.train.images)
+        n_classes = int(max(data.train.labels.max(), data.test.labels.max())) + 1
+        mean, std = pixel_statistics(data.train.images)
         self.model = MLP(
             backend,
-            [splits.train.images[0].size, *config.hidden, n_classes],
+            [data.train.images[0].size, *config.hidden, n_classes],
             dtype=config.dtype,
             mean=mean,
             std=std,
             rng=self.rng,
         )
         self.loss = SoftmaxCrossEntropy(backend)
-        self.train_x, self.train_y = self._to_device(splits.train)
-        self.val_x, self.val_y = self._to_device(splits.validation)
-        self.test_x, self.test_y = self._to_device(splits.test)
+        self.train_x, self.train_y = self._to_device(data.train)
+        self.val_x, self.val_y = self._to_device(data.validation)
+        self.test_x, self.test_y = self._to_device(data.test)
         self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
         self.optimizer = SGD(
             backend,
@@ -102,33 +132,44 @@ class Trainer:
             total_steps=self.steps_per_epoch * config.epochs,
         )
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
+        self._batch = Buffers(backend)
         self.history = History()
-        self.epoch = 0
+        self.epoch = 0  # whole epochs done
+        self.epoch_step = 0  # steps done of the next one
+        self._epoch_losses, self._epoch_seconds = [], 0.0
+        self._order, self._epoch_rng_state = None, None
         if checkpoint is not None:
             self.restore(checkpoint)
 
     def _to_device(self, split):
         return (
             self.backend.asarray(self.model.normalize(split.images)),
-            self.backend.asarray(split.labels.astype(numpy.int64)),
+            self.backend.asarray(split.labels, numpy.int64),
         )
 
     # -- state ------------------------------------------------------------------------------
     def state(self):
-        """Everything needed to continue this run exactly, copied to the host."""
+        """Everything needed to continue this run exactly from here, copied to the host."""
         to_host = self.backend.to_numpy
         return Checkpoint(
-            config=dataclasses.asdict(self.config),
             sizes=self.model.sizes,
+            dtype=self.config.dtype,
             mean=self.model.mean,
             std=self.model.std,
+            params=[to_host(p.value) for p in self.model.parameters()],
+            config=dataclasses.asdict(self.config),
             epoch=self.epoch,
+            epoch_step=self.epoch_step,
+            epoch_losses=[float(loss) for chunk in self._epoch_losses for loss in chunk],
             optimizer_steps=self.optimizer.steps_taken,
-            rng_state=self.rng.bit_generator.state,
+            rng_state=self._epoch_rng_state if self.epoch_step else self.rng.bit_generator.state,
             history=[dataclasses.asdict(e) for e in self.history.epochs],
-            params=[to_host(p.value).copy() for p in self.model.parameters()],
-            velocities=[to_host(v).copy() for v in self.optimizer.velocities if v is not None],
+            velocities=[to_host(v) for v in self.optimizer.velocities if v is not None],
         )
+
+    def save(self, path):
+        """Write the run's state as a checkpoint that `xpnet train --resume` or Trainer continues."""
+        self.state().save(path)
 
     def restore(self, checkpoint):
         if checkpoint.sizes != self.model.sizes:
@@ -143,6 +184,10 @@ class Trainer:
         self.rng.bit_generator.state = checkpoint.rng_state
         self.history.epochs = [EpochStats(**e) for e in checkpoint.history]
         self.epoch = checkpoint.epoch
+        if checkpoint.epoch_step:  # redraw the unfinished epoch's order from its generator state
+            self._start_epoch()
+            self.epoch_step = checkpoint.epoch_step
+            self._epoch_losses = [numpy.array(checkpoint.epoch_losses)]
 
     # -- training ---------------------------------------------------------------------------
     def step(self, x, y):
@@ -152,42 +197,75 @@ class Trainer:
         self.optimizer.step()
         return loss
 
-    def batches(self, order):
-        """(x, y) views of each mini-batch in the given device-side order."""
-        backend, size = self.backend, self.config.batch_size
-        x_buffer = backend.empty((size, self.train_x.shape[1]), self.train_x.dtype)
-        y_buffer = backend.empty((size,), self.train_y.dtype)
-        for start in range(0, len(order), size):
-            rows = order[start : start + size]
-            n = len(rows)
-            yield (
-                backend.take_rows(self.train_x, rows, out=x_buffer[:n]),
-                backend.take_rows(self.train_y, rows, out=y_buffer[:n]),
-            )
+    def _start_epoch(self):
+        self._epoch_rng_state = self.rng.bit_generator.state
+        self._order = self.backend.asarray(self.rng.permutation(len(self.train_y)))
+        self._epoch_losses, self._epoch_seconds = [], 0.0
 
-    def train_epoch(self, progress=False):
-        """One pass over the training set; returns the mean loss, or raises Diverged naming
-        the first step whose loss was not finite."""
-        n = len(self.train_y)
-        order = self.backend.asarray(self.rng.permutation(n))
-        bar = tqdm(
-            total=self.steps_per_epoch, disable=not progress, leave=False, unit="batch", desc=f"Epoch {self.epoch + 1}"
-        )
+    def batch(self, k):
+        """(x, y) of step k of the current epoch, gathered on the device into reused buffers."""
+        if self._order is None:
+            self._start_epoch()
+        rows = self._order[k * self.config.batch_size :][: self.config.batch_size]
+        x = self._batch.get("x", (len(rows), self.train_x.shape[1]), self.train_x.dtype)
+        y = self._batch.get("y", (len(rows),), self.train_y.dtype)
+        return self.backend.take_rows(self.train_x, rows, out=x), self.backend.take_rows(self.train_y, rows, out=y)
+
+    def run_steps(self, n=None, progress=None):
+        """Take the next n SGD steps of the current epoch (all that remain of it when None) and
+        return their losses, as host floats read from the device once. The epoch's last step
+        completes it: its stats (mean loss, validation accuracy, time) go into the history.
+        Raises Diverged naming the first step whose loss was not finite. progress.update()
+        is called after each step (a tqdm bar, say)."""
+        left = self.steps_per_epoch - self.epoch_step
+        n = left if n is None else n
+        if not 1 <= n <= left:
+            raise ConfigError(f"run_steps takes 1 to {left} steps (what is left of epoch {self.epoch + 1}), got {n}")
         # Overflow is caught below and reported with its step; NumPy's own warnings would only
         # repeat it, once per op, as noise.
-        with bar, numpy.errstate(over="ignore", invalid="ignore"):
-            for i, (x, y) in enumerate(self.batches(order)):
-                self.step_losses[i : i + 1] = self.step(x, y)  # array to array: `[i] =` may pass through a host float
-                bar.update()
-        losses = self.backend.to_numpy(self.step_losses).astype(numpy.float64)
+        with numpy.errstate(over="ignore", invalid="ignore"):
+            return self._run_steps(self.epoch_step, n, progress)
+
+    def _run_steps(self, first, n, progress):
+        self.backend.synchronize()
+        start = time.perf_counter()
+        for k in range(first, first + n):
+            self.step_losses[k : k + 1] = self.step(
+                *self.batch(k)
+            )  # array to array: `[k] =` may pass through a host float
+            if progress is not None:
+                progress.update()
+        losses = self.backend.to_numpy(self.step_losses[first : first + n]).astype(numpy.float64)
+        self.backend.synchronize()
+        self._epoch_seconds += time.perf_counter() - start
         bad = numpy.flatnonzero(~numpy.isfinite(losses))
         if len(bad):
             raise Diverged(
-                f"training diverged in epoch {self.epoch + 1} at step {bad[0] + 1} of {self.steps_per_epoch} "
+                f"training diverged in epoch {self.epoch + 1} at step {first + bad[0] + 1} of {self.steps_per_epoch} "
                 f"(loss {losses[bad[0]]}); try a smaller --lr than {self.config.lr:g}"
             )
+        self._epoch_losses.append(losses)
+        self.epoch_step += n
+        if self.epoch_step == self.steps_per_epoch:
+            self._complete_epoch()
+        return losses
+
+    def _complete_epoch(self):
+        n = len(self.train_y)
+        losses = numpy.concatenate(self._epoch_losses)
         batch_sizes = numpy.minimum(self.config.batch_size, n - self.config.batch_size * numpy.arange(len(losses)))
-        return float(losses @ batch_sizes) / n
+        self.epoch += 1
+        self.epoch_step, self._order = 0, None
+        seconds = self._epoch_seconds
+        stats = EpochStats(
+            self.epoch, float(losses @ batch_sizes) / n, self.accuracy(self.val_x, self.val_y), seconds, n / seconds
+        )
+        self.history.epochs.append(stats)
+
+    def train_epoch(self, progress=None):
+        """The rest of the current epoch (all of it, from its start); returns its mean loss."""
+        self.run_steps(progress=progress)
+        return self.history.epochs[-1].loss
 
     def accuracy(self, x, y, batch_size=2048):
         correct = 0
@@ -197,31 +275,36 @@ class Trainer:
         return int(self.backend.to_numpy(correct)) / len(y)
 
     def fit(self, log=print, progress=False, after_epoch=None):
-        """Train up to config.epochs; after_epoch(trainer) runs after each (checkpointing)."""
-        n = len(self.train_y)
+        """Train up to config.epochs and return the history, with the test accuracy.
+        log(line) gets each epoch's summary; after_epoch(trainer) runs after each
+        (checkpointing). Ctrl-C raises TrainingInterrupted with the state after the last whole
+        epoch (the state fit started from, before the first)."""
+        compile_seconds = self.backend.prepare(self.config.dtype)
+        if compile_seconds > 0.01:
+            log(f"{self.backend.name}: compiled kernels in {compile_seconds:.2f} s (not counted in epoch times)")
         self.last_whole_epoch = self.state()
         while self.epoch < self.config.epochs:
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=self.epoch_step,
+                disable=not progress,
+                leave=False,
+                unit="batch",
+                desc=f"Epoch {self.epoch + 1}",
+            )
             try:
-                self._run_epoch(n, log, progress, after_epoch)
+                with bar:
+                    self.run_steps(progress=bar)
             except KeyboardInterrupt:
                 raise TrainingInterrupted(self.last_whole_epoch) from None
+            self.last_whole_epoch = self.state()  # what Ctrl-C saves from here on: it resumes exactly
+            stats = self.history.epochs[-1]
+            log(
+                f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
+                f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s)"
+            )
+            if after_epoch is not None:
+                after_epoch(self)
         self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
         log(f"Test accuracy: {self.history.test_accuracy:.4f}")
         return self.history
-
-    def _run_epoch(self, n, log, progress, after_epoch):
-        self.backend.synchronize()
-        start = time.perf_counter()
-        loss = self.train_epoch(progress)
-        self.backend.synchronize()
-        seconds = time.perf_counter() - start
-        self.epoch += 1
-        stats = EpochStats(self.epoch, loss, self.accuracy(self.val_x, self.val_y), seconds, n / seconds)
-        self.history.epochs.append(stats)
-        self.last_whole_epoch = self.state()  # what Ctrl-C saves from here on: it resumes exactly
-        log(
-            f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
-            f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s)"
-        )
-        if after_epoch is not None:
-            after_epoch(self)

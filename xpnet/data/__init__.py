@@ -1,0 +1,17 @@
+"""Datasets: the IDX format, where the files live, verified downloads, the seed recipe's splits."""
+
+from xpnet.data.download import prepare_data_dir
+from xpnet.data.mnist import Split, Splits, load_splits
+
+
+def load_dataset(name="mnist", data_dir=None, download=True):
+    """The training (first 50,000), validation (last 10,000) and test splits of a dataset.
+
+    Each split has ``.images`` (uint8, n x 28 x 28) and ``.labels`` (uint8). The files are read
+    from data_dir, else $XPNET_DATA_DIR, else the per-user cache, which is filled from the
+    dataset's mirrors when download is true (each file checked against its SHA-256).
+    """
+    return load_splits(prepare_data_dir(data_dir, name, download=download))
+
+
+__all__ = ["Split", "Splits", "load_dataset"]
