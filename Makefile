@@ -7,7 +7,7 @@ ARGS ?=
 # CI adds cuda12 so the 'CuPy installed, no GPU' path is tested for real.
 TEST_EXTRAS ?= test
 
-.PHONY: train test lint verify clean
+.PHONY: train test test-slow notebook lint verify clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +24,23 @@ $(VENV)/.installed-$(TEST_EXTRAS): pyproject.toml | $(BIN)/python
 train: $(VENV)/.installed
 	$(BIN)/xpnet train $(ARGS)
 
+# The quick tier; test-slow runs the 20-epoch trainings that check accuracy (CI runs both).
 test: $(VENV)/.installed-$(TEST_EXTRAS)
-	$(BIN)/python -m pytest tests $(ARGS)
+	$(BIN)/python -m pytest tests -m "not slow" $(ARGS)
+
+test-slow: $(VENV)/.installed-$(TEST_EXTRAS)
+	$(BIN)/python -m pytest tests -m slow $(ARGS)
+
+$(VENV)/.installed-notebook: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[notebook]'
+	touch $@ $(VENV)/.installed
+
+notebook: $(VENV)/.installed-notebook
+	$(BIN)/jupyter lab notebooks/backprop_from_scratch.ipynb
 
 lint: $(VENV)/.installed-$(TEST_EXTRAS)
-	$(BIN)/ruff check xpnet tests bench conftest.py
-	$(BIN)/ruff format --check xpnet tests bench conftest.py
+	$(BIN)/ruff check xpnet tests bench conftest.py notebooks
+	$(BIN)/ruff format --check xpnet tests bench conftest.py notebooks
 
 verify: $(VENV)/.installed
 	$(BIN)/xpnet verify --dtype float32 $(ARGS)

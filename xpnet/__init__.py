@@ -22,7 +22,7 @@ from xpnet.errors import ArgumentError, BackendUnavailable, ConfigError, DataErr
 from xpnet.nn.checkpoint import load_checkpoint, load_model
 from xpnet.nn.layers import Linear, ReLU, Sequential
 from xpnet.nn.loss import SoftmaxCrossEntropy, softmax
-from xpnet.nn.model import MLP
+from xpnet.nn.model import MLP, confusion_matrix
 from xpnet.nn.optim import SGD
 from xpnet.nn.train import Diverged, History, TrainConfig, Trainer, seed_lr
 
@@ -48,6 +48,7 @@ __all__ = [
     "Trainer",
     "XpnetError",
     "available_backends",
+    "confusion_matrix",
     "get_backend",
     "load_checkpoint",
     "load_dataset",

@@ -34,6 +34,8 @@ def _shape_text(shape):
 
 
 class Backend:
+    """The ops the layers need, in ``self.xp`` code; with xp = numpy, the reference backend."""
+
     name = "numpy"
     xp = numpy
 
@@ -47,6 +49,7 @@ class Backend:
         return numpy.array(array, copy=True)
 
     def empty(self, shape, dtype):
+        """A new uninitialised array on this backend."""
         return self.xp.empty(shape, dtype=dtype)
 
     def synchronize(self):
@@ -59,31 +62,41 @@ class Backend:
     # -- argument checks: one place, so every backend refuses the same things ---------------
     def _check_range(self, name, values, stop):
         """values must be integers in [0, stop): a kernel indexes with them."""
-        if values.size and (int(values.min()) < 0 or int(values.max()) >= stop):
+        if values.size and self._outside(values, stop):
             low, high = int(values.min()), int(values.max())
             raise ArgumentError(f"{name} must lie in [0, {stop}), got values from {low} to {high}")
 
+    def _outside(self, values, stop):
+        """Whether any of the (non-empty) values lies outside [0, stop)."""
+        return int(values.min()) < 0 or int(values.max()) >= stop
+
     @staticmethod
     def _check(name, array, shape=None, dtype=None, ndim=None, kind=None):
-        """array has the given shape (None entries match anything), dtype, ndim or dtype kind."""
-        if not hasattr(array, "shape") or not hasattr(array, "dtype"):
-            raise ArgumentError(f"{name} must be an array, got {type(array).__name__}")
-        if kind == "float" and array.dtype not in FLOAT_DTYPES:
-            raise ArgumentError(f"{name} must be float32 or float64, got {array.dtype}")
-        if kind == "int" and array.dtype.kind not in "iu":
-            raise ArgumentError(f"{name} must hold integers, got {array.dtype}")
-        if dtype is not None and array.dtype != dtype:
-            raise ArgumentError(
-                f"{name} is {array.dtype} but the op's other arrays are {dtype}; "
-                "nothing is cast silently: convert with backend.asarray(array, dtype)"
-            )
-        if ndim is None and shape is not None:
+        """array has the given shape (None entries match anything), dtype, ndim or dtype kind.
+        Written for speed: it runs for every argument of every op, a few times per step."""
+        try:
+            array_dtype, array_shape = array.dtype, array.shape
+        except AttributeError:
+            raise ArgumentError(f"{name} must be an array, got {type(array).__name__}") from None
+        if dtype is not None:
+            if array_dtype != dtype:
+                raise ArgumentError(
+                    f"{name} is {array_dtype} but the op's other arrays are {dtype}; "
+                    "nothing is cast silently: convert with backend.asarray(array, dtype)"
+                )
+        elif kind == "float" and array_dtype not in FLOAT_DTYPES:
+            raise ArgumentError(f"{name} must be float32 or float64, got {array_dtype}")
+        elif kind == "int" and array_dtype.kind not in "iu":
+            raise ArgumentError(f"{name} must hold integers, got {array_dtype}")
+        if shape is not None:
             ndim = len(shape)
-        if ndim is not None and array.ndim != ndim:
-            raise ArgumentError(f"{name} must have {ndim} dimensions, got shape {_shape_text(array.shape)}")
-        if shape is not None and any(want is not None and want != got for want, got in zip(shape, array.shape)):
-            wanted = _shape_text("*" if want is None else want for want in shape)
-            raise ArgumentError(f"{name} must have shape {wanted}, got {_shape_text(array.shape)}")
+        if ndim is not None and len(array_shape) != ndim:
+            raise ArgumentError(f"{name} must have {ndim} dimensions, got shape {_shape_text(array_shape)}")
+        if shape is not None:
+            for want, got in zip(shape, array_shape):
+                if want is not None and want != got:
+                    wanted = _shape_text("*" if want is None else want for want in shape)
+                    raise ArgumentError(f"{name} must have shape {wanted}, got {_shape_text(array_shape)}")
         return array
 
     def _output(self, name, out, shape, dtype):

@@ -7,12 +7,7 @@ from rich.table import Table
 from xpnet.data import load_dataset
 from xpnet.errors import DataError
 from xpnet.nn.checkpoint import load_model
-
-
-def confusion_matrix(labels, predictions, n_classes):
-    matrix = numpy.zeros((n_classes, n_classes), dtype=numpy.int64)
-    numpy.add.at(matrix, (labels, predictions), 1)
-    return matrix
+from xpnet.nn.model import confusion_matrix
 
 
 def run(args):

@@ -62,6 +62,8 @@ def require_files(data_dir):
 
 @dataclass
 class Split:
+    """Images (n x 28 x 28 uint8) and their labels (n uint8)."""
+
     images: numpy.ndarray  # (n, 28, 28) uint8
     labels: numpy.ndarray  # (n,) uint8
 
@@ -71,6 +73,8 @@ class Split:
 
 @dataclass
 class Splits:
+    """The training, validation and test splits of a dataset."""
+
     train: Split
     validation: Split
     test: Split

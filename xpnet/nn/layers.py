@@ -55,9 +55,11 @@ class Linear:
         return self.W.value.shape
 
     def parameters(self):
+        """[W, b]."""
         return [self.W, self.b]
 
     def forward(self, x):
+        """y = x @ W.T + b (then ReLU when fused); keeps x and y for backward."""
         self.x = x
         out = self._buffers.get("y", (x.shape[0], self.shape[0]), x.dtype)
         self.y = self.backend.linear_forward(x, self.W.value, self.b.value, self.relu, out=out)
@@ -82,9 +84,11 @@ class ReLU:
         self.backend = backend
 
     def parameters(self):
+        """[]: a ReLU has nothing to learn."""
         return []
 
     def forward(self, z):
+        """a = max(z, 0); keeps a for backward."""
         self.a = self.backend.relu(z)
         return self.a
 
@@ -100,14 +104,17 @@ class Sequential:
         self.layers = list(layers)
 
     def parameters(self):
+        """Every layer's parameters, in order."""
         return [p for layer in self.layers for p in layer.parameters()]
 
     def forward(self, x):
+        """Each layer's forward, first to last."""
         for layer in self.layers:
             x = layer.forward(x)
         return x
 
     def backward(self, grad):
+        """Each layer's backward, last to first: the chain rule."""
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
         return grad

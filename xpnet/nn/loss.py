@@ -15,6 +15,8 @@ def softmax(logits):
 
 
 class SoftmaxCrossEntropy:
+    """The loss of a batch of logits against integer labels, with its gradient."""
+
     def __init__(self, backend):
         self.backend = backend
         self._buffers = Buffers(backend)

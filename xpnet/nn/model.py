@@ -14,6 +14,13 @@ def pixel_statistics(images):
     return pixels.mean(), pixels.std()
 
 
+def confusion_matrix(labels, predictions, n_classes):
+    """counts[i, j]: how many images of class i were predicted as j (rows true, columns predicted)."""
+    matrix = numpy.zeros((n_classes, n_classes), dtype=numpy.int64)
+    numpy.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
 class MLP:
     """sizes = [784, 200, 10] gives 784-200-10; any number of hidden layers works.
 
@@ -36,6 +43,7 @@ class MLP:
         )
 
     def parameters(self):
+        """W and b of each layer, in order: the Parameters SGD updates."""
         return self.net.parameters()
 
     def normalize(self, host_images):
@@ -46,9 +54,11 @@ class MLP:
         return flat
 
     def forward(self, x):
+        """Logits of a normalised batch x on the backend."""
         return self.net.forward(x)
 
     def backward(self, grad_logits):
+        """Gradients of every parameter from dL/dlogits (the first layer's input gradient is skipped)."""
         return self.net.backward(grad_logits)
 
     # -- using a trained model -----------------------------------------------------------------

@@ -54,9 +54,11 @@ class SGD:
         self.velocities = [backend.xp.zeros_like(p.value) if momentum else None for p in self.parameters]
 
     def current_lr(self):
+        """The learning rate of the next step, by the schedule."""
         return self.schedule(self.lr, self.steps_taken, self.total_steps)
 
     def step(self):
+        """Update every parameter from its gradient, in place."""
         lr = self.current_lr()
         for p, velocity in zip(self.parameters, self.velocities):
             self.backend.sgd_update(p.value, p.grad, lr, velocity, self.momentum, self.nesterov, self.weight_decay)

@@ -63,6 +63,8 @@ class TrainConfig:
 
 @dataclass
 class EpochStats:
+    """One epoch's record: its mean training loss, validation accuracy, time and throughput."""
+
     epoch: int
     loss: float
     val_accuracy: float
@@ -72,12 +74,14 @@ class EpochStats:
 
 @dataclass
 class History:
+    """What fit returns: each epoch's EpochStats and, once training ends, the test accuracy."""
+
     epochs: list = field(default_factory=list)
     test_accuracy: float = math.nan
 
 
 class Diverged(XpnetError):
-    pass
+    """A step's loss was NaN or infinite; the message names the epoch and step."""
 
 
 class TrainingInterrupted(Exception):
@@ -172,6 +176,7 @@ class Trainer:
         self.state().save(path)
 
     def restore(self, checkpoint):
+        """Continue from a checkpoint of this run (its weights, optimiser, generator, history)."""
         if checkpoint.sizes != self.model.sizes:
             raise DataError(
                 f"the checkpoint's network is {'-'.join(map(str, checkpoint.sizes))} but this data needs "
@@ -268,6 +273,7 @@ class Trainer:
         return self.history.epochs[-1].loss
 
     def accuracy(self, x, y, batch_size=2048):
+        """The fraction of rows of device data x whose label y the model predicts (one read)."""
         correct = 0
         for start in range(0, len(y), batch_size):
             logits = self.model.forward(x[start : start + batch_size])

@@ -1,0 +1,150 @@
+"""xpnet as a library: the README's example as written, the public names, the trainer's step
+API and exact resume from any step, and predict's contract for the images it takes."""
+
+import re
+from pathlib import Path
+
+import numpy
+import pytest
+
+import xpnet
+from xpnet.data.synthetic import synthetic_splits
+from xpnet.errors import ArgumentError, ConfigError, DataError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_python_example():
+    section = README.read_text().split("## From Python", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def test_the_readme_python_example_runs_as_written(mnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # it saves a file where it runs
+    namespace = {}
+    exec(compile(readme_python_example(), str(README), "exec"), namespace)
+    assert (tmp_path / "mnist-mlp.npz").is_file()
+    assert namespace["history"].test_accuracy > 0.9
+    labels = namespace["data"].test.labels[:8]
+    assert (namespace["model"].predict(namespace["data"].test.images[:8]) == labels).mean() >= 0.75
+    assert "Test accuracy" in capsys.readouterr().out
+
+
+def test_every_public_name_and_method_is_documented():
+    for name in xpnet.__all__:
+        thing = getattr(xpnet, name)
+        assert thing.__doc__ and not thing.__doc__.startswith(f"{name}("), f"xpnet.{name} has no docstring"
+        public = (
+            [m for m, f in vars(thing).items() if callable(f) and not m.startswith("_")]
+            if isinstance(thing, type)
+            else []
+        )
+        for method in public:
+            assert getattr(thing, method).__doc__, f"xpnet.{name}.{method} has no docstring"
+
+
+@pytest.fixture(scope="module")
+def model_path(mnist_splits, tmp_path_factory):
+    """A model trained one epoch on real MNIST (about 92% accurate), saved on its own."""
+    trainer = xpnet.Trainer("numpy", mnist_splits, xpnet.TrainConfig(epochs=1))
+    trainer.fit(log=lambda line: None)
+    path = tmp_path_factory.mktemp("model") / "model.npz"
+    trainer.model.save(path)
+    return path
+
+
+def test_predict_takes_uint8_and_float_images_of_the_same_digits_alike(backend, model_path, mnist_splits):
+    model = xpnet.load_model(model_path, backend)
+    digits, labels = mnist_splits.test.images[:500], mnist_splits.test.labels[:500]
+    predicted = model.predict(digits)
+    assert predicted.dtype == numpy.int64 and (predicted == labels).mean() > 0.85
+    for floats in (digits.astype(numpy.float32) / 255, digits / 255.0, (digits / 255.0).reshape(500, 784)):
+        numpy.testing.assert_array_equal(model.predict(floats), predicted)
+    probabilities = model.predict_proba(digits)
+    numpy.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-12)
+    numpy.testing.assert_array_equal(probabilities.argmax(axis=1), predicted)
+    numpy.testing.assert_allclose(model.predict_proba(digits / 255.0), probabilities, atol=1e-5)
+    assert model.predict(digits[0]) == predicted[0] and isinstance(model.predict(digits[0]), int)
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (numpy.full((2, 28, 28), 200.0), r"float images must lie in \[0, 1\]"),
+        (numpy.full((2, 28, 28), numpy.nan), r"float images must lie in \[0, 1\]"),
+        (numpy.zeros((2, 27, 27), numpy.uint8), r"images must be a batch shaped \(n, 28, 28\)"),
+        (numpy.zeros((2, 28, 28), bool), "images must be uint8"),
+        (numpy.full((2, 28, 28), 256), "integer images must hold pixels in 0..255"),
+        (numpy.full((2, 28, 28), -1), "integer images must hold pixels in 0..255"),
+    ],
+)
+def test_predict_refuses_images_it_would_misread(model_path, images, message):
+    model = xpnet.load_model(model_path)
+    with pytest.raises(ArgumentError, match=message):
+        model.predict(images)
+
+
+def test_load_model_takes_a_backend_a_name_or_none(model_path, monkeypatch):
+    monkeypatch.delenv("XPNET_BACKEND", raising=False)
+    assert xpnet.load_model(model_path).backend.name == "numpy"
+    assert xpnet.load_model(model_path, "numba").backend.name == "numba"
+    backend = xpnet.get_backend("numba")
+    assert xpnet.load_model(model_path, backend).backend is backend
+
+
+def test_a_saved_model_predicts_but_cannot_be_resumed(model_path):
+    checkpoint = xpnet.load_checkpoint(model_path)
+    assert checkpoint.config is None and checkpoint.sizes == [784, 200, 10]
+    with pytest.raises(DataError, match="holds a model but no training run"):
+        xpnet.Trainer("numpy", synthetic_splits(n_train=64), checkpoint=checkpoint)
+
+
+CONFIG = xpnet.TrainConfig(epochs=2, batch_size=100, lr=0.05, momentum=0.9, nesterov=True, schedule="cosine")
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_a_run_saved_mid_epoch_resumes_bit_for_bit(name, tmp_path):
+    data = synthetic_splits(n_train=1000)
+    straight = xpnet.Trainer(name, data, CONFIG)
+    straight.fit(log=lambda line: None)
+
+    first = xpnet.Trainer(name, data, CONFIG)
+    assert len(first.run_steps(3)) == 3 and (first.epoch, first.epoch_step) == (0, 3)
+    first.save(tmp_path / "run.npz")
+    resumed = xpnet.Trainer(name, data, xpnet.TrainConfig(epochs=2), xpnet.load_checkpoint(tmp_path / "run.npz"))
+    assert (resumed.epoch, resumed.epoch_step) == (0, 3)
+    resumed.fit(log=lambda line: None)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        numpy.testing.assert_array_equal(a.value, b.value)
+    assert [e.loss for e in resumed.history.epochs] == [e.loss for e in straight.history.epochs]
+
+
+def test_run_steps_stays_within_the_epoch_and_completes_it():
+    trainer = xpnet.Trainer("numpy", synthetic_splits(n_train=1000), xpnet.TrainConfig(batch_size=300))
+    assert trainer.steps_per_epoch == 4
+    losses = trainer.run_steps(2)
+    assert losses.shape == (2,) and numpy.isfinite(losses).all()
+    with pytest.raises(ConfigError, match="run_steps takes 1 to 2 steps"):
+        trainer.run_steps(3)
+    trainer.run_steps()  # the rest: the epoch is complete and recorded
+    assert trainer.epoch == 1 and trainer.epoch_step == 0 and len(trainer.history.epochs) == 1
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"batch_size": 2.5}, "batch_size must be an integer"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"hidden": (200, 0)}, "hidden must be one or more layer sizes"),
+        ({"dtype": "float16"}, "dtype must be 'float32' or 'float64'"),
+        ({"lr": 0.0}, "the learning rate must be a finite number above 0"),
+        ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+        ({"nesterov": True}, "Nesterov momentum needs a momentum above 0"),
+        ({"weight_decay": -1e-3}, "weight decay must be a finite number >= 0"),
+        ({"schedule": "linear"}, "unknown learning-rate schedule 'linear'"),
+    ],
+)
+def test_train_config_refuses_settings_it_cannot_train_with(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        xpnet.TrainConfig(**settings)
