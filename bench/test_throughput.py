@@ -10,7 +10,7 @@ import numpy
 import pytest
 
 from xpnet.backends import REGISTRY
-from xpnet.bench import synthetic_splits
+from xpnet.data.synthetic import synthetic_splits
 from xpnet.nn.train import TrainConfig, Trainer
 
 BATCH_SIZES = [1, 64, 128, 512, 2048]
@@ -34,11 +34,15 @@ def setup_ops(backend, batch, dtype):
     x, W, b = put((batch, 784)), put((200, 784)), put(200)
     y = backend.linear_forward(x, W, b, relu=True)
     labels = backend.asarray(rng.integers(0, 10, batch))
-    grad_W, grad_b = backend.empty((200, 784), dtype), backend.empty((200,), dtype)
+    grad_W, grad_b, grad_z = (
+        backend.empty((200, 784), dtype),
+        backend.empty((200,), dtype),
+        backend.empty(y.shape, dtype),
+    )
     logits, grad_y = put((batch, 10)), put((batch, 200))
     return {
         "linear_forward": lambda: backend.linear_forward(x, W, b, relu=True, out=y),
-        "linear_backward": lambda: backend.linear_backward(x, W, grad_y, grad_W, grad_b, relu_output=y),
+        "linear_backward": lambda: backend.linear_backward(x, W, grad_y, grad_W, grad_b, relu_output=y, grad_z=grad_z),
         "relu": lambda: backend.relu(grad_y, out=grad_y),
         "relu_backward": lambda: backend.relu_backward(y, grad_y, out=grad_y),
         "softmax_cross_entropy": lambda: backend.softmax_cross_entropy(logits, labels),
@@ -65,9 +69,8 @@ def test_op(benchmark, backend, op, batch, dtype):
 @pytest.mark.parametrize("batch", BATCH_SIZES)
 def test_training_step(benchmark, backend, batch, dtype):
     backend.prepare(dtype)
-    trainer = Trainer(backend, synthetic_splits(n_samples=max(4096, batch)), TrainConfig(batch_size=batch, dtype=dtype))
-    order = backend.asarray(trainer.rng.permutation(len(trainer.train_y)))
-    x, y = next(trainer.batches(order))
+    trainer = Trainer(backend, synthetic_splits(n_train=max(4096, batch)), TrainConfig(batch_size=batch, dtype=dtype))
+    x, y = trainer.batch(0)
     step = synchronised(backend, lambda: trainer.step(x, y))
     step()
     benchmark.group = f"training step batch={batch} {dtype}"

@@ -33,25 +33,25 @@ def sgd_parallel(param, grad, lr):  # plain SGD, the rule the training below use
 
 
 @njit(parallel=True, nogil=True)
-def mask_and_sum_columns_parallel(grad_y, relu_output, grad_b):
+def mask_and_sum_columns_parallel(grad_y, relu_output, grad_z, grad_b):
     for j in prange(grad_y.shape[1]):  # a column per thread: no shared accumulator
         total = grad_y.dtype.type(0)
         for i in range(grad_y.shape[0]):
-            grad_y[i, j] *= relu_output[i, j] > 0
-            total += grad_y[i, j]
+            grad_z[i, j] = grad_y[i, j] * (relu_output[i, j] > 0)
+            total += grad_z[i, j]
         grad_b[j] = total
 
 
 class ParallelGatherAndUpdate(NumbaBackend):
     name = "numba, parallel gather + SGD"
 
-    def take_rows(self, source, indices, out=None):
+    def _take_rows(self, source, indices, out):
         take_rows_parallel(source.reshape(len(source), -1), indices, out.reshape(len(out), -1))
         return out
 
-    def sgd_update(self, param, grad, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0):
-        if velocity is not None or weight_decay:  # only plain SGD is measured here
-            return super().sgd_update(param, grad, lr, velocity, momentum, nesterov, weight_decay)
+    def _sgd_update(self, param, grad, lr, velocity, momentum, nesterov, weight_decay):
+        if momentum or weight_decay:  # only plain SGD is measured here
+            return super()._sgd_update(param, grad, lr, velocity, momentum, nesterov, weight_decay)
         sgd_parallel(param.reshape(-1), grad.reshape(-1), lr)
 
 
@@ -73,7 +73,7 @@ def main():
     batch = numpy.empty((512, 784), numpy.float32)
     W, grad_W = (rng.standard_normal((200, 784)).astype(numpy.float32) for _ in range(2))
     grad_y, relu_output = (rng.standard_normal((512, 200)).astype(numpy.float32) for _ in range(2))
-    grad_b = numpy.empty(200, numpy.float32)
+    grad_z, grad_b = numpy.empty((512, 200), numpy.float32), numpy.empty(200, numpy.float32)
     flat_W, flat_grad = W.reshape(-1), grad_W.reshape(-1)
     cases = {
         "gather 512 x 784": (lambda: _take_rows(data, rows, batch), lambda: take_rows_parallel(data, rows, batch)),
@@ -82,8 +82,8 @@ def main():
             lambda: sgd_parallel(flat_W, flat_grad, 1e-12),
         ),
         "ReLU mask + bias-grad sum 512 x 200": (
-            lambda: _mask_and_sum_rows(grad_y, relu_output, True, grad_b),
-            lambda: mask_and_sum_columns_parallel(grad_y, relu_output, grad_b),
+            lambda: _mask_and_sum_rows(grad_y, relu_output, True, grad_z, grad_b),
+            lambda: mask_and_sum_columns_parallel(grad_y, relu_output, grad_z, grad_b),
         ),
     }
     print(f"{'kernel':<38}{'serial us':>10}{'parallel us':>13}")

@@ -1,7 +1,10 @@
 """The benchmark machinery: honest timing, the --quick run, JSON round trip, bad flags."""
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +90,12 @@ def test_quick_bench_writes_json_that_round_trips_markdown_and_a_plot(tmp_path, 
 def test_bad_flags_exit_2(args, capsys):
     assert main(["bench", *args]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_the_pytest_benchmark_suite_runs():
+    """bench/ is not collected with the tests; run a slice of it untimed so that it cannot rot."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    command = [sys.executable, "-m", "pytest", str(bench), "--benchmark-disable", "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run([*command, "-k", "64 and float32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout.splitlines()[-1]
