@@ -96,7 +96,7 @@ def add_train_parser(commands):
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--momentum", type=number, default=defaults.momentum, help="in [0, 1), e.g. 0.9 (default 0)")
     train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum > 0)")
-    train.add_argument("--weight-decay", type=number, default=defaults.weight_decay, help="L2 penalty, >= 0 (default 0)")
+    train.add_argument("--weight-decay", type=number, default=defaults.weight_decay, help="L2 penalty >= 0 (default 0)")
     train.add_argument(
         "--schedule", choices=list(SCHEDULES), default=defaults.schedule, help="learning-rate schedule over the run"
     )
