@@ -119,6 +119,20 @@ def test_a_run_saved_mid_epoch_resumes_bit_for_bit(name, tmp_path):
     assert [e.loss for e in resumed.history.epochs] == [e.loss for e in straight.history.epochs]
 
 
+def test_a_state_saved_after_looking_at_the_next_batch_resumes_bit_for_bit(tmp_path):
+    """batch(k) draws the epoch's order; the saved state must still be the epoch's start."""
+    data = synthetic_splits(n_train=1000)
+    straight = xpnet.Trainer("numpy", data, CONFIG)
+    straight.fit(log=lambda line: None)
+    peeked = xpnet.Trainer("numpy", data, CONFIG)
+    peeked.batch(0)
+    peeked.save(tmp_path / "run.npz")
+    resumed = xpnet.Trainer("numpy", data, CONFIG, xpnet.load_checkpoint(tmp_path / "run.npz"))
+    resumed.fit(log=lambda line: None)
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        numpy.testing.assert_array_equal(a.value, b.value)
+
+
 def test_run_steps_stays_within_the_epoch_and_completes_it():
     trainer = xpnet.Trainer("numpy", synthetic_splits(n_train=1000), xpnet.TrainConfig(batch_size=300))
     assert trainer.steps_per_epoch == 4

@@ -166,7 +166,7 @@ class Trainer:
             epoch_step=self.epoch_step,
             epoch_losses=[float(loss) for chunk in self._epoch_losses for loss in chunk],
             optimizer_steps=self.optimizer.steps_taken,
-            rng_state=self._epoch_rng_state if self.epoch_step else self.rng.bit_generator.state,
+            rng_state=self.rng.bit_generator.state if self._order is None else self._epoch_rng_state,
             history=[dataclasses.asdict(e) for e in self.history.epochs],
             velocities=[to_host(v) for v in self.optimizer.velocities if v is not None],
         )
@@ -235,9 +235,8 @@ class Trainer:
         self.backend.synchronize()
         start = time.perf_counter()
         for k in range(first, first + n):
-            self.step_losses[k : k + 1] = self.step(
-                *self.batch(k)
-            )  # array to array: `[k] =` may pass through a host float
+            # Array to array: `step_losses[k] = loss` may pass through a host float, a device read.
+            self.step_losses[k : k + 1] = self.step(*self.batch(k))
             if progress is not None:
                 progress.update()
         losses = self.backend.to_numpy(self.step_losses[first : first + n]).astype(numpy.float64)
