@@ -1,7 +1,6 @@
 """Checkpoints: exact resume, portability across backends, and bad files."""
 
 import re
-import signal
 import subprocess
 import sys
 
@@ -96,40 +95,14 @@ def test_a_numpy_checkpoint_evaluates_identically_on_numba(checkpoint_on_numpy, 
 
 def test_cli_save_then_resume_equals_one_longer_run(small_data_dir, tmp_path):
     resumed, straight = tmp_path / "resumed.npz", tmp_path / "straight.npz"
-    data = ("--data-dir", str(small_data_dir), "--batch-size", "256")
-    assert run_xpnet("train", "--epochs", "2", "--save", str(resumed), *data).returncode == 0
+    data = ("--data-dir", str(small_data_dir))
+    assert run_xpnet("train", "--epochs", "2", "--batch-size", "256", "--save", str(resumed), *data).returncode == 0
     result = run_xpnet("train", "--resume", str(resumed), "--epochs", "3", "--save", str(resumed), *data)
     assert result.returncode == 0, result.stderr
     assert "Resuming" in result.stdout and "Epoch 3 - Cost" in result.stdout and "Epoch 2 - Cost" not in result.stdout
-    assert run_xpnet("train", "--epochs", "3", "--save", str(straight), *data).returncode == 0
+    assert run_xpnet("train", "--epochs", "3", "--batch-size", "256", "--save", str(straight), *data).returncode == 0
     for a, b in zip(load_checkpoint(resumed).params, load_checkpoint(straight).params):
         numpy.testing.assert_array_equal(a, b)
-
-
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(small_data_dir, tmp_path):
-    path = tmp_path / "interrupted.npz"
-    command = [sys.executable, "-u", "-m", "xpnet", "train", "--epochs", "1000", "--save", str(path)]
-    process = subprocess.Popen(
-        [*command, "--data-dir", str(small_data_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # As at a terminal: a shell without job control (CI, nohup) starts children with
-        # SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    for line in process.stdout:  # wait until training is under way, then press Ctrl-C
-        if line.startswith("Epoch 1 - Cost"):
-            process.send_signal(signal.SIGINT)
-            break
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130
-    assert (
-        "Traceback" not in stderr
-        and f"Resume with: xpnet train --backend numpy --resume {path} --epochs 1000" in stderr
-    )
-    checkpoint = load_checkpoint(path)
-    assert checkpoint.epoch >= 1 and checkpoint.epoch_step == 0  # the state after the last whole epoch
 
 
 def test_checkpoint_holds_what_it_promises(checkpoint_on_numpy, mnist_splits):
@@ -162,7 +135,7 @@ def test_bad_checkpoints_are_one_line_errors(checkpoint_on_numpy, tmp_path, mnis
         "param.0 has shape (200, 784) but the architecture 784-100-10",
     )
     one_line_error(run_xpnet("train", "--resume", str(tmp_path / "missing.npz")), "checkpoint not found")
-    with pytest.raises(DataError, match="not an xpnet checkpoint"):
+    with pytest.raises(DataError, match="not a usable xpnet checkpoint: format .other."):
         numpy.savez(tmp_path / "other.npz", metadata=numpy.frombuffer(b'{"format": "other"}', numpy.uint8))
         load_checkpoint(tmp_path / "other.npz")
 

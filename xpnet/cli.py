@@ -59,10 +59,11 @@ def add_dtype_flag(parser):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
 
 
-def add_data_flags(parser):
+def add_data_flags(parser, default="mnist", help="(default: mnist)"):
+    """--dataset and --data-dir; commands that read a checkpoint default to its dataset (None here)."""
     from xpnet.data.datasets import DATASETS
 
-    parser.add_argument("--dataset", choices=list(DATASETS), default="mnist")
+    parser.add_argument("--dataset", choices=list(DATASETS), default=default, help=help)
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -78,7 +79,7 @@ def add_train_parser(commands):
     train = commands.add_parser("train", help="train an MLP and report validation and test accuracy")
     add_backend_flag(train)
     add_dtype_flag(train)
-    add_data_flags(train)
+    add_data_flags(train, None, "(default: the checkpoint's with --resume, else mnist)")
     train.add_argument("--epochs", type=positive_int, default=defaults.epochs)
     train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     train.add_argument(
@@ -160,7 +161,7 @@ def add_checkpoint_parsers(commands):
     )
     evaluate.add_argument("--checkpoint", required=True)
     add_backend_flag(evaluate)
-    add_data_flags(evaluate)
+    add_data_flags(evaluate, None, "(default: the one the checkpoint was trained on, else mnist)")
     evaluate.add_argument("--plot", default=None, help="write the confusion matrix as a PNG (needs matplotlib)")
     evaluate.set_defaults(command_module="evaluate")
 

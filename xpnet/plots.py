@@ -7,6 +7,8 @@ from xpnet.errors import XpnetError
 
 
 def pyplot():
+    """matplotlib.pyplot, drawing to files only; an XpnetError with the fix when it is missing.
+    Commands call it before their work when a plot is asked for, not after."""
     try:
         import matplotlib
     except ImportError:

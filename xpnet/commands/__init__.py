@@ -1,1 +1,16 @@
 """One module per `xpnet` subcommand; each has run(args) returning the exit code."""
+
+from xpnet.atomic import check_writable
+
+
+def check_outputs(args, *flags):
+    """Before any work starts: each output path given by these flags can be written, and
+    matplotlib is installed when --plot is given. A typo then costs seconds, not a training run."""
+    for flag in flags:
+        path = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if path:
+            check_writable(path, flag)
+    if "--plot" in flags and args.plot:
+        from xpnet.plots import pyplot
+
+        pyplot()

@@ -2,9 +2,11 @@
 
 from xpnet.backends import available_backends, get_backend
 from xpnet.bench_report import run_report
+from xpnet.commands import check_outputs
 
 
 def run(args):
+    check_outputs(args, "--json", "--markdown", "--plot")
     backends = [get_backend(name) for name in (args.backends or available_backends())]
     batch_sizes = args.batch_sizes or ((128, 512) if args.quick else (1, 64, 128, 512, 2048))
     repeats = args.repeats or (1 if args.quick else 3)

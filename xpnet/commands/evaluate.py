@@ -4,15 +4,18 @@ import numpy
 from rich.console import Console
 from rich.table import Table
 
+from xpnet.commands import check_outputs
 from xpnet.data import load_dataset
 from xpnet.errors import DataError
-from xpnet.nn.checkpoint import load_model
+from xpnet.nn.checkpoint import load_checkpoint
 from xpnet.nn.model import confusion_matrix
 
 
 def run(args):
-    model = load_model(args.checkpoint, args.backend)
-    test = load_dataset(args.dataset, args.data_dir).test
+    check_outputs(args, "--plot")
+    checkpoint = load_checkpoint(args.checkpoint)
+    model = checkpoint.model(args.backend)
+    test = load_dataset(args.dataset or checkpoint.dataset or "mnist", args.data_dir).test
     if test.images[0].size != model.sizes[0]:
         raise DataError(
             f"{args.checkpoint} takes {model.sizes[0]} inputs but the test images have {test.images[0].size}"

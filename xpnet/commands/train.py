@@ -1,35 +1,82 @@
 """`xpnet train`: train, checkpoint, resume, plot."""
 
+import os
+import shlex
+import signal
 import sys
 import time
 
 from xpnet.backends import get_backend
+from xpnet.commands import check_outputs
 from xpnet.data import load_dataset
+from xpnet.data.mnist import resolve_data_dir
 from xpnet.errors import UsageError, XpnetError
 from xpnet.nn.checkpoint import load_checkpoint
 from xpnet.nn.train import Diverged, TrainConfig, Trainer, TrainingInterrupted
 
 INTERRUPTED_PATH = "xpnet-interrupted.npz"
+# The run's settings: a resumed run keeps its checkpoint's, so none of these may be given with --resume.
+SETTINGS = ("batch_size", "lr", "hidden", "seed", "dtype", "momentum", "nesterov", "weight_decay", "schedule")
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM both stop training at once and save the last whole epoch.
+    The first signal ignores any that follow, so a second Ctrl-C cannot cut the save short.
+    A SIGINT ignored from the start (a job started in the background) stays ignored."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for number, handler in self.previous.items():
+            if handler is not signal.SIG_IGN:
+                signal.signal(number, self._stop)
+        return self
+
+    def _stop(self, number, frame):
+        self.received = number
+        self.hold()
+        raise KeyboardInterrupt
+
+    def hold(self):
+        """Ignore both signals until the block ends: the writes that follow always finish."""
+        for number in self.previous:
+            signal.signal(number, signal.SIG_IGN)
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def resume_command(args, backend, path, config, dataset):
+    """The command that continues this run, whole: it names the interpreter rather than
+    `xpnet` (which need not be on PATH), the checkpoint, and where the data came from."""
+    command = [sys.executable, "-m", "xpnet", "train", "--backend", backend.name, "--resume", os.path.abspath(path)]
+    command += ["--epochs", str(config.epochs), "--dataset", dataset, "--save", os.path.abspath(path)]
+    data_dir, named = resolve_data_dir(args.data_dir, dataset)
+    if named:
+        command += ["--data-dir", os.path.abspath(data_dir)]
+    if args.save_every:
+        command += ["--save-every", str(args.save_every)]
+    return shlex.join(command)
 
 
 def run(args):
     if args.save_every and not args.save:
         raise UsageError("--save-every needs --save PATH")
-    config = TrainConfig(
-        args.epochs,
-        args.batch_size,
-        args.lr,
-        args.hidden,
-        args.seed,
-        args.dtype,
-        args.momentum,
-        args.nesterov,
-        args.weight_decay,
-        args.schedule,
-    )
+    check_outputs(args, "--save", "--plot")
+    config = TrainConfig(args.epochs, *(getattr(args, name) for name in SETTINGS))
+    checkpoint = None
+    if args.resume:
+        given = [name for name in SETTINGS if getattr(config, name) != getattr(TrainConfig(), name)]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UsageError(f"--resume continues the run with its own settings; drop {flags}")
+        checkpoint = load_checkpoint(args.resume)
+    dataset = args.dataset or (checkpoint and checkpoint.dataset) or "mnist"
+    if checkpoint is not None and checkpoint.dataset and dataset != checkpoint.dataset:
+        raise UsageError(f"{args.resume} was trained on {checkpoint.dataset}, not {dataset}; drop --dataset")
     backend = get_backend(args.backend)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    splits = load_dataset(args.dataset, args.data_dir)
+    splits = load_dataset(dataset, args.data_dir)
     trainer = Trainer(backend, splits, config, checkpoint)
     config = trainer.config  # a resumed run keeps its checkpoint's settings
     sizes = "-".join(map(str, trainer.model.sizes))
@@ -43,31 +90,34 @@ def run(args):
 
     first_epoch = trainer.epoch
     start = time.perf_counter()
-    try:
-        history = trainer.fit(progress=sys.stdout.isatty() and not args.quiet, after_epoch=after_epoch)
-    except TrainingInterrupted as interrupted:
-        path = args.save or INTERRUPTED_PATH
-        interrupted.checkpoint.save(path)
-        done = interrupted.checkpoint.epoch
+    with StopSignals() as signals:
+        try:
+            history = trainer.fit(progress=sys.stdout.isatty() and not args.quiet, after_epoch=after_epoch)
+        except TrainingInterrupted as interrupted:
+            path = args.save or INTERRUPTED_PATH
+            interrupted.checkpoint.save(path)
+            print(
+                f"xpnet: {'terminated' if signals.received == signal.SIGTERM else 'interrupted'}; saved the state "
+                f"after epoch {interrupted.checkpoint.epoch} to {path}. "
+                f"Resume with: {resume_command(args, backend, path, config, dataset)}",
+                file=sys.stderr,
+            )
+            return 128 + signals.received
+        except Diverged as exc:
+            kept = f"; the last good checkpoint, {args.save}, is kept" if args.save and args.save_every else ""
+            raise XpnetError(f"{exc}{kept}") from None
+        signals.hold()  # training is done: what follows writes its results, and nothing may cut that short
+        epoch_seconds = sum(e.seconds for e in history.epochs[first_epoch:])
         print(
-            f"xpnet: interrupted; saved the state after epoch {done} to {path}. "
-            f"Resume with: xpnet train --backend {backend.name} --resume {path} --epochs {config.epochs}",
-            file=sys.stderr,
+            f"Training time: {epoch_seconds:.1f} s in epochs "
+            f"({time.perf_counter() - start:.1f} s with validation and test)"
         )
-        return 130
-    except Diverged as exc:
-        kept = f"; the last good checkpoint, {args.save}, is kept" if args.save and args.save_every else ""
-        raise XpnetError(f"{exc}{kept}") from None
-    epoch_seconds = sum(e.seconds for e in history.epochs[first_epoch:])
-    print(
-        f"Training time: {epoch_seconds:.1f} s in epochs ({time.perf_counter() - start:.1f} s with validation and test)"
-    )
-    if args.save:
-        trainer.last_whole_epoch.save(args.save)
-        print(f"Saved checkpoint to {args.save}")
-    if args.plot:
-        from xpnet.plots import plot_history
+        if args.save:
+            trainer.last_whole_epoch.save(args.save)
+            print(f"Saved checkpoint to {args.save}")
+        if args.plot:
+            from xpnet.plots import plot_history
 
-        plot_history(history, args.plot)
-        print(f"Wrote {args.plot}")
+            plot_history(history, args.plot)
+            print(f"Wrote {args.plot}")
     return 0

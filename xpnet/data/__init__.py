@@ -11,7 +11,9 @@ def load_dataset(name="mnist", data_dir=None, download=True):
     from data_dir, else $XPNET_DATA_DIR, else the per-user cache, which is filled from the
     dataset's mirrors when download is true (each file checked against its SHA-256).
     """
-    return load_splits(prepare_data_dir(data_dir, name, download=download))
+    splits = load_splits(prepare_data_dir(data_dir, name, download=download))
+    splits.name = name
+    return splits
 
 
 __all__ = ["Split", "Splits", "load_dataset"]

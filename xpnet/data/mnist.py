@@ -79,6 +79,7 @@ class Splits:
     validation: Split
     test: Split
     directory: Path = None  # where the files were read from; None for data made in memory
+    name: str = None  # the dataset's name, when it is a known one
 
 
 def read_pair(images_path, labels_path):

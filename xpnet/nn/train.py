@@ -109,6 +109,7 @@ class Trainer:
         if checkpoint is not None:
             config = dataclasses.replace(checkpoint.train_config(TrainConfig), epochs=config.epochs)
         self.backend, self.config = backend, config
+        self.dataset = data.name  # recorded in checkpoints, so a resume reads the same data
         self.rng = numpy.random.default_rng(config.seed)
         n_classes = int(max(data.train.labels.max(), data.test.labels.max())) + 1
         mean, std = pixel_statistics(data.train.images)
@@ -169,6 +170,7 @@ class Trainer:
             rng_state=self.rng.bit_generator.state if self._order is None else self._epoch_rng_state,
             history=[dataclasses.asdict(e) for e in self.history.epochs],
             velocities=[to_host(v) for v in self.optimizer.velocities if v is not None],
+            dataset=self.dataset,
         )
 
     def save(self, path):
