@@ -3,14 +3,37 @@ Every user error is one line on stderr and exit 2."""
 
 import argparse
 import importlib
+import os
 import sys
 
 from xpnet.backends import REGISTRY
 from xpnet.errors import UsageError, XpnetError
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless it states its own or has none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in text:
+            default = action.default
+            shown = (
+                ",".join(map(str, default))
+                if isinstance(default, tuple)
+                else f"{default:g}"
+                if isinstance(default, float)
+                else default
+            )
+            text += f" (default: {shown})".replace("%", "%%")
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (no usage dump) and exit 2 like every user error."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_HelpFormatter, **kwargs)
 
     def error(self, message):
         raise UsageError(message)
@@ -56,7 +79,7 @@ def add_backend_flag(parser):
 
 
 def add_dtype_flag(parser):
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="floating-point type")
 
 
 def add_data_flags(parser, default="mnist", help="(default: mnist)"):
@@ -80,8 +103,8 @@ def add_train_parser(commands):
     add_backend_flag(train)
     add_dtype_flag(train)
     add_data_flags(train, None, "(default: the checkpoint's with --resume, else mnist)")
-    train.add_argument("--epochs", type=positive_int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    train.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="train up to this epoch")
+    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="samples per SGD step")
     train.add_argument(
         "--lr",
         type=number,
@@ -92,12 +115,12 @@ def add_train_parser(commands):
         "--hidden",
         type=int_list,
         default=defaults.hidden,
-        help="hidden layer sizes, e.g. 200 or 512,256,128,64 (default 200)",
+        help="hidden layer sizes, e.g. 200 or 512,256,128,64",
     )
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--momentum", type=number, default=defaults.momentum, help="in [0, 1), e.g. 0.9 (default 0)")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="for the initial weights and the batch order")
+    train.add_argument("--momentum", type=number, default=defaults.momentum, help="in [0, 1), e.g. 0.9")
     train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum > 0)")
-    train.add_argument("--weight-decay", type=number, default=defaults.weight_decay, help="L2 penalty >= 0 (default 0)")
+    train.add_argument("--weight-decay", type=number, default=defaults.weight_decay, help="L2 penalty, >= 0")
     train.add_argument(
         "--schedule", choices=list(SCHEDULES), default=defaults.schedule, help="learning-rate schedule over the run"
     )
@@ -116,10 +139,10 @@ def add_verify_parser(commands):
     verify.add_argument(
         "--backends", type=name_list, default=None, help="comma-separated (default: every available backend)"
     )
-    verify.add_argument("--steps", type=positive_int, default=5)
+    verify.add_argument("--steps", type=positive_int, default=5, help="training steps to check")
     add_dtype_flag(verify)
     add_data_flags(verify)
-    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--seed", type=int, default=0, help="of the reference run")
     verify.set_defaults(command_module="verify")
 
 
@@ -159,22 +182,25 @@ def add_checkpoint_parsers(commands):
     evaluate = commands.add_parser(
         "evaluate", help="test accuracy, per-class accuracy and confusion matrix of a checkpoint"
     )
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint of xpnet train --save or model.save")
     add_backend_flag(evaluate)
     add_data_flags(evaluate, None, "(default: the one the checkpoint was trained on, else mnist)")
     evaluate.add_argument("--plot", default=None, help="write the confusion matrix as a PNG (needs matplotlib)")
     evaluate.set_defaults(command_module="evaluate")
 
     predict = commands.add_parser("predict", help="classify image files with a checkpoint")
-    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("--checkpoint", required=True, help="a checkpoint of xpnet train --save or model.save")
     add_backend_flag(predict)
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.set_defaults(command_module="predict")
 
 
 def build_parser():
+    from xpnet import __version__
+
     parser = _Parser(prog="xpnet", description="A from-scratch MLP for MNIST on NumPy, Numba or CuPy.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"xpnet {__version__}")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=_Parser)
     for add in (add_train_parser, add_verify_parser, add_bench_parser, add_data_parser, add_checkpoint_parsers):
         add(commands)
     return parser
@@ -184,6 +210,9 @@ def main(argv=None):
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command is None:  # bare `xpnet`: say what it can do
+            parser.print_help()
+            return 0
         return importlib.import_module(f"xpnet.commands.{args.command_module}").run(args)
     except XpnetError as exc:
         print(f"xpnet: error: {exc}", file=sys.stderr)
@@ -191,3 +220,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("xpnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`xpnet ... | head -1`): stop quietly, as a shell pipeline expects.
+        # Python's own flush of stdout at exit would fail again, so stdout now goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer its reader left

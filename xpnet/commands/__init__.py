@@ -14,3 +14,11 @@ def check_outputs(args, *flags):
         from xpnet.plots import pyplot
 
         pyplot()
+
+
+def console():
+    """A rich Console; off a terminal (a pipe, a log) 120 columns wide, so tables are not cut at 80."""
+    from rich.console import Console
+
+    terminal = Console()
+    return terminal if terminal.is_terminal else Console(width=120)

@@ -4,8 +4,8 @@ import sys
 
 from xpnet.data import load_dataset
 from xpnet.data.datasets import get_dataset
-from xpnet.data.download import check_file, prepare_data_dir
-from xpnet.data.mnist import find_file, resolve_data_dir
+from xpnet.data.download import check_file, data_location, prepare_data_dir
+from xpnet.data.mnist import find_file
 
 
 def run(args):
@@ -13,7 +13,7 @@ def run(args):
         print(f"{args.dataset}: all four files verified in {prepare_data_dir(args.data_dir, args.dataset)}")
         return 0
     if args.action == "verify":
-        directory, _ = resolve_data_dir(args.data_dir, args.dataset)
+        directory, _ = data_location(args.data_dir, args.dataset)
         failures = 0
         for expected in get_dataset(args.dataset).files:
             path = find_file(directory, expected.name)

@@ -1,10 +1,9 @@
 """`xpnet evaluate`: a checkpoint's test accuracy, per-class accuracy and confusion matrix."""
 
 import numpy
-from rich.console import Console
 from rich.table import Table
 
-from xpnet.commands import check_outputs
+from xpnet.commands import check_outputs, console
 from xpnet.data import load_dataset
 from xpnet.errors import DataError
 from xpnet.nn.checkpoint import load_checkpoint
@@ -24,8 +23,8 @@ def run(args):
     n_classes = model.sizes[-1]
     matrix = confusion_matrix(test.labels, predictions, n_classes)
     per_class = matrix.diagonal() / numpy.maximum(matrix.sum(axis=1), 1)
-    console = Console()
-    console.print(
+    output = console()
+    output.print(
         f"Test accuracy: {matrix.diagonal().sum() / len(test):.4f} on {len(test):,} images ({model.backend.name})"
     )
     table = Table(title="Confusion matrix (rows: true label, columns: predicted)")
@@ -35,7 +34,7 @@ def run(args):
     table.add_column("accuracy", justify="right")
     for i in range(n_classes):
         table.add_row(str(i), *(str(c) for c in matrix[i]), f"{per_class[i]:.4f}")
-    console.print(table)
+    output.print(table)
     if args.plot:
         from xpnet.plots import plot_confusion
 

@@ -2,10 +2,10 @@
 
 import sys
 
-from rich.console import Console
 from rich.table import Table
 
 from xpnet.backends import available_backends, get_backend
+from xpnet.commands import console
 from xpnet.data import load_dataset
 from xpnet.verify import summarize, verify
 
@@ -29,10 +29,7 @@ def run(args):
             f"{check.bound_used:.3f}",
             "pass" if check.passed else "[bold red]FAIL",
         )
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=120)  # a log or pipe: wide enough that rows stay on one line
-    console.print(table)
+    console().print(table)
     failed = [check for check in checks if not check.passed]
     if failed:
         first = failed[0]

@@ -1,7 +1,9 @@
 """Datasets: the IDX format, where the files live, verified downloads, the seed recipe's splits."""
 
+from xpnet.data.datasets import get_dataset
 from xpnet.data.download import prepare_data_dir
 from xpnet.data.mnist import Split, Splits, load_splits
+from xpnet.errors import DataError
 
 
 def load_dataset(name="mnist", data_dir=None, download=True):
@@ -12,6 +14,13 @@ def load_dataset(name="mnist", data_dir=None, download=True):
     dataset's mirrors when download is true (each file checked against its SHA-256).
     """
     splits = load_splits(prepare_data_dir(data_dir, name, download=download))
+    classes = get_dataset(name).classes
+    for split in (splits.train, splits.validation, splits.test):
+        if len(split) and split.labels.max() >= classes:
+            raise DataError(
+                f"{splits.directory} holds label {split.labels.max()}, but {name}'s labels are 0 to {classes - 1}; "
+                "the label file is corrupt or of another dataset"
+            )
     splits.name = name
     return splits
 

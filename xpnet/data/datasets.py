@@ -25,6 +25,7 @@ class Dataset:
     mirrors: tuple  # base URLs, tried in order
     files: tuple  # four DatasetFile, in the order of FILE_NAMES
     system_dirs: tuple = ()  # directories a system package may have installed it in
+    classes: int = 10  # labels are 0 .. classes - 1
 
 
 DATASETS = {

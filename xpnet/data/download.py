@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from xpnet.data.datasets import get_dataset
-from xpnet.data.idx import read_bytes
+from xpnet.data.datasets import DATASETS, get_dataset
+from xpnet.data.idx import content_sha256
 from xpnet.data.mnist import find_file, missing_files, require_files, resolve_data_dir
 from xpnet.errors import DataError
 
@@ -36,10 +36,10 @@ def check_file(path, expected):
     if expected.gz_sha256 and path.suffix == ".gz" and sha256_hex(path.read_bytes()) == expected.gz_sha256:
         return None  # byte-identical to the published .gz: no need to decompress
     try:
-        content = read_bytes(path)
+        digest = content_sha256(path)
     except DataError as exc:
         return str(exc).removeprefix(f"{path}: ")
-    if sha256_hex(content) != expected.sha256:
+    if digest != expected.sha256:
         return "checksum of its content does not match"
     return None
 
@@ -115,6 +115,40 @@ def download_file(expected, directory, mirrors, timeout=TIMEOUT, deadline=DEADLI
     raise DataError(f"could not download {expected.name}: " + "; ".join(failures))
 
 
+def system_copy(dataset):
+    """A system package's directory holding the dataset's four files, complete and right, or None."""
+    for system_dir in dataset.system_dirs:
+        found = [find_file(system_dir, f.name) for f in dataset.files]
+        if all(found) and all(check_file(path, f) is None for path, f in zip(found, dataset.files)):
+            return Path(system_dir)
+    return None
+
+
+def check_not_another_dataset(directory, dataset):
+    """A directory the user names may hold any IDX data, but not another dataset xpnet knows:
+    MNIST and Fashion-MNIST share their file names, so only the content tells them apart.
+    The training labels decide (60 kB to hash, not 50 MB)."""
+    labels = find_file(directory, dataset.files[1].name)
+    if labels is None:
+        return
+    digest = content_sha256(labels)
+    for other in DATASETS.values():
+        if other is not dataset and digest == other.files[1].sha256:
+            raise DataError(
+                f"{directory} holds {other.name}, not {dataset.name}: pass --data-dir a directory of "
+                f"{dataset.name}'s files, or --dataset {other.name}"
+            )
+
+
+def data_location(data_dir=None, dataset="mnist"):
+    """(directory, named): where dataset is read from, as prepare_data_dir decides it, without
+    downloading: the directory the user named, else a system package's copy, else the cache."""
+    directory, named = resolve_data_dir(data_dir, dataset)
+    if not named:
+        directory = system_copy(get_dataset(dataset)) or directory
+    return directory, named
+
+
 def ensure_dataset(dataset, directory, verify_existing, download=True):
     """The directory holding dataset's four verified files, downloading what is missing.
 
@@ -123,10 +157,9 @@ def ensure_dataset(dataset, directory, verify_existing, download=True):
     fetched again and replaced only once a good copy is verified.
     """
     directory = Path(directory)
-    for system_dir in dataset.system_dirs:  # a system package's copy, when complete and right
-        found = [find_file(system_dir, f.name) for f in dataset.files]
-        if all(found) and all(check_file(path, f) is None for path, f in zip(found, dataset.files)):
-            return Path(system_dir)
+    system_dir = system_copy(dataset)
+    if system_dir is not None:
+        return system_dir
     for expected in dataset.files:
         present = find_file(directory, expected.name)
         reason = f"{directory / expected.name}(.gz) is missing"
@@ -159,6 +192,7 @@ def prepare_data_dir(data_dir=None, dataset="mnist", download=True):
         return ensure_dataset(spec, directory, verify_existing=True, download=download)
     if not directory.is_dir():
         require_files(directory)  # raises the one-line "does not exist" error
+    check_not_another_dataset(directory, spec)
     if not missing_files(directory):
         return directory
     return ensure_dataset(spec, directory, verify_existing=False, download=download)

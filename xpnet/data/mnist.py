@@ -47,12 +47,17 @@ def missing_files(data_dir):
 def require_files(data_dir):
     """Fail with one line naming the directory and what it lacks."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir} is a file, not a directory; pass --data-dir the directory holding the IDX files")
     if not data_dir.is_dir():
         raise DataError(
             f"data directory {data_dir} does not exist; pass --data-dir or set {ENV_VAR} "
             "to a directory holding the four MNIST IDX files"
         )
-    missing = missing_files(data_dir)
+    try:
+        missing = missing_files(data_dir)
+    except OSError as exc:
+        raise DataError(f"cannot read the data directory {data_dir} ({exc.strerror}); check its permissions") from None
     if missing:
         raise DataError(
             f"{data_dir} lacks {', '.join(missing)} (.gz or raw); "
@@ -99,6 +104,9 @@ def load_splits(data_dir, validation_size=VALIDATION_SIZE):
     train_images, train_labels, test_images, test_labels = (find_file(data_dir, name) for name in FILE_NAMES)
     train = read_pair(train_images, train_labels)
     test = read_pair(test_images, test_labels)
+    for split, path in ((train, train_images), (test, test_images)):
+        if len(split) == 0 or split.images.ndim != 3 or 0 in split.images.shape:
+            raise DataError(f"{path} holds no images (dimensions {'x'.join(map(str, split.images.shape))})")
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(
             f"training images are {train.images.shape[1:]} but test images are "

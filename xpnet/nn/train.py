@@ -59,6 +59,43 @@ class TrainConfig:
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         check_sgd_settings(self.lr, self.momentum, self.nesterov, self.weight_decay, self.schedule)
+        smallest = numpy.finfo(self.dtype).tiny
+        if self.lr < smallest:
+            raise ConfigError(
+                f"a learning rate of {self.lr:g} is below the smallest normal {self.dtype} ({smallest:.3g}): "
+                "every update would round to 0; use a larger lr or float64"
+            )
+
+
+def available_memory():
+    """Bytes of memory the system could give this process now (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(backend, sizes, config, n_images):
+    """Refuse, before allocating any of it, a run whose arrays cannot fit in the host's memory:
+    weights, gradients and velocities, the normalised images, a batch's activations, and the
+    float64 draw of the largest weight matrix at initialisation. (A GPU's memory is its own.)"""
+    available = available_memory()
+    if backend.xp is not numpy or available is None:
+        return
+    itemsize = numpy.dtype(config.dtype).itemsize
+    weights = sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+    copies = 3 if config.momentum else 2
+    batch = min(config.batch_size, n_images)
+    needed = itemsize * (copies * weights + 2 * n_images * sizes[0] + 4 * batch * sum(sizes))
+    needed += 8 * max(n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+    if needed > available:
+        raise ConfigError(
+            f"{'-'.join(map(str, sizes))} at batch {config.batch_size} in {config.dtype} needs about "
+            f"{needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB of memory available; "
+            "choose smaller --hidden or --batch-size"
+        )
 
 
 @dataclass
@@ -112,10 +149,12 @@ class Trainer:
         self.dataset = data.name  # recorded in checkpoints, so a resume reads the same data
         self.rng = numpy.random.default_rng(config.seed)
         n_classes = int(max(data.train.labels.max(), data.test.labels.max())) + 1
+        sizes = [data.train.images[0].size, *config.hidden, n_classes]
+        check_memory(backend, sizes, config, sum(len(s) for s in (data.train, data.validation, data.test)))
         mean, std = pixel_statistics(data.train.images)
         self.model = MLP(
             backend,
-            [data.train.images[0].size, *config.hidden, n_classes],
+            sizes,
             dtype=config.dtype,
             mean=mean,
             std=std,
@@ -246,9 +285,13 @@ class Trainer:
         self._epoch_seconds += time.perf_counter() - start
         bad = numpy.flatnonzero(~numpy.isfinite(losses))
         if len(bad):
+            config = self.config
+            blame = [f"--lr than {config.lr:g}"]
+            blame += [f"--momentum than {config.momentum:g}"] if config.momentum else []
+            blame += [f"--weight-decay than {config.weight_decay:g}"] if config.weight_decay else []
             raise Diverged(
                 f"training diverged in epoch {self.epoch + 1} at step {first + bad[0] + 1} of {self.steps_per_epoch} "
-                f"(loss {losses[bad[0]]}); try a smaller --lr than {self.config.lr:g}"
+                f"(loss {losses[bad[0]]}); try a smaller {', or a smaller '.join(blame)}"
             )
         self._epoch_losses.append(losses)
         self.epoch_step += n
