@@ -1,0 +1,326 @@
+"""Every command under bad input, by class: each case must exit with its code, say on one line of
+stderr what is wrong and what to do, print no traceback, and leave every file on disk as it was.
+Cases that must be refused before any work starts must also be refused within seconds."""
+
+import gzip
+import hashlib
+import json
+import os
+import shlex
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy
+import pytest
+
+import xpnet
+from xpnet.data.datasets import FILE_NAMES
+from xpnet.data.idx import write_idx
+from xpnet.data.synthetic import synthetic_splits
+
+FAST = 15.0  # seconds: start-up and imports included, far from any training run
+
+
+def run_xpnet(args, cwd, env=None, prelude=""):
+    code = f"import sys\n{prelude}\nfrom xpnet.cli import main\nsys.exit(main(sys.argv[1:]))"
+    environment = {**os.environ, **(env or {})}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=environment, timeout=600
+    )
+    return result, time.perf_counter() - start
+
+
+def tree_hashes(*roots):
+    """SHA-256 of every file under the roots: what must not change."""
+    hashes = {}
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")):
+            if path.is_file():
+                hashes[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """A small training run's checkpoint, with momentum (so it holds velocities), to edit."""
+    path = tmp_path_factory.mktemp("base") / "run.npz"
+    config = xpnet.TrainConfig(epochs=1, hidden=(8,), batch_size=64, momentum=0.9)
+    trainer = xpnet.Trainer("numpy", synthetic_splits(n_train=256), config)
+    trainer.fit(log=lambda line: None)
+    trainer.save(path)
+    return path
+
+
+def edited(base, directory, files):
+    """A copy of the base checkpoint with metadata fields, config settings and arrays replaced."""
+    with numpy.load(base) as archive:
+        contents = {key: archive[key] for key in archive.files}
+    document = json.loads(contents.pop("metadata").tobytes())
+    document.update(files.get("metadata", {}))
+    document["config"] = {**document["config"], **files.get("config", {})}
+    contents.update(files.get("arrays", {}))
+    contents["metadata"] = numpy.frombuffer(json.dumps(document).encode(), numpy.uint8)
+    path = directory / "edited.npz"
+    numpy.savez(path, **contents)
+    return path
+
+
+def write_dataset(directory, n_train=10_100, n_test=50, labels=None, test_images=None):
+    directory.mkdir(exist_ok=True)
+    splits = synthetic_splits(n_train=n_train, n_test=n_test)
+    train_labels = splits.train.labels if labels is None else labels
+    test = splits.test.images if test_images is None else test_images
+    for name, array in zip(FILE_NAMES, (splits.train.images, train_labels, test, splits.test.labels[: len(test)])):
+        write_idx(directory / f"{name}.gz", array)
+    return directory
+
+
+def overflowing_images(directory):
+    """An image file whose header declares 2^31 x 2^31 x 4 images: 2^64 bytes."""
+    write_dataset(directory)
+    header = struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">3I", 2**31, 2**31, 4)
+    with gzip.open(directory / f"{FILE_NAMES[0]}.gz", "wb") as f:
+        f.write(header + bytes(1000))
+    return directory
+
+
+def case(kind, name, command, code, *parts, before_work=True, **files):
+    """command: xpnet's arguments, with {data} for --data-dir of a small dataset, {base} for a
+    training run's checkpoint, and {edited}, {dataset}, {text}, {model} or {overflow} for the
+    file that files (metadata=, config=, arrays=, dataset=) describe or that the name makes."""
+    return pytest.param(command, code, parts, before_work, files, id=f"{kind}:{name}")
+
+
+CASES = [
+    # Work that would be lost after it is done: refused before it starts.
+    case("outputs", "save-into-missing-dir", "train --save no/such/dir/m.npz {data}", 2, "--save no/such/dir/m.npz",
+         "does not exist", "create it"),
+    case("outputs", "save-into-unwritable-dir", "train --save /proc/m.npz {data}", 2, "cannot write in /proc",
+         "writable directory"),
+    case("outputs", "save-to-a-directory", "train --save . {data}", 2, "--save . is a directory", "give a file name"),
+    case("outputs", "plot-into-missing-dir", "train --plot gone/curves.png {data}", 2, "--plot gone/curves.png",
+         "does not exist"),
+    case("outputs", "bench-json-into-missing-dir", "bench --quick --json /nonexistent/x.json", 2,
+         "--json /nonexistent/x.json", "does not exist"),
+    case("outputs", "evaluate-plot-to-a-directory", "evaluate --checkpoint {base} --plot . {data}", 2,
+         "--plot . is a directory"),
+    # Resuming: the run's own settings, and only a run.
+    case("resume", "with-hidden", "train --resume {base} --hidden 100 {data}", 2,
+         "--resume continues the run with its own settings", "drop --hidden"),
+    case("resume", "with-lr-and-batch-size", "train --resume {base} --lr 0.1 --batch-size 64 {data}", 2,
+         "drop --batch-size, --lr"),
+    case("resume", "a-saved-model", "train --resume {model} {data}", 2, "holds a model but no training run"),
+    # Checkpoints edited or broken by hand.
+    *[
+        case("checkpoint", f"{key}={value!r}", "evaluate --checkpoint {edited} {data}", 2,
+             "not a usable xpnet checkpoint", key, metadata={key: value})
+        for key, value in [
+            ("sizes", "abc"), ("sizes", [784]), ("sizes", [784, 0, 10]), ("sizes", [784, True, 10]),
+            ("mean", "x"), ("std", 0), ("std", -1.0), ("dtype", "bogus"), ("dtype", "int8"), ("dtype", "float16"),
+            ("epoch", "3"), ("epoch", -1), ("epoch_step", 1.5), ("optimizer_steps", -5), ("rng_state", {"x": 1}),
+            ("history", [1]), ("history", [{"epoch": 1}]), ("epoch_losses", ["nan"]), ("dataset", 7),
+        ]
+    ],
+    *[
+        case("checkpoint", f"config-{key}={value!r}", "train --resume {edited} {data}", 2,
+             "not a usable xpnet checkpoint", message, config={key: value})
+        for key, value, message in [
+            ("batch_size", 0, "batch_size must be an integer >= 1"),
+            ("lr", -1.0, "learning rate must be a finite number above 0"),
+            ("schedule", "linear", "unknown learning-rate schedule"),
+            ("colour", "red", "config must hold exactly the settings of TrainConfig"),
+            ("hidden", 200, "config must hold exactly"),
+        ]
+    ],
+    *[
+        case("checkpoint", f"param.1-{label}", "evaluate --checkpoint {edited} {data}", 2,
+             "not a usable xpnet checkpoint", message, arrays={"param.1": array})
+        for label, array, message in [
+            ("strings", numpy.array(["a"] * 8), "param.1 holds <U1"),
+            ("integers", numpy.zeros(8, numpy.int64), "param.1 holds int64"),
+            ("complex", numpy.zeros(8, numpy.complex64), "param.1 holds complex64"),
+            ("nan", numpy.full(8, numpy.nan, numpy.float32), "param.1 holds NaN"),
+            ("wrong-shape", numpy.zeros(9, numpy.float32), "param.1 has shape (9,)"),
+        ]
+    ],
+    case("checkpoint", "not-an-npz", "evaluate --checkpoint {text} {data}", 2,
+         "not a readable checkpoint (not an .npz archive"),
+    # IDX files.
+    case("idx", "dimensions-overflow", "train --data-dir {overflow}", 2, "declares 2147483648x2147483648x4",
+         "the header is corrupt"),
+    case("idx", "no-test-images", "train --data-dir {dataset}", 2, "holds no images",
+         dataset={"test_images": numpy.zeros((0, 28, 28), numpy.uint8)}),
+    case("idx", "data-dir-is-a-file", "train --data-dir {text}", 2, "is a file, not a directory"),
+    # Flags.
+    case("flags", "negative-seed", "train --seed -1 {data}", 2, "seed must be an integer >= 0"),
+    case("flags", "hidden-too-large", "train --hidden 100000000 {data}", 2, "GiB of memory available",
+         "choose smaller --hidden"),
+    case("flags", "lr-rounds-to-zero", "train --lr 1e-300 {data}", 2, "below the smallest normal float32",
+         "use a larger lr or float64"),
+    case("flags", "momentum-above-1", "train --momentum 2 {data}", 2, "momentum must be in [0, 1)"),
+    case("flags", "divergence-blames-momentum", "train --lr 1e30 --momentum 0.5 --epochs 1 {data}", 2,
+         "training diverged in epoch 1", "smaller --lr than 1e+30, or a smaller --momentum", before_work=False),
+    # Datasets.
+    case("datasets", "label-200", "train --data-dir {dataset}", 2, "holds label 200", "labels are 0 to 9",
+         dataset={"labels": numpy.full(10_100, 200, numpy.uint8)}),
+    case("datasets", "verify-another-dataset", "data verify --dataset fashion-mnist {data}", 1,
+         "are not fashion-mnist"),
+]  # fmt: skip
+
+
+def model_only(directory):
+    path = directory / "model.npz"
+    xpnet.MLP(xpnet.get_backend("numpy"), [784, 8, 10]).save(path)
+    return path
+
+
+def text_file(directory):
+    path = directory / "notes.txt"
+    path.write_text("not a checkpoint, not a directory\n")
+    return path
+
+
+def materialise(command, tmp_path, base, data_dir, files):
+    """The argument list of a case's command, its files made in tmp_path."""
+    makers = {
+        "{data}": lambda: ["--data-dir", str(data_dir)],
+        "{base}": lambda: [str(base)],
+        "{model}": lambda: [str(model_only(tmp_path))],
+        "{text}": lambda: [str(text_file(tmp_path))],
+        "{overflow}": lambda: [str(overflowing_images(tmp_path / "data"))],
+        "{dataset}": lambda: [str(write_dataset(tmp_path / "data", **files.get("dataset", {})))],
+        "{edited}": lambda: [str(edited(base, tmp_path, files))],
+    }  # fmt: skip
+    return [part for word in command.split() for part in (makers[word]() if word in makers else [word])]
+
+
+@pytest.mark.parametrize("command, code, parts, before_work, files", CASES)
+def test_bad_input_is_one_line_that_names_the_fault_and_changes_nothing(
+    tmp_path, base_checkpoint, small_data_dir, command, code, parts, before_work, files
+):
+    args = materialise(command, tmp_path, base_checkpoint, small_data_dir, files)
+    before = tree_hashes(tmp_path, small_data_dir, base_checkpoint.parent)
+    result, seconds = run_xpnet(args, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+    assert "pickle" not in lines[0]  # never advise unpickling an untrusted file
+    assert tree_hashes(tmp_path, small_data_dir, base_checkpoint.parent) == before
+    if before_work:
+        assert seconds < FAST, f"refused only after {seconds:.1f} s"
+
+
+def test_the_data_directory_of_another_dataset_is_refused_from_the_environment(mnist_dir, tmp_path):
+    result, seconds = run_xpnet(
+        ["train", "--dataset", "fashion-mnist"], tmp_path, env={"XPNET_DATA_DIR": str(mnist_dir)}
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"{mnist_dir} holds mnist, not fashion-mnist" in result.stderr and seconds < FAST
+
+
+def test_plot_without_matplotlib_is_refused_before_training(small_data_dir, tmp_path):
+    result, seconds = run_xpnet(
+        ["train", "--plot", "curves.png", "--data-dir", str(small_data_dir)],
+        tmp_path,
+        prelude="sys.modules['matplotlib'] = None",
+    )
+    assert result.returncode == 2 and "plotting needs matplotlib: pip install 'xpnet[plot]'" in result.stderr
+    assert "Epoch" not in result.stdout and seconds < FAST and not (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["data", "info", "--data-dir"], ["train", "--epochs", "2", "--data-dir"], ["--help"]]
+)
+def test_a_reader_leaving_the_pipe_ends_the_command_quietly(small_data_dir, tmp_path, command):
+    if command[-1] == "--data-dir":
+        command = [*command, str(small_data_dir)]
+    errors = tmp_path / "stderr.txt"
+    shell = f"{shlex.join([sys.executable, '-m', 'xpnet', *command])} 2>{errors} | head -1; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=300)
+    assert len(result.stdout.splitlines()) == 1
+    assert errors.read_text() == ""  # no BrokenPipeError traceback
+    assert result.returncode in (0, 141)
+
+
+def test_bare_xpnet_lists_its_commands_and_version_works():
+    result = subprocess.run([sys.executable, "-m", "xpnet"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("train", "evaluate", "predict", "bench", "verify", "data"):
+        assert f"    {command} " in result.stdout
+    version = subprocess.run([sys.executable, "-m", "xpnet", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"xpnet {xpnet.__version__}"
+
+
+def test_every_help_line_with_a_default_shows_it():
+    result = subprocess.run([sys.executable, "-m", "xpnet", "train", "--help"], capture_output=True, text=True)
+    text = " ".join(result.stdout.split())
+    for flag, default in [
+        ("--epochs", "20"),
+        ("--batch-size", "512"),
+        ("--seed", "0"),
+        ("--hidden", "200"),
+        ("--momentum", "0"),
+        ("--dtype", "float32"),
+        ("--schedule", "constant"),
+    ]:
+        assert f"(default: {default})" in text.split(flag, 2)[2].split(" --", 1)[0], flag
+
+
+def test_evaluate_keeps_its_table_whole_in_a_pipe(base_checkpoint, small_data_dir, tmp_path):
+    result, _ = run_xpnet(
+        ["evaluate", "--checkpoint", str(base_checkpoint), "--data-dir", str(small_data_dir)], tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 10 and all(line.rstrip().endswith("│") for line in rows)  # no row wrapped or cut
+
+
+GZIP_BOMB_GIB = 1
+
+
+def gzip_bomb(path):
+    """A valid MNIST image header and payload, then 1 GiB of zeros: 1 MB on disk."""
+    header = struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">3I", 60_000, 28, 28)
+    compressor = zlib.compressobj(9, wbits=31)
+    zeros = bytes(1 << 24)
+    with open(path, "wb") as f:
+        f.write(compressor.compress(header + bytes(60_000 * 28 * 28)))
+        for _ in range(GZIP_BOMB_GIB * 64):
+            f.write(compressor.compress(zeros))
+        f.write(compressor.flush())
+    return path
+
+
+MEASURE_PEAK = """
+import resource, sys
+from xpnet.data.idx import IMAGES_MAGIC, content_sha256, read_idx
+from xpnet.errors import DataError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    read_idx(sys.argv[1], IMAGES_MAGIC)
+    print("read", end=" ")
+except DataError as exc:
+    print("refused:", exc, end=" ")
+content_sha256(sys.argv[1])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_gzip_bomb_is_refused_at_its_first_byte_too_many_in_bounded_memory(tmp_path):
+    path = gzip_bomb(tmp_path / "train-images-idx3-ubyte.gz")
+    assert path.stat().st_size < 5 * 2**20
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE_PEAK, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    verdict, growth_mib = result.stdout.rsplit(" ", 1)
+    assert "refused:" in verdict and "more bytes than its dimensions 60000x28x28 declare" in verdict
+    # The declared payload is 45 MiB; the content inflates to over 1 GiB.
+    assert int(growth_mib) < 150, f"peak memory grew by {growth_mib} MiB"
