@@ -115,6 +115,8 @@ CASES = [
     case("resume", "with-lr-and-batch-size", "train --resume {base} --lr 0.1 --batch-size 64 {data}", 2,
          "drop --batch-size, --lr"),
     case("resume", "a-saved-model", "train --resume {model} {data}", 2, "holds a model but no training run"),
+    case("resume", "epochs-already-done", "train --resume {base} --epochs 1 {data}", 2, "is already at epoch 1",
+         "pass --epochs above it"),
     # Checkpoints edited or broken by hand.
     *[
         case("checkpoint", f"{key}={value!r}", "evaluate --checkpoint {edited} {data}", 2,

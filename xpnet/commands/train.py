@@ -72,6 +72,10 @@ def run(args):
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UsageError(f"--resume continues the run with its own settings; drop {flags}")
         checkpoint = load_checkpoint(args.resume)
+        if checkpoint.epoch >= args.epochs:
+            raise UsageError(
+                f"{args.resume} is already at epoch {checkpoint.epoch}; pass --epochs above it to train on"
+            )
     dataset = args.dataset or (checkpoint and checkpoint.dataset) or "mnist"
     if checkpoint is not None and checkpoint.dataset and dataset != checkpoint.dataset:
         raise UsageError(f"{args.resume} was trained on {checkpoint.dataset}, not {dataset}; drop --dataset")
