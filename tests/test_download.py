@@ -254,3 +254,19 @@ def test_a_system_package_copy_is_used_before_any_download(tmp_path):
     dataset = Dataset("tiny", mirrors=(refused_url(),), files=FILES, system_dirs=(str(system_dir),))
     assert ensure_dataset(dataset, tmp_path / "cache", verify_existing=True) == system_dir
     assert not (tmp_path / "cache").exists()
+
+
+def test_data_verify_looks_where_train_reads_a_system_package_copy(tmp_path, monkeypatch, capsys):
+    """`data verify` and `train` resolve the same directory: a system package's copy included."""
+    from xpnet.cli import main
+
+    system_dir = tmp_path / "usr-share-datasets"
+    system_dir.mkdir()
+    for name, content in CONTENT.items():
+        (system_dir / f"{name}.gz").write_bytes(gzip.compress(content))
+    dataset = Dataset("tiny", mirrors=(refused_url(),), files=FILES, system_dirs=(str(system_dir),))
+    monkeypatch.setitem(datasets.DATASETS, "fashion-mnist", dataset)  # a name the CLI accepts
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("XPNET_DATA_DIR", raising=False)
+    assert main(["data", "verify", "--dataset", "fashion-mnist"]) == 0
+    assert f"{system_dir} holds the verified fashion-mnist files" in capsys.readouterr().out

@@ -47,14 +47,14 @@ def missing_files(data_dir):
 def require_files(data_dir):
     """Fail with one line naming the directory and what it lacks."""
     data_dir = Path(data_dir)
-    if data_dir.exists() and not data_dir.is_dir():
-        raise DataError(f"{data_dir} is a file, not a directory; pass --data-dir the directory holding the IDX files")
-    if not data_dir.is_dir():
-        raise DataError(
-            f"data directory {data_dir} does not exist; pass --data-dir or set {ENV_VAR} "
-            "to a directory holding the four MNIST IDX files"
-        )
     try:
+        if data_dir.exists() and not data_dir.is_dir():
+            raise DataError(f"{data_dir} is a file, not a directory; pass --data-dir the directory holding the IDX files")
+        if not data_dir.is_dir():
+            raise DataError(
+                f"data directory {data_dir} does not exist; pass --data-dir or set {ENV_VAR} "
+                "to a directory holding the four MNIST IDX files"
+            )
         missing = missing_files(data_dir)
     except OSError as exc:
         raise DataError(f"cannot read the data directory {data_dir} ({exc.strerror}); check its permissions") from None
