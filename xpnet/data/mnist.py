@@ -49,7 +49,9 @@ def require_files(data_dir):
     data_dir = Path(data_dir)
     try:
         if data_dir.exists() and not data_dir.is_dir():
-            raise DataError(f"{data_dir} is a file, not a directory; pass --data-dir the directory holding the IDX files")
+            raise DataError(
+                f"{data_dir} is a file, not a directory; pass --data-dir the directory holding the IDX files"
+            )
         if not data_dir.is_dir():
             raise DataError(
                 f"data directory {data_dir} does not exist; pass --data-dir or set {ENV_VAR} "
