@@ -32,18 +32,19 @@ def quiet(line):
     pass
 
 
-class InterruptAtStep:
-    """Wraps a backend's sgd_update to raise KeyboardInterrupt at the n-th call, as Ctrl-C would."""
+class InterruptInEpoch:
+    """Wraps a trainer's run_steps: in the given epoch it takes 7 steps, then raises
+    KeyboardInterrupt as Ctrl-C would, the weights already moved (compiled or not)."""
 
-    def __init__(self, backend, call):
-        self.calls, self.call, self.update = 0, call, backend.sgd_update
-        backend.sgd_update = self
+    def __init__(self, trainer, epoch):
+        self.trainer, self.epoch, self.run_steps = trainer, epoch, trainer.run_steps
+        trainer.run_steps = self
 
-    def __call__(self, *args):
-        self.calls += 1
-        if self.calls == self.call:
+    def __call__(self, n=None, progress=None):
+        if self.trainer.epoch + 1 == self.epoch:
+            self.run_steps(7)
             raise KeyboardInterrupt
-        return self.update(*args)
+        return self.run_steps(n, progress)
 
 
 @pytest.mark.parametrize("name", ["numpy", "numba"])
@@ -52,8 +53,7 @@ def test_interrupted_and_resumed_run_ends_bit_for_bit_like_an_uninterrupted_one(
     straight.fit(log=quiet)
 
     interrupted = Trainer(get_backend(name), small_splits, CONFIG)
-    n_params = len(interrupted.model.parameters())
-    InterruptAtStep(interrupted.backend, call=n_params * (interrupted.steps_per_epoch + 7))  # inside epoch 2
+    InterruptInEpoch(interrupted, epoch=2)
     with pytest.raises(TrainingInterrupted) as info:
         interrupted.fit(log=quiet)
     assert info.value.checkpoint.epoch == 1

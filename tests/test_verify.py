@@ -3,7 +3,7 @@
 import numpy
 import pytest
 
-from xpnet.backends import REGISTRY
+from xpnet.backends import REGISTRY, numba_steps
 from xpnet.backends.numba_backend import NumbaBackend
 from xpnet.backends.numpy_backend import NumpyBackend
 from xpnet.cli import main
@@ -21,6 +21,20 @@ class DropsOneReluGradient(NumbaBackend):
         super()._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z)
 
 
+class CompiledStepsWithAWrongRate(numba_steps.CompiledSteps):
+    def run(self, order, first, n, lrs, losses):
+        super().run(order, first, n, lrs * 1.001, losses)
+
+
+class WrongCompiledPath(NumbaBackend):
+    """Its ops are right; its compiled steps use a learning rate 0.1% too large."""
+
+    name = "wrong-compiled-path"
+
+    def compile_steps(self, model, optimizer, train_x, train_y, batch_size):
+        return CompiledStepsWithAWrongRate(self, model, optimizer, train_x, train_y, batch_size)
+
+
 class SlightlyWrongLearningRate(NumpyBackend):
     name = "slightly-wrong-learning-rate"
 
@@ -30,14 +44,15 @@ class SlightlyWrongLearningRate(NumpyBackend):
 
 @pytest.fixture
 def wrong_backends(monkeypatch):
-    for cls in (DropsOneReluGradient, SlightlyWrongLearningRate):
+    for cls in (DropsOneReluGradient, SlightlyWrongLearningRate, WrongCompiledPath):
         monkeypatch.setitem(REGISTRY, cls.name, f"{__name__}:{cls.__name__}")
 
 
-def checks_per_step(layers):
+def checks_per_step(layers, compiled):
     """Each layer's forward, the loss and its gradient, grad W and grad b of each layer and grad x
-    of all but the first, and the update of each W and b."""
-    return layers + 2 + (3 * layers - 1) + 2 * layers
+    of all but the first, and the update of each W and b; and for a backend that compiles its
+    steps, each W and b after one compiled step."""
+    return layers + 2 + (3 * layers - 1) + 2 * layers + (2 * layers if compiled else 0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -45,13 +60,17 @@ def test_real_backends_agree(mnist_dir, dtype, capsys):
     backends, steps = ["numpy", "numba"], 3
     command = ["verify", "--backends", ",".join(backends), "--dtype", dtype, "--steps", str(steps)]
     assert main([*command, "--data-dir", str(mnist_dir)]) == 0
-    expected = steps * len(backends) * checks_per_step(layers=2)  # 784-200-10
+    expected = steps * sum(checks_per_step(layers=2, compiled=name == "numba") for name in backends)  # 784-200-10
     assert f"All {expected} checks agree: numpy, numba" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "wrong, op",
-    [(DropsOneReluGradient.name, "layer 1 backward grad W"), (SlightlyWrongLearningRate.name, "layer 2 update W")],
+    [
+        (DropsOneReluGradient.name, "layer 1 backward grad W"),
+        (SlightlyWrongLearningRate.name, "layer 2 update W"),
+        (WrongCompiledPath.name, "compiled step (exact)"),
+    ],
 )
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_a_wrong_backend_fails_naming_the_op(mnist_dir, wrong_backends, wrong, op, dtype, capsys):

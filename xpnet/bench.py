@@ -100,17 +100,24 @@ def measure(contenders, batch_size, hidden, dtype, repeats):
     return results
 
 
-def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None):
+def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None, compiled=True):
+    """A backend's training epoch; compiled=False times its reference loop even where it has a
+    compiled one (the row named "<backend> (op by op)"), to show what compiling the loop buys."""
     compile_seconds = backend.prepare(dtype)
     splits = splits or synthetic_splits()
     config = TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=dtype)
-    trainer = Trainer(backend, splits, config)
+    trainer = Trainer(backend, splits, config, compiled=compiled)
+    if trainer.compiled_steps is not None:
+        start = time.perf_counter()
+        trainer.compiled_steps.prepare(trainer.step_losses)
+        compile_seconds += time.perf_counter() - start
     return Contender(
-        backend.name,
+        backend.name if compiled else f"{backend.name} (op by op)",
         trainer.train_epoch,
         backend.synchronize,
         len(splits.train),
         compile_seconds,
+        extra={"compiled": trainer.compiled_steps is not None},
         host_arrays=backend.xp is numpy,
     )
 

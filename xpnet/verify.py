@@ -17,6 +17,7 @@ for the final rounding. Nothing here is tuned: the bound follows from the dtype 
 sums. Ops without arithmetic (gathers, masks) must match exactly.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy
@@ -129,12 +130,43 @@ def verify(candidates, data, steps=5, dtype="float32", hidden=(200,), batch_size
     lr = seed_lr(batch_size) if lr is None else lr
     config = TrainConfig(batch_size=batch_size, lr=lr, hidden=hidden, seed=seed, dtype="float64")
     reference = Trainer(get_backend("numpy"), data, config)
+    twins = compiled_twins(candidates, data, dataclasses.replace(config, dtype=dtype))
     checks = []
     for step in range(1, steps + 1):
         x, y = reference.batch(reference.epoch_step)
         for candidate in candidates:
             checks.extend(check_step(step, candidate, dtype, reference.model, x, y, lr))
+        checks.extend(check_compiled_step(step, twins, reference.model, dtype))
         reference.run_steps(1)
+    return checks
+
+
+def compiled_twins(candidates, data, config):
+    """For each candidate that compiles its steps: a trainer that does, and one that runs the
+    reference loop on the same backend. Made with the reference's seed, they draw the same
+    batches in the same order as it does."""
+    twins = []
+    for candidate in candidates:
+        compiled = Trainer(candidate, data, config)
+        if compiled.compiled_steps is not None:
+            twins.append((compiled, Trainer(candidate, data, config, compiled=False)))
+    return twins
+
+
+def check_compiled_step(step, twins, reference_model, dtype):
+    """One compiled step from the reference's state against the candidate's own op-by-op step
+    from the same state. The compiled loop calls the same kernels and the same BLAS routines
+    with the same arguments, so the two must agree exactly: the op-by-op step's every op is
+    checked against the reference above, and this extends that check to the compiled one."""
+    checks = []
+    for compiled, stepwise in twins:
+        for trainer in (compiled, stepwise):
+            for mine, theirs in zip(trainer.model.parameters(), reference_model.parameters()):
+                mine.value[...] = trainer.backend.asarray(theirs.value, dtype)
+            trainer.run_steps(1)
+        for got, expected in zip(compiled.model.parameters(), stepwise.model.parameters()):
+            got, expected = (compiled.backend.to_numpy(p.value).astype(numpy.float64) for p in (got, expected))
+            checks.append(compare(step, "compiled step (exact)", compiled.backend.name, got, expected, dtype, 0, 0.0))
     return checks
 
 

@@ -55,7 +55,11 @@ class SGD:
 
     def current_lr(self):
         """The learning rate of the next step, by the schedule."""
-        return self.schedule(self.lr, self.steps_taken, self.total_steps)
+        return self.lr_at(self.steps_taken)
+
+    def lr_at(self, step):
+        """The learning rate of a step (counted from 0 over the run), by the schedule."""
+        return self.schedule(self.lr, step, self.total_steps)
 
     def step(self):
         """Update every parameter from its gradient, in place."""

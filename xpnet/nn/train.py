@@ -134,10 +134,12 @@ class Trainer:
 
     backend is a Backend or its name; data the splits of ``xpnet.load_dataset``; config a
     TrainConfig (the seed recipe when None). checkpoint, from ``load_checkpoint``, continues
-    that run with its own settings; only the number of epochs is taken from config.
+    that run with its own settings; only the number of epochs is taken from config. With
+    compiled (the default), a backend that can take many steps in one call does (Numba); with
+    compiled=False every step runs the reference loop, the layers calling the backend's ops.
     """
 
-    def __init__(self, backend, data, config=None, checkpoint=None):
+    def __init__(self, backend, data, config=None, checkpoint=None, compiled=True):
         from xpnet.backends import get_backend
 
         if backend is None or isinstance(backend, str):
@@ -176,6 +178,11 @@ class Trainer:
             total_steps=self.steps_per_epoch * config.epochs,
         )
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
+        self.compiled_steps = None
+        if compiled:
+            self.compiled_steps = backend.compile_steps(
+                self.model, self.optimizer, self.train_x, self.train_y, config.batch_size
+            )
         self._batch = Buffers(backend)
         self.history = History()
         self.epoch = 0  # whole epochs done
@@ -273,13 +280,11 @@ class Trainer:
             return self._run_steps(self.epoch_step, n, progress)
 
     def _run_steps(self, first, n, progress):
+        if self._order is None:
+            self._start_epoch()
         self.backend.synchronize()
         start = time.perf_counter()
-        for k in range(first, first + n):
-            # Array to array: `step_losses[k] = loss` may pass through a host float, a device read.
-            self.step_losses[k : k + 1] = self.step(*self.batch(k))
-            if progress is not None:
-                progress.update()
+        (self._run_reference if self.compiled_steps is None else self._run_compiled)(first, n, progress)
         losses = self.backend.to_numpy(self.step_losses[first : first + n]).astype(numpy.float64)
         self.backend.synchronize()
         self._epoch_seconds += time.perf_counter() - start
@@ -298,6 +303,27 @@ class Trainer:
         if self.epoch_step == self.steps_per_epoch:
             self._complete_epoch()
         return losses
+
+    def _run_reference(self, first, n, progress):
+        """The steps one by one, through the layers and the backend's ops."""
+        for k in range(first, first + n):
+            # Array to array: `step_losses[k] = loss` may pass through a host float, a device read.
+            self.step_losses[k : k + 1] = self.step(*self.batch(k))
+            if progress is not None:
+                progress.update()
+
+    def _run_compiled(self, first, n, progress):
+        """The steps in chunks of a twentieth of an epoch: the progress bar moves, and Ctrl-C,
+        which Python can only act on between calls, is answered within one chunk."""
+        optimizer = self.optimizer
+        lrs = numpy.array([optimizer.lr_at(optimizer.steps_taken + s) for s in range(n)], numpy.float64)
+        chunk = max(1, self.steps_per_epoch // 20)
+        for offset in range(0, n, chunk):
+            size = min(chunk, n - offset)
+            self.compiled_steps.run(self._order, first + offset, size, lrs[offset : offset + size], self.step_losses)
+            optimizer.steps_taken += size
+            if progress is not None:
+                progress.update(size)
 
     def _complete_epoch(self):
         n = len(self.train_y)
@@ -329,7 +355,11 @@ class Trainer:
         log(line) gets each epoch's summary; after_epoch(trainer) runs after each
         (checkpointing). Ctrl-C raises TrainingInterrupted with the state after the last whole
         epoch (the state fit started from, before the first)."""
-        compile_seconds = self.backend.prepare(self.config.dtype)
+        start = time.perf_counter()
+        self.backend.prepare(self.config.dtype)
+        if self.compiled_steps is not None:
+            self.compiled_steps.prepare(self.step_losses)
+        compile_seconds = time.perf_counter() - start
         if compile_seconds > 0.01:
             log(f"{self.backend.name}: compiled kernels in {compile_seconds:.2f} s (not counted in epoch times)")
         self.last_whole_epoch = self.state()
