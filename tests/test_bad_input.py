@@ -165,6 +165,7 @@ CASES = [
     case("flags", "lr-rounds-to-zero", "train --lr 1e-300 {data}", 2, "below the smallest normal float32",
          "use a larger lr or float64"),
     case("flags", "momentum-above-1", "train --momentum 2 {data}", 2, "momentum must be in [0, 1)"),
+    case("flags", "zero-threads", "train --threads 0 {data}", 2, "threads must be 'auto' or a whole number >= 1"),
     case("flags", "divergence-blames-momentum", "train --lr 1e30 --momentum 0.5 --epochs 1 {data}", 2,
          "training diverged in epoch 1", "smaller --lr than 1e+30, or a smaller --momentum", before_work=False),
     # Datasets.

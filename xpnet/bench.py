@@ -100,13 +100,14 @@ def measure(contenders, batch_size, hidden, dtype, repeats):
     return results
 
 
-def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None, compiled=True):
-    """A backend's training epoch; compiled=False times its reference loop even where it has a
-    compiled one (the row named "<backend> (op by op)"), to show what compiling the loop buys."""
+def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None, compiled=True, threads="auto"):
+    """A backend's training epoch, with the trainer's BLAS thread policy; compiled=False times
+    its reference loop even where it has a compiled one (the row named "<backend> (op by op)"),
+    to show what compiling the loop buys."""
     compile_seconds = backend.prepare(dtype)
     splits = splits or synthetic_splits()
     config = TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=dtype)
-    trainer = Trainer(backend, splits, config, compiled=compiled)
+    trainer = Trainer(backend, splits, config, compiled=compiled, threads=threads)
     if trainer.compiled_steps is not None:
         start = time.perf_counter()
         trainer.compiled_steps.prepare(trainer.step_losses)

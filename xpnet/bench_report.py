@@ -48,7 +48,7 @@ def torch_devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=print):
+def collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=print, threads="auto"):
     results = []
     devices = torch_devices() if with_torch else []
     if with_torch and not devices:
@@ -59,12 +59,12 @@ def collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreemen
         for batch_size in batch_sizes:
             contenders = [floor_contender(batch_size, hidden, dtype)]
             for backend in backends:
-                contender = backend_contender(backend, batch_size, hidden, dtype)
+                contender = backend_contender(backend, batch_size, hidden, dtype, threads=threads)
                 contender.compile_seconds += compile_seconds[backend.name]
                 contender.extra["loss_rel_diff"], contender.extra["weight_rel_diff"] = agreements[backend.name]
                 contenders.append(contender)
                 if contender.extra["compiled"]:  # what the compiled loop buys over the same kernels called one by one
-                    contenders.append(backend_contender(backend, batch_size, hidden, dtype, compiled=False))
+                    contenders.append(backend_contender(backend, batch_size, hidden, dtype, False, threads=threads))
             contenders += [torch_contender(batch_size, hidden, dtype, device) for device in devices]
             results += measure(contenders, batch_size, hidden, dtype, repeats)
     return results
@@ -139,11 +139,14 @@ def run_report(
     markdown_path,
     agreement_steps,
     plot_path=None,
+    threads="auto",
 ):
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
-    results = collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=console.print)
+    results = collect(
+        backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=console.print, threads=threads
+    )
     title = (
         f"Training throughput, {dtype}, 50,000-sample epochs, median of {repeats} "
         f"(agreement: {agreement_steps} steps vs NumPy float64)"

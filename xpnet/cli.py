@@ -65,6 +65,25 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}; write sizes like 200 or 512,256") from None
 
 
+def thread_count(text):
+    """--threads: 'auto' or a count >= 1."""
+    from xpnet.threads import check_threads
+
+    try:
+        return check_threads(text)
+    except XpnetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_threads_flag(parser):
+    parser.add_argument(
+        "--threads",
+        type=thread_count,
+        default="auto",
+        help="BLAS threads: a count, or auto to measure 1 against all cores at the start of each epoch",
+    )
+
+
 def name_list(text):
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
@@ -131,6 +150,7 @@ def add_train_parser(commands):
     train.add_argument(
         "--quiet", action="store_true", help="no progress bar (it is also off when stdout is not a terminal)"
     )
+    add_threads_flag(train)
     train.set_defaults(command_module="train")
 
 
@@ -162,6 +182,7 @@ def add_bench_parser(commands):
     add_dtype_flag(bench)
     bench.add_argument("--repeats", type=positive_int, default=None, help="timed epochs per row (default 3; --quick 1)")
     bench.add_argument("--quick", action="store_true", help="batch 128 and 512, one timed epoch: under a minute")
+    add_threads_flag(bench)
     bench.add_argument(
         "--no-torch", action="store_true", help="leave out the PyTorch rows even when torch is installed"
     )

@@ -1,8 +1,11 @@
 """`xpnet bench`."""
 
+import contextlib
+
 from xpnet.backends import available_backends, get_backend
 from xpnet.bench_report import run_report
 from xpnet.commands import check_outputs
+from xpnet.threads import blas_threads
 
 
 def run(args):
@@ -10,6 +13,12 @@ def run(args):
     backends = [get_backend(name) for name in (args.backends or available_backends())]
     batch_sizes = args.batch_sizes or ((128, 512) if args.quick else (1, 64, 128, 512, 2048))
     repeats = args.repeats or (1 if args.quick else 3)
+    # A count limits everything timed, the floor and the peers too; auto lets each trainer choose.
+    with contextlib.nullcontext() if args.threads == "auto" else blas_threads(args.threads):
+        return report(args, backends, batch_sizes, repeats)
+
+
+def report(args, backends, batch_sizes, repeats):
     return run_report(
         backends,
         batch_sizes,
@@ -21,4 +30,5 @@ def run(args):
         markdown_path=args.markdown,
         agreement_steps=3 if args.quick else 10,
         plot_path=args.plot,
+        threads=args.threads,
     )

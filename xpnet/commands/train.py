@@ -81,7 +81,7 @@ def run(args):
         raise UsageError(f"{args.resume} was trained on {checkpoint.dataset}, not {dataset}; drop --dataset")
     backend = get_backend(args.backend)
     splits = load_dataset(dataset, args.data_dir)
-    trainer = Trainer(backend, splits, config, checkpoint)
+    trainer = Trainer(backend, splits, config, checkpoint, threads=args.threads)
     config = trainer.config  # a resumed run keeps its checkpoint's settings
     sizes = "-".join(map(str, trainer.model.sizes))
     print(f"Training {sizes} on {backend.name} ({config.dtype}), data from {splits.directory}")

@@ -24,6 +24,7 @@ from xpnet.nn.layers import Buffers
 from xpnet.nn.loss import SoftmaxCrossEntropy
 from xpnet.nn.model import MLP, pixel_statistics
 from xpnet.nn.optim import SGD, check_sgd_settings
+from xpnet.threads import AUTO, blas_threads, check_threads, threads_left, usable_cores
 
 
 def seed_lr(batch_size=512):
@@ -137,9 +138,11 @@ class Trainer:
     that run with its own settings; only the number of epochs is taken from config. With
     compiled (the default), a backend that can take many steps in one call does (Numba); with
     compiled=False every step runs the reference loop, the layers calling the backend's ops.
+    threads is how many BLAS threads each epoch may use: a count, or "auto" to measure which is
+    faster at the start of every epoch (xpnet/threads.py).
     """
 
-    def __init__(self, backend, data, config=None, checkpoint=None, compiled=True):
+    def __init__(self, backend, data, config=None, checkpoint=None, compiled=True, threads=AUTO):
         from xpnet.backends import get_backend
 
         if backend is None or isinstance(backend, str):
@@ -148,6 +151,8 @@ class Trainer:
         if checkpoint is not None:
             config = dataclasses.replace(checkpoint.train_config(TrainConfig), epochs=config.epochs)
         self.backend, self.config = backend, config
+        self.threads = check_threads(threads)
+        self.blas_threads = usable_cores() if self.threads == AUTO else self.threads  # the count in use
         self.dataset = data.name  # recorded in checkpoints, so a resume reads the same data
         self.rng = numpy.random.default_rng(config.seed)
         n_classes = int(max(data.train.labels.max(), data.test.labels.max())) + 1
@@ -338,8 +343,15 @@ class Trainer:
         self.history.epochs.append(stats)
 
     def train_epoch(self, progress=None):
-        """The rest of the current epoch (all of it, from its start); returns its mean loss."""
-        self.run_steps(progress=progress)
+        """The rest of the current epoch (all of it, from its start) with the BLAS threads the
+        trainer's policy gives; returns its mean loss."""
+        chunk = max(1, self.steps_per_epoch // 20)
+        left = self.steps_per_epoch - self.epoch_step
+        if self.threads == AUTO and self.backend.xp is numpy and left > 5 * chunk:
+            run = lambda n: self.run_steps(n, progress)  # noqa: E731
+            self.blas_threads, _ = threads_left(run, chunk, 5, self.blas_threads)  # probed at the last choice
+        with blas_threads(self.blas_threads):
+            self.run_steps(progress=progress)
         return self.history.epochs[-1].loss
 
     def accuracy(self, x, y, batch_size=2048):
@@ -374,17 +386,19 @@ class Trainer:
             )
             try:
                 with bar:
-                    self.run_steps(progress=bar)
+                    self.train_epoch(progress=bar)
             except KeyboardInterrupt:
                 raise TrainingInterrupted(self.last_whole_epoch) from None
             self.last_whole_epoch = self.state()  # what Ctrl-C saves from here on: it resumes exactly
             stats = self.history.epochs[-1]
             log(
                 f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
-                f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s)"
+                f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s"
+                + (f", {self.blas_threads} BLAS threads)" if self.backend.xp is numpy else ")")
             )
             if after_epoch is not None:
                 after_epoch(self)
-        self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
+        with blas_threads(self.blas_threads):
+            self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
         log(f"Test accuracy: {self.history.test_accuracy:.4f}")
         return self.history

@@ -1,0 +1,55 @@
+"""The BLAS thread policy (xpnet/threads.py): counts given, and auto's reading of the load."""
+
+import pytest
+from threadpoolctl import threadpool_info
+
+import xpnet
+from xpnet import threads
+from xpnet.data.synthetic import synthetic_splits
+from xpnet.errors import ConfigError
+
+
+@pytest.mark.parametrize("given, expected", [("auto", "auto"), ("1", 1), (3, 3)])
+def test_threads_are_auto_or_a_count(given, expected):
+    assert threads.check_threads(given) == expected
+
+
+@pytest.mark.parametrize("given", ["0", "-1", "two", "1.5", None])
+def test_anything_else_is_refused(given):
+    with pytest.raises(ConfigError, match="threads must be 'auto' or a whole number >= 1"):
+        threads.check_threads(given)
+
+
+def blas_counts():
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+def test_a_count_limits_every_blas_library_inside_the_block():
+    with threads.blas_threads(1):
+        assert blas_counts() == {1}
+
+
+@pytest.mark.parametrize("others, cores, expected", [(0.0, 2, 2), (0.03, 2, 2), (1.0, 2, 1), (1.9, 2, 1), (3.0, 4, 1)])
+def test_auto_gives_blas_the_cores_other_processes_leave(monkeypatch, others, cores, expected):
+    """The machine's busy time grows by what this process uses plus `others` cores' worth."""
+    clock = {"busy": 0.0, "own": 0.0}
+
+    def run(steps):
+        clock["own"] += 0.1
+        clock["busy"] += 0.1 + others * 0.1
+
+    monkeypatch.setattr(threads, "busy_cpu_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(threads, "own_cpu_seconds", lambda: clock["own"])
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: clock["own"])  # each chunk: 0.1 s of wall time
+    count, measured = threads.threads_left(run, chunk=1, most=5, current=cores)
+    assert count == expected and measured == pytest.approx(others)
+
+
+def test_a_trainer_with_a_count_trains_under_it(monkeypatch):
+    seen = []
+    trainer = xpnet.Trainer("numba", synthetic_splits(n_train=512), xpnet.TrainConfig(batch_size=64), threads=1)
+    run_steps = trainer.run_steps
+    monkeypatch.setattr(trainer, "run_steps", lambda *a, **k: (seen.append(blas_counts()), run_steps(*a, **k))[1])
+    trainer.train_epoch()
+    assert seen == [{1}] and trainer.blas_threads == 1

@@ -1,0 +1,84 @@
+"""How many threads BLAS may use, chosen by measurement while training.
+
+Two processes that each run OpenBLAS with a thread per core slow each other several times
+over on a shared machine: each one's threads spin waiting for work while the other's hold the
+cores (measured on the 2-core machine: two numba trainings at once each ran at 0.27x of one
+alone, two numpy ones at 0.03x; with one thread each, 0.98x of one alone at one thread).
+
+Timing each count in turn does not find the way out: while the other process keeps its
+threads, one thread is slower for me than two, so both keep two (measured: auto by timing
+gave 0.27x, as two threads did). What does is counting the cores other processes keep busy:
+--threads auto runs the first steps of every epoch (at least 0.1 s, at most a quarter of it,
+at the count it chose last) while reading the machine's busy CPU time (/proc/stat) against
+this process's own, and gives BLAS the cores nobody else is using, at least one, for the rest
+of the epoch and its validation. Alone it takes every core; beside a twin, each takes one. The limit is set with threadpoolctl on every BLAS library loaded (NumPy's, and
+SciPy's when present), not with environment variables a user must know.
+"""
+
+import contextlib
+import os
+import time
+
+from threadpoolctl import threadpool_limits
+
+from xpnet.errors import ConfigError
+
+AUTO = "auto"
+
+
+def usable_cores():
+    """The cores this process may run on (its affinity), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_threads(threads):
+    """'auto' or a count >= 1 (an int or its text); returns it as 'auto' or an int."""
+    if threads == AUTO:
+        return AUTO
+    try:
+        count = int(threads)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1 or str(threads).strip() != str(count):
+        raise ConfigError(f"threads must be 'auto' or a whole number >= 1, got {threads!r}")
+    return count
+
+
+@contextlib.contextmanager
+def blas_threads(count):
+    """BLAS limited to count threads inside the block."""
+    with threadpool_limits(limits=count, user_api="blas"):
+        yield
+
+
+def busy_cpu_seconds():
+    """CPU seconds every process on the machine has spent busy so far, or None off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
+def threads_left(run, chunk, most, current, seconds=0.1):
+    """Run chunks of steps (run(chunk), at most `most` of them) under `current` threads for at
+    least `seconds`, measuring the cores other processes kept busy meanwhile; returns
+    (the threads to use: the usable cores nobody else used, at least 1; those other cores)."""
+    busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+    with blas_threads(current):
+        for _ in range(most):
+            run(chunk)
+            if time.perf_counter() - start >= seconds:
+                break
+    if busy is None:
+        return current, 0.0
+    wall = time.perf_counter() - start
+    others = max(0.0, (busy_cpu_seconds() - busy) - (own_cpu_seconds() - own)) / wall
+    cores = usable_cores()
+    return max(1, min(cores, round(cores - others))), others
