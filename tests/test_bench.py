@@ -71,7 +71,9 @@ def test_quick_bench_writes_json_that_round_trips_markdown_and_a_plot(tmp_path, 
     assert document["schema"] == SCHEMA and document["machine"]["cpus"] >= 1
     results = load_results(json_path)
     assert {(r.name, r.batch_size) for r in results} >= {
-        (name, batch) for name in ("numpy", "numba", "floor (numpy matmuls)") for batch in (128, 512)
+        (name, batch)
+        for name in ("numpy", "numba", "numba (op by op)", "floor (numpy matmuls)")
+        for batch in (128, 512)
     }
     for r in results:
         assert r.samples_per_second > 0 and r.spread[0] <= r.samples_per_second <= r.spread[1]

@@ -64,7 +64,9 @@ def collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreemen
                 contender.extra["loss_rel_diff"], contender.extra["weight_rel_diff"] = agreements[backend.name]
                 contenders.append(contender)
                 if contender.extra["compiled"]:  # what the compiled loop buys over the same kernels called one by one
-                    contenders.append(backend_contender(backend, batch_size, hidden, dtype, False, threads=threads))
+                    contenders.append(
+                        backend_contender(backend, batch_size, hidden, dtype, compiled=False, threads=threads)
+                    )
             contenders += [torch_contender(batch_size, hidden, dtype, device) for device in devices]
             results += measure(contenders, batch_size, hidden, dtype, repeats)
     return results

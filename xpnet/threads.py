@@ -2,8 +2,8 @@
 
 Two processes that each run OpenBLAS with a thread per core slow each other several times
 over on a shared machine: each one's threads spin waiting for work while the other's hold the
-cores (measured on the 2-core machine: two numba trainings at once each ran at 0.27x of one
-alone, two numpy ones at 0.03x; with one thread each, 0.98x of one alone at one thread).
+cores (measured on the 2-core machine: two numba trainings at once each ran at 0.22-0.27x of
+one alone, two numpy ones at 0.03-0.24x; with one thread each, 0.98x of one alone at one thread).
 
 Timing each count in turn does not find the way out: while the other process keeps its
 threads, one thread is slower for me than two, so both keep two (measured: auto by timing
@@ -11,8 +11,9 @@ gave 0.27x, as two threads did). What does is counting the cores other processes
 --threads auto runs the first steps of every epoch (at least 0.1 s, at most a quarter of it,
 at the count it chose last) while reading the machine's busy CPU time (/proc/stat) against
 this process's own, and gives BLAS the cores nobody else is using, at least one, for the rest
-of the epoch and its validation. Alone it takes every core; beside a twin, each takes one. The limit is set with threadpoolctl on every BLAS library loaded (NumPy's, and
-SciPy's when present), not with environment variables a user must know.
+of the epoch and its validation. Alone it takes every core; beside a twin, each takes one.
+The limit is set with threadpoolctl on every BLAS library loaded (NumPy's, and SciPy's when
+present), not with environment variables a user must know.
 """
 
 import contextlib
