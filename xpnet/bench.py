@@ -100,7 +100,7 @@ def measure(contenders, batch_size, hidden, dtype, repeats):
     return results
 
 
-def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None, compiled=True, threads="auto"):
+def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None, compiled=True, threads=None):
     """A backend's training epoch, with the trainer's BLAS thread policy; compiled=False times
     its reference loop even where it has a compiled one (the row named "<backend> (op by op)"),
     to show what compiling the loop buys."""

@@ -48,7 +48,7 @@ def torch_devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=print, threads="auto"):
+def collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=print, threads=None):
     results = []
     devices = torch_devices() if with_torch else []
     if with_torch and not devices:
@@ -141,7 +141,7 @@ def run_report(
     markdown_path,
     agreement_steps,
     plot_path=None,
-    threads="auto",
+    threads=None,
 ):
     console = Console()
     if not console.is_terminal:

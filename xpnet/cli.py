@@ -66,7 +66,7 @@ def int_list(text):
 
 
 def thread_count(text):
-    """--threads: 'auto' or a count >= 1."""
+    """--threads: 'auto' or a count >= 1 (absent: BLAS's own count)."""
     from xpnet.threads import check_threads
 
     try:
@@ -79,8 +79,10 @@ def add_threads_flag(parser):
     parser.add_argument(
         "--threads",
         type=thread_count,
-        default="auto",
-        help="BLAS threads: a count, or auto to measure 1 against all cores at the start of each epoch",
+        default=None,
+        help="BLAS threads: a count, or auto: the cores other processes leave, measured each epoch "
+        "(faster on a busy machine, but runs are then not bit-for-bit reproducible; "
+        "default: BLAS's own, a thread per core)",
     )
 
 

@@ -14,6 +14,12 @@ this process's own, and gives BLAS the cores nobody else is using, at least one,
 of the epoch and its validation. Alone it takes every core; beside a twin, each takes one.
 The limit is set with threadpoolctl on every BLAS library loaded (NumPy's, and SciPy's when
 present), not with environment variables a user must know.
+
+Not the default, because it costs reproducibility: OpenBLAS rounds differently at different
+thread counts (measured: the step's three products at 1 and 2 threads differ in their last
+bits from batch 64 up), so two runs, or a run and its resume, that auto steered differently
+part ways. The default (None) leaves BLAS its own count, a thread per core, and keeps runs and
+resumes bit for bit; so does a fixed count.
 """
 
 import contextlib
@@ -33,9 +39,9 @@ def usable_cores():
 
 
 def check_threads(threads):
-    """'auto' or a count >= 1 (an int or its text); returns it as 'auto' or an int."""
-    if threads == AUTO:
-        return AUTO
+    """None (BLAS's own count), 'auto' or a count >= 1 (an int or its text), as None, 'auto' or an int."""
+    if threads is None or threads == AUTO:
+        return threads
     try:
         count = int(threads)
     except (TypeError, ValueError):
@@ -47,8 +53,8 @@ def check_threads(threads):
 
 @contextlib.contextmanager
 def blas_threads(count):
-    """BLAS limited to count threads inside the block."""
-    with threadpool_limits(limits=count, user_api="blas"):
+    """BLAS limited to count threads inside the block (None: no limit)."""
+    with threadpool_limits(limits=count, user_api="blas") if count is not None else contextlib.nullcontext():
         yield
 
 

@@ -1,7 +1,5 @@
 """`xpnet bench`."""
 
-import contextlib
-
 from xpnet.backends import available_backends, get_backend
 from xpnet.bench_report import run_report
 from xpnet.commands import check_outputs
@@ -14,7 +12,7 @@ def run(args):
     batch_sizes = args.batch_sizes or ((128, 512) if args.quick else (1, 64, 128, 512, 2048))
     repeats = args.repeats or (1 if args.quick else 3)
     # A count limits everything timed, the floor and the peers too; auto lets each trainer choose.
-    with contextlib.nullcontext() if args.threads == "auto" else blas_threads(args.threads):
+    with blas_threads(None if args.threads == "auto" else args.threads):
         return report(args, backends, batch_sizes, repeats)
 
 

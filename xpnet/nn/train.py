@@ -138,11 +138,12 @@ class Trainer:
     that run with its own settings; only the number of epochs is taken from config. With
     compiled (the default), a backend that can take many steps in one call does (Numba); with
     compiled=False every step runs the reference loop, the layers calling the backend's ops.
-    threads is how many BLAS threads each epoch may use: a count, or "auto" to measure which is
-    faster at the start of every epoch (xpnet/threads.py).
+    threads is how many BLAS threads each epoch may use: None (BLAS's own, a thread per core), a
+    count, or "auto" to give BLAS the cores other processes leave, measured at the start of
+    every epoch (xpnet/threads.py; auto gives up bit-for-bit reproducibility for that).
     """
 
-    def __init__(self, backend, data, config=None, checkpoint=None, compiled=True, threads=AUTO):
+    def __init__(self, backend, data, config=None, checkpoint=None, compiled=True, threads=None):
         from xpnet.backends import get_backend
 
         if backend is None or isinstance(backend, str):
@@ -152,7 +153,7 @@ class Trainer:
             config = dataclasses.replace(checkpoint.train_config(TrainConfig), epochs=config.epochs)
         self.backend, self.config = backend, config
         self.threads = check_threads(threads)
-        self.blas_threads = usable_cores() if self.threads == AUTO else self.threads  # the count in use
+        self.blas_threads = usable_cores() if self.threads == AUTO else self.threads  # the limit in use
         self.dataset = data.name  # recorded in checkpoints, so a resume reads the same data
         self.rng = numpy.random.default_rng(config.seed)
         n_classes = int(max(data.train.labels.max(), data.test.labels.max())) + 1
@@ -394,7 +395,7 @@ class Trainer:
             log(
                 f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
                 f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s"
-                + (f", {self.blas_threads} BLAS threads)" if self.backend.xp is numpy else ")")
+                + (f", {self.blas_threads} BLAS threads)" if self.threads is not None else ")")
             )
             if after_epoch is not None:
                 after_epoch(self)
