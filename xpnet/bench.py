@@ -146,45 +146,6 @@ def floor_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMP
     return Contender("floor (numpy matmuls)", epoch, lambda: None, steps * batch_size)
 
 
-def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES):
-    """PyTorch eager on the same MLP, data and SGD: the anchor a user would otherwise pick."""
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
-    torch.manual_seed(0)
-    sizes = [784, *hidden, 10]
-    layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers).to(device=device, dtype=torch_dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
-    y_all = torch.randint(0, 10, (n_samples,), device=device)
-    generator = numpy.random.default_rng(0)
-
-    def epoch():
-        order = torch.as_tensor(generator.permutation(n_samples), device=device)
-        for start in range(0, n_samples, batch_size):
-            rows = order[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=False)
-            loss = loss_fn(model(x_all[rows]), y_all[rows])
-            loss.backward()
-            optimizer.step()
-
-    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return Contender(
-        f"torch eager ({device})",
-        epoch,
-        synchronize,
-        n_samples,
-        host_arrays=False,
-        extra={"torch": torch.__version__, "threads": torch.get_num_threads()},
-    )
-
-
 def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=None):
     """Largest relative difference of the loss and of the weights after `steps` free-running
     steps from the same seed, against the NumPy float64 reference."""

@@ -1,6 +1,7 @@
 """`xpnet bench`: run the measurements of xpnet.bench and present them as a table, JSON and
 Markdown. The JSON schema (version "xpnet-bench/1") is documented in bench/README.md."""
 
+import importlib.util
 import json
 import os
 import platform
@@ -10,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from xpnet.atomic import write_text
-from xpnet.bench import Result, agreement, backend_contender, floor_contender, measure, torch_contender
+from xpnet.bench import Result, agreement, backend_contender, floor_contender, measure
+from xpnet.bench_peers import jax_contenders, torch_contender
 
 SCHEMA = "xpnet-bench/1"
 COLUMNS = [
@@ -48,11 +50,14 @@ def torch_devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=print, threads=None):
+def collect(backends, batch_sizes, hiddens, dtype, repeats, with_peers, agreement_steps, log=print, threads=None):
     results = []
-    devices = torch_devices() if with_torch else []
-    if with_torch and not devices:
+    devices = torch_devices() if with_peers else []
+    with_jax = with_peers and importlib.util.find_spec("jax") is not None
+    if with_peers and not devices:
         log("torch is not installed: PyTorch rows left out (pip install torch to add them)")
+    if with_peers and not with_jax:
+        log("jax is not installed: JAX rows left out (pip install 'xpnet[peers]' to add them)")
     compile_seconds = {b.name: b.prepare(dtype) for b in backends}  # first call: the real cost
     for hidden in hiddens:
         agreements = {b.name: agreement(b, dtype, steps=agreement_steps, hidden=hidden) for b in backends}
@@ -68,6 +73,7 @@ def collect(backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreemen
                         backend_contender(backend, batch_size, hidden, dtype, compiled=False, threads=threads)
                     )
             contenders += [torch_contender(batch_size, hidden, dtype, device) for device in devices]
+            contenders += jax_contenders(batch_size, hidden, dtype) if with_jax else []
             results += measure(contenders, batch_size, hidden, dtype, repeats)
     return results
 
@@ -136,7 +142,7 @@ def run_report(
     hiddens,
     dtype,
     repeats,
-    with_torch,
+    with_peers,
     json_path,
     markdown_path,
     agreement_steps,
@@ -147,7 +153,7 @@ def run_report(
     if not console.is_terminal:
         console = Console(width=160)
     results = collect(
-        backends, batch_sizes, hiddens, dtype, repeats, with_torch, agreement_steps, log=console.print, threads=threads
+        backends, batch_sizes, hiddens, dtype, repeats, with_peers, agreement_steps, log=console.print, threads=threads
     )
     title = (
         f"Training throughput, {dtype}, 50,000-sample epochs, median of {repeats} "

@@ -186,7 +186,11 @@ def add_bench_parser(commands):
     bench.add_argument("--quick", action="store_true", help="batch 128 and 512, one timed epoch: under a minute")
     add_threads_flag(bench)
     bench.add_argument(
-        "--no-torch", action="store_true", help="leave out the PyTorch rows even when torch is installed"
+        "--no-peers",
+        "--no-torch",
+        dest="no_peers",
+        action="store_true",
+        help="leave out the PyTorch and JAX rows even when they are installed",
     )
     bench.add_argument("--json", default=None, help="write the results as JSON (schema in bench/README.md)")
     bench.add_argument("--markdown", default=None, help="write the table as Markdown")

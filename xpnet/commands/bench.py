@@ -23,7 +23,7 @@ def report(args, backends, batch_sizes, repeats):
         args.hidden or [(200,)],
         args.dtype,
         repeats,
-        with_torch=not args.no_torch,
+        with_peers=not args.no_peers,
         json_path=args.json,
         markdown_path=args.markdown,
         agreement_steps=3 if args.quick else 10,

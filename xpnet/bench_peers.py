@@ -1,0 +1,106 @@
+"""The peers a user would pick instead of xpnet, timed by xpnet bench beside its backends on
+the same MLP (784-hidden-10, ReLU, He initialisation), the same random data and the same plain
+SGD on the mean loss at the seed's rate: PyTorch eager, and JAX as its users write it, jit of
+one step and jit of a whole epoch (lax.scan over the batches). Each is an optional install
+(`pip install 'xpnet[peers]'` for JAX; torch by hand); a peer that is not installed is left out.
+"""
+
+import numpy
+
+from xpnet.bench import N_SAMPLES, Contender, seed_lr
+
+
+def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES):
+    """PyTorch eager on the same MLP, data and SGD: the anchor a user would otherwise pick."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    sizes = [784, *hidden, 10]
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers).to(device=device, dtype=torch_dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
+    y_all = torch.randint(0, 10, (n_samples,), device=device)
+    generator = numpy.random.default_rng(0)
+
+    def epoch():
+        order = torch.as_tensor(generator.permutation(n_samples), device=device)
+        for start in range(0, n_samples, batch_size):
+            rows = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=False)
+            loss = loss_fn(model(x_all[rows]), y_all[rows])
+            loss.backward()
+            optimizer.step()
+
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return Contender(
+        f"torch eager ({device})",
+        epoch,
+        synchronize,
+        n_samples,
+        host_arrays=False,
+        extra={"torch": torch.__version__, "threads": torch.get_num_threads()},
+    )
+
+
+def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
+    """JAX on the CPU: jit of one SGD step (the gather inside it), and jit of the epoch, a
+    lax.scan over its full batches (the last, partial batch by the step function)."""
+    import jax
+    import jax.numpy as jnp
+
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    rng = numpy.random.default_rng(0)
+    sizes = [784, *hidden, 10]
+    start = [
+        ((rng.standard_normal((n_out, n_in)) / numpy.sqrt(n_in / 2)).astype(dtype), numpy.zeros(n_out, dtype))
+        for n_in, n_out in zip(sizes[:-1], sizes[1:])
+    ]
+    x_all = jnp.asarray(rng.standard_normal((n_samples, 784)).astype(dtype))
+    y_all = jnp.asarray(rng.integers(0, 10, n_samples))
+    lr, full = seed_lr(batch_size), n_samples // batch_size
+
+    def mean_loss(params, x, y):
+        for W, b in params[:-1]:
+            x = jax.nn.relu(x @ W.T + b)
+        W, b = params[-1]
+        log_p = jax.nn.log_softmax(x @ W.T + b)
+        return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
+
+    def sgd_step(params, x_all, y_all, rows):
+        loss, grads = jax.value_and_grad(mean_loss)(params, x_all[rows], y_all[rows])
+        return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), loss
+
+    step = jax.jit(sgd_step)
+
+    @jax.jit
+    def scanned(params, x_all, y_all, order):
+        batches = order[: full * batch_size].reshape(full, batch_size)
+        return jax.lax.scan(lambda p, rows: sgd_step(p, x_all, y_all, rows), params, batches)
+
+    def contender(name, by_scan):
+        state = {"params": jax.tree_util.tree_map(jnp.asarray, start), "order": numpy.random.default_rng(0)}
+
+        def epoch():
+            order = jnp.asarray(state["order"].permutation(n_samples))
+            params, first = state["params"], 0
+            if by_scan:
+                params, _ = scanned(params, x_all, y_all, order)
+                first = full * batch_size
+            for begin in range(first, n_samples, batch_size):
+                params, _ = step(params, x_all, y_all, order[begin : begin + batch_size])
+            state["params"] = params
+
+        def synchronize():
+            jax.block_until_ready(state["params"])
+
+        return Contender(name, epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__})
+
+    return [contender("jax jit step", by_scan=False), contender("jax jit + scan epoch", by_scan=True)]
