@@ -187,3 +187,18 @@ def test_evaluate_plot_writes_a_confusion_matrix_png(checkpoint_on_numpy, mnist_
     )
     with Image.open(plot) as image:
         assert image.format == "PNG"
+
+
+def test_ctrl_c_between_epochs_still_saves_the_last_whole_one():
+    """Ctrl-C while an epoch's line is being logged (outside any step) is a TrainingInterrupted
+    like one inside a step, never a bare KeyboardInterrupt that loses the run."""
+    from xpnet.data.synthetic import synthetic_splits
+
+    def log(line):
+        if line.startswith("Epoch 2"):
+            raise KeyboardInterrupt
+
+    trainer = Trainer(get_backend("numpy"), synthetic_splits(n_train=512), TrainConfig(epochs=5, batch_size=128))
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.fit(log=log)
+    assert info.value.checkpoint.epoch == 2 and info.value.checkpoint.epoch_step == 0

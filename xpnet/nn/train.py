@@ -376,30 +376,33 @@ class Trainer:
         if compile_seconds > 0.01:
             log(f"{self.backend.name}: compiled kernels in {compile_seconds:.2f} s (not counted in epoch times)")
         self.last_whole_epoch = self.state()
-        while self.epoch < self.config.epochs:
-            bar = tqdm(
-                total=self.steps_per_epoch,
-                initial=self.epoch_step,
-                disable=not progress,
-                leave=False,
-                unit="batch",
-                desc=f"Epoch {self.epoch + 1}",
-            )
-            try:
-                with bar:
-                    self.train_epoch(progress=bar)
-            except KeyboardInterrupt:
-                raise TrainingInterrupted(self.last_whole_epoch) from None
-            self.last_whole_epoch = self.state()  # what Ctrl-C saves from here on: it resumes exactly
-            stats = self.history.epochs[-1]
-            log(
-                f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
-                f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s"
-                + (f", {self.blas_threads} BLAS threads)" if self.threads is not None else ")")
-            )
-            if after_epoch is not None:
-                after_epoch(self)
-        with blas_threads(self.blas_threads):
-            self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
+        try:  # Ctrl-C anywhere from here, between epochs too, saves the last whole epoch
+            while self.epoch < self.config.epochs:
+                self._fit_epoch(log, progress, after_epoch)
+            with blas_threads(self.blas_threads):
+                self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self.last_whole_epoch) from None
         log(f"Test accuracy: {self.history.test_accuracy:.4f}")
         return self.history
+
+    def _fit_epoch(self, log, progress, after_epoch):
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.epoch_step,
+            disable=not progress,
+            leave=False,
+            unit="batch",
+            desc=f"Epoch {self.epoch + 1}",
+        )
+        with bar:
+            self.train_epoch(progress=bar)
+        self.last_whole_epoch = self.state()  # what Ctrl-C saves from here on: it resumes exactly
+        stats = self.history.epochs[-1]
+        log(
+            f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
+            f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s"
+            + (f", {self.blas_threads} BLAS threads)" if self.threads is not None else ")")
+        )
+        if after_epoch is not None:
+            after_epoch(self)
