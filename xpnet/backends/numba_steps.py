@@ -52,30 +52,16 @@ def numpy_blas():
 
 
 def _typed(routines):
+    """sgemm, dgemm, sgemv, dgemv with their CBLAS signatures (64-bit sizes: ILP64)."""
     flag, size, pointer = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-    for routine, real in zip(routines, (ctypes.c_float, ctypes.c_double) * 2):
+    for routine, real in zip(routines[:2], (ctypes.c_float, ctypes.c_double)):
+        # order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc
+        routine.argtypes = [flag, flag, flag, size, size, size, real, pointer, size, pointer, size, real, pointer, size]
+    for routine, real in zip(routines[2:], (ctypes.c_float, ctypes.c_double)):
+        # order, trans, m, n, alpha, a, lda, x, incx, beta, y, incy
+        routine.argtypes = [flag, flag, size, size, real, pointer, size, pointer, size, real, pointer, size]
+    for routine in routines:
         routine.restype = None
-        if routine.__name__.endswith(
-            ("gemm64_",)
-        ):  # order, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc
-            routine.argtypes = [
-                flag,
-                flag,
-                flag,
-                size,
-                size,
-                size,
-                real,
-                pointer,
-                size,
-                pointer,
-                size,
-                real,
-                pointer,
-                size,
-            ]
-        else:  # order, trans, m, n, alpha, a, lda, x, incx, beta, y, incy
-            routine.argtypes = [flag, flag, size, size, real, pointer, size, pointer, size, real, pointer, size]
     return routines
 
 
@@ -151,7 +137,9 @@ if BLAS is not None:
 class CompiledSteps:
     """A trainer's steps as one compiled call: run(order, first, n, lrs, losses) takes steps
     first .. first + n - 1 of the epoch with that row order, updating the model's parameters
-    and the optimiser's velocities in place, with lrs[s] the learning rate of step s."""
+    and the optimiser's velocities in place, with lrs[s] the learning rate of step s. It holds
+    the model's own arrays: whoever changes a parameter writes into it (value[...] = ...), as
+    checkpoints and verify do, and never swaps the array for another."""
 
     def __init__(self, backend, model, optimizer, train_x, train_y, batch_size):
         layers = model.net.layers
