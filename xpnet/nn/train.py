@@ -22,6 +22,7 @@ from xpnet.errors import ConfigError, DataError, XpnetError
 from xpnet.nn.checkpoint import Checkpoint
 from xpnet.nn.layers import Buffers
 from xpnet.nn.loss import SoftmaxCrossEntropy
+from xpnet.nn.memory import check_memory
 from xpnet.nn.model import MLP, pixel_statistics
 from xpnet.nn.optim import SGD, check_sgd_settings
 from xpnet.threads import AUTO, blas_threads, check_threads, threads_left, usable_cores
@@ -66,37 +67,6 @@ class TrainConfig:
                 f"a learning rate of {self.lr:g} is below the smallest normal {self.dtype} ({smallest:.3g}): "
                 "every update would round to 0; use a larger lr or float64"
             )
-
-
-def available_memory():
-    """Bytes of memory the system could give this process now (Linux's MemAvailable), or None."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def check_memory(backend, sizes, config, n_images):
-    """Refuse, before allocating any of it, a run whose arrays cannot fit in the host's memory:
-    weights, gradients and velocities, the normalised images, a batch's activations, and the
-    float64 draw of the largest weight matrix at initialisation. (A GPU's memory is its own.)"""
-    available = available_memory()
-    if backend.xp is not numpy or available is None:
-        return
-    itemsize = numpy.dtype(config.dtype).itemsize
-    weights = sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
-    copies = 3 if config.momentum else 2
-    batch = min(config.batch_size, n_images)
-    needed = itemsize * (copies * weights + 2 * n_images * sizes[0] + 4 * batch * sum(sizes))
-    needed += 8 * max(n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
-    if needed > available:
-        raise ConfigError(
-            f"{'-'.join(map(str, sizes))} at batch {config.batch_size} in {config.dtype} needs about "
-            f"{needed / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB of memory available; "
-            "choose smaller --hidden or --batch-size"
-        )
 
 
 @dataclass
@@ -173,6 +143,9 @@ class Trainer:
         self.val_x, self.val_y = self._to_device(data.validation)
         self.test_x, self.test_y = self._to_device(data.test)
         self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
+        # A twentieth of an epoch: how far the compiled loop runs between returns to Python (so
+        # the progress bar moves and Ctrl-C is answered), and the unit of the thread probes.
+        self.chunk_steps = max(1, self.steps_per_epoch // 20)
         self.optimizer = SGD(
             backend,
             self.model.parameters(),
@@ -319,13 +292,11 @@ class Trainer:
                 progress.update()
 
     def _run_compiled(self, first, n, progress):
-        """The steps in chunks of a twentieth of an epoch: the progress bar moves, and Ctrl-C,
-        which Python can only act on between calls, is answered within one chunk."""
+        """The steps in chunks of chunk_steps: Python, and so Ctrl-C, runs only between calls."""
         optimizer = self.optimizer
         lrs = numpy.array([optimizer.lr_at(optimizer.steps_taken + s) for s in range(n)], numpy.float64)
-        chunk = max(1, self.steps_per_epoch // 20)
-        for offset in range(0, n, chunk):
-            size = min(chunk, n - offset)
+        for offset in range(0, n, self.chunk_steps):
+            size = min(self.chunk_steps, n - offset)
             self.compiled_steps.run(self._order, first + offset, size, lrs[offset : offset + size], self.step_losses)
             optimizer.steps_taken += size
             if progress is not None:
@@ -346,11 +317,10 @@ class Trainer:
     def train_epoch(self, progress=None):
         """The rest of the current epoch (all of it, from its start) with the BLAS threads the
         trainer's policy gives; returns its mean loss."""
-        chunk = max(1, self.steps_per_epoch // 20)
         left = self.steps_per_epoch - self.epoch_step
-        if self.threads == AUTO and self.backend.xp is numpy and left > 5 * chunk:
+        if self.threads == AUTO and self.backend.xp is numpy and left > 5 * self.chunk_steps:
             run = lambda n: self.run_steps(n, progress)  # noqa: E731
-            self.blas_threads, _ = threads_left(run, chunk, 5, self.blas_threads)  # probed at the last choice
+            self.blas_threads, _ = threads_left(run, self.chunk_steps, 5, self.blas_threads)  # at the last choice
         with blas_threads(self.blas_threads):
             self.run_steps(progress=progress)
         return self.history.epochs[-1].loss
