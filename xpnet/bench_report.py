@@ -31,7 +31,10 @@ COLUMNS = [
 
 
 def machine():
+    """What the figures depend on, BLAS's kernel included: OPENBLAS_CORETYPE, set on some
+    machines for old OpenBLAS builds' sake, can pick a slower kernel than the CPU supports."""
     import numpy
+    from threadpoolctl import threadpool_info
 
     return {
         "platform": platform.platform(),
@@ -39,6 +42,10 @@ def machine():
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
+        "blas": [
+            f"{pool['internal_api']} {pool.get('version')} {pool.get('architecture')}" for pool in threadpool_info()
+        ],
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
     }
 
 
