@@ -6,6 +6,7 @@ import numpy
 import pytest
 
 import xpnet
+from tests.cuda_host import EmulatedCupyBackend
 from xpnet.backends import numba_steps
 from xpnet.data.synthetic import synthetic_splits
 
@@ -54,9 +55,9 @@ def test_a_compiled_epoch_runs_in_chunks_that_move_the_progress_bar():
     assert len(progress.updates) == 20  # a twentieth of the epoch at a time: Ctrl-C waits no longer
 
 
-@pytest.mark.parametrize("name", ["numpy", "cupy-emulated"])
-def test_backends_without_a_compiled_loop_run_the_reference_one(name, backend_named):
-    trainer = xpnet.Trainer(backend_named(name), synthetic_splits(n_train=256), xpnet.TrainConfig(batch_size=64))
+@pytest.mark.parametrize("backend", ["numpy", EmulatedCupyBackend.name], indirect=True)
+def test_backends_without_a_compiled_loop_run_the_reference_one(backend):
+    trainer = xpnet.Trainer(backend, synthetic_splits(n_train=256), xpnet.TrainConfig(batch_size=64))
     assert trainer.compiled_steps is None
     assert numpy.isfinite(trainer.run_steps()).all()
 
@@ -65,17 +66,3 @@ def test_without_numpys_blas_numba_falls_back_to_the_reference_loop(monkeypatch)
     monkeypatch.setattr(numba_steps, "BLAS", None)
     trainer = xpnet.Trainer("numba", synthetic_splits(n_train=256), xpnet.TrainConfig(batch_size=64))
     assert trainer.compiled_steps is None and numpy.isfinite(trainer.run_steps()).all()
-
-
-@pytest.fixture
-def backend_named():
-    def make(name):
-        if name == "cupy-emulated":
-            from tests.cuda_host import CXX, EmulatedCupyBackend
-
-            if CXX is None:
-                pytest.skip("no C++ compiler (g++) here to run the CuPy backend's kernels on the CPU")
-            return EmulatedCupyBackend()
-        return xpnet.get_backend(name)
-
-    return make

@@ -7,12 +7,12 @@ import os
 import platform
 import sys
 
-from rich.console import Console
 from rich.table import Table
 
 from xpnet.atomic import write_text
 from xpnet.bench import Result, agreement, backend_contender, floor_contender, measure
 from xpnet.bench_peers import jax_contenders, torch_contender
+from xpnet.commands import console as wide_console
 
 SCHEMA = "xpnet-bench/1"
 COLUMNS = [
@@ -156,9 +156,7 @@ def run_report(
     plot_path=None,
     threads=None,
 ):
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
+    console = wide_console(width=160)  # bench's table has eleven columns
     results = collect(
         backends, batch_sizes, hiddens, dtype, repeats, with_peers, agreement_steps, log=console.print, threads=threads
     )

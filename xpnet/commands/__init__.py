@@ -16,9 +16,9 @@ def check_outputs(args, *flags):
         pyplot()
 
 
-def console():
-    """A rich Console; off a terminal (a pipe, a log) 120 columns wide, so tables are not cut at 80."""
+def console(width=120):
+    """A rich Console; off a terminal (a pipe, a log) `width` columns wide, so tables are not cut at 80."""
     from rich.console import Console
 
     terminal = Console()
-    return terminal if terminal.is_terminal else Console(width=120)
+    return terminal if terminal.is_terminal else Console(width=width)
