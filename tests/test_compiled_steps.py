@@ -1,6 +1,9 @@
-"""The Numba backend's compiled training loop (xpnet/backends/numba_steps.py) against its own
-reference loop: the same kernels and the same BLAS calls, so the same bits, at any depth,
-dtype, batch size (1 included, where the products are gemv) and optimiser option."""
+"""The Numba backend's compiled training loop (xpnet/backends/numba_steps.py): each op of a
+compiled step within verify's one-op bounds, at any depth, dtype, batch size (1 included,
+where the products are gemv) and output layout; and whole runs against the reference loop
+in float64 for every optimiser option."""
+
+import dataclasses
 
 import numpy
 import pytest
@@ -9,34 +12,74 @@ import xpnet
 from tests.cuda_host import EmulatedCupyBackend
 from xpnet.backends import numba_steps
 from xpnet.data.synthetic import synthetic_splits
+from xpnet.verify import check_compiled_step
 
 pytestmark = pytest.mark.skipif(numba_steps.BLAS is None, reason="NumPy's own BLAS routines were not found here")
 
 OPTIONS = {
     "plain": {},
+    "decay": {"weight_decay": 1e-3},
+    "momentum": {"momentum": 0.9},
     "nesterov-decay-cosine": {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3, "schedule": "cosine"},
 }
+
+
+def with_layout(trainer, feature_major):
+    """The trainer with its compiled loop rebuilt to keep layer outputs feature-major or not."""
+    trainer.compiled_steps = numba_steps.CompiledSteps(
+        trainer.backend, trainer.model, trainer.optimizer, trainer.train_x, trainer.train_y,
+        trainer.config.batch_size, feature_major=feature_major,
+    )  # fmt: skip
+    return trainer
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batch", [1, 7, 128])
 @pytest.mark.parametrize("hidden", [(200,), (32, 16, 8)])
-@pytest.mark.parametrize("options", list(OPTIONS))
-def test_compiled_steps_equal_the_reference_loop_bit_for_bit(dtype, batch, hidden, options):
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_each_op_of_a_compiled_step_is_within_its_bound(dtype, batch, hidden, feature_major):
     data = synthetic_splits(n_train=300)
-    config = xpnet.TrainConfig(batch_size=batch, hidden=hidden, dtype=dtype, lr=0.01, **OPTIONS[options])
+    config = xpnet.TrainConfig(batch_size=batch, hidden=hidden, dtype="float64", lr=0.05)
+    reference = xpnet.Trainer("numpy", data, config)
+    compiled = with_layout(xpnet.Trainer("numba", data, dataclasses.replace(config, dtype=dtype)), feature_major)
+    for step in range(1, 4):
+        _, labels = reference.batch(reference.epoch_step)
+        checks = check_compiled_step(step, compiled, reference.model, labels, config.lr)
+        assert len(checks) == 5 * len(hidden) + 6  # gather, loss, grad; forward, mask, grad x, W and b by layer
+        failed = [(c.op, c.bound_used) for c in checks if not c.passed]
+        assert not failed
+        assert any(c.max_abs > 0 for c in checks)  # the products do round: the bounds are being used
+        reference.run_steps(1)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 128])
+@pytest.mark.parametrize("hidden", [(200,), (32, 16, 8)])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_compiled_runs_match_the_reference_loop_in_float64(batch, hidden, options):
+    data = synthetic_splits(n_train=300)
+    config = xpnet.TrainConfig(batch_size=batch, hidden=hidden, dtype="float64", lr=0.01, **OPTIONS[options])
     compiled = xpnet.Trainer("numba", data, config)
-    stepwise = xpnet.Trainer("numba", data, config, compiled=False)
+    stepwise = xpnet.Trainer("numpy", data, config)
     assert compiled.compiled_steps is not None and stepwise.compiled_steps is None
     steps = min(30, compiled.steps_per_epoch)
-    numpy.testing.assert_array_equal(compiled.run_steps(steps), stepwise.run_steps(steps))
+    numpy.testing.assert_allclose(compiled.run_steps(steps), stepwise.run_steps(steps), rtol=1e-9, atol=0)
     for got, expected in zip(compiled.model.parameters(), stepwise.model.parameters()):
-        numpy.testing.assert_array_equal(got.value, expected.value)
+        numpy.testing.assert_allclose(got.value, expected.value, rtol=1e-9, atol=0)
     for got, expected in zip(compiled.optimizer.velocities, stepwise.optimizer.velocities):
         assert (got is None) == (expected is None)
         if got is not None:
-            numpy.testing.assert_array_equal(got, expected)
+            numpy.testing.assert_allclose(got, expected, rtol=1e-9, atol=0)
     assert compiled.optimizer.steps_taken == stepwise.optimizer.steps_taken == steps
+
+
+@pytest.mark.parametrize("batch", [7, 128])
+def test_the_compiled_loop_gives_the_same_bits_every_time(batch):
+    data = synthetic_splits(n_train=300)
+    config = xpnet.TrainConfig(batch_size=batch, hidden=(32, 16), lr=0.05)
+    runs = [xpnet.Trainer("numba", data, config) for _ in range(2)]
+    numpy.testing.assert_array_equal(*(run.run_steps() for run in runs))
+    for got, expected in zip(*(run.model.parameters() for run in runs)):
+        numpy.testing.assert_array_equal(got.value, expected.value)
 
 
 class Progress:

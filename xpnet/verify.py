@@ -91,9 +91,7 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
     logits, (batch, classes) = x, x.shape
     loss_ref, grad_ref = ref.softmax_cross_entropy(logits, labels)
     loss, grad = candidate.softmax_cross_entropy(on_candidate(logits), candidate.asarray(labels))
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    per_row = numpy.log(numpy.exp(shifted).sum(axis=1)) + numpy.abs(shifted[numpy.arange(batch), labels])
-    check("softmax cross-entropy loss", loss, loss_ref, batch + classes + 3, per_row.mean())
+    check("softmax cross-entropy loss", loss, loss_ref, batch + classes + 3, loss_magnitude(logits, labels))
     check("softmax cross-entropy grad", grad, grad_ref, classes + 3, numpy.abs(grad_ref) + 1.0 / batch)
 
     grad_y = rounded(grad_ref)
@@ -118,6 +116,13 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
     return checks
 
 
+def loss_magnitude(logits, labels):
+    """The mean over rows of log(sum exp(shifted)) + |shifted[label]|: what the loss's roundings scale with."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    per_row = numpy.log(numpy.exp(shifted).sum(axis=1)) + numpy.abs(shifted[numpy.arange(len(labels)), labels])
+    return per_row.mean()
+
+
 def _backward(backend, dtype, x, W, grad_y, relu_output, need_x):
     grad_x = backend.empty(x.shape, dtype) if need_x else None
     grads = backend.linear_backward(x, W, grad_y, grad_x=grad_x, relu_output=relu_output)
@@ -130,43 +135,75 @@ def verify(candidates, data, steps=5, dtype="float32", hidden=(200,), batch_size
     lr = seed_lr(batch_size) if lr is None else lr
     config = TrainConfig(batch_size=batch_size, lr=lr, hidden=hidden, seed=seed, dtype="float64")
     reference = Trainer(get_backend("numpy"), data, config)
-    twins = compiled_twins(candidates, data, dataclasses.replace(config, dtype=dtype))
+    compiled = compiled_trainers(candidates, data, dataclasses.replace(config, dtype=dtype))
     checks = []
     for step in range(1, steps + 1):
         x, y = reference.batch(reference.epoch_step)
         for candidate in candidates:
             checks.extend(check_step(step, candidate, dtype, reference.model, x, y, lr))
-        checks.extend(check_compiled_step(step, twins, reference.model, dtype))
+        for trainer in compiled:
+            checks.extend(check_compiled_step(step, trainer, reference.model, y, lr))
         reference.run_steps(1)
     return checks
 
 
-def compiled_twins(candidates, data, config):
-    """For each candidate that compiles its steps: a trainer that does, and one that runs the
-    reference loop on the same backend. Made with the reference's seed, they draw the same
-    batches in the same order as it does."""
-    twins = []
-    for candidate in candidates:
-        compiled = Trainer(candidate, data, config)
-        if compiled.compiled_steps is not None:
-            twins.append((compiled, Trainer(candidate, data, config, compiled=False)))
-    return twins
+def compiled_trainers(candidates, data, config):
+    """A trainer for each candidate that compiles its steps. Made with the reference's seed, each
+    draws the same batches in the same order as it does."""
+    trainers = [Trainer(candidate, data, config) for candidate in candidates]
+    return [trainer for trainer in trainers if trainer.compiled_steps is not None]
 
 
-def check_compiled_step(step, twins, reference_model, dtype):
-    """One compiled step from the reference's state against the candidate's own op-by-op step
-    from the same state. The compiled loop calls the same kernels and the same BLAS routines
-    with the same arguments, so the two must agree exactly: the op-by-op step's every op is
-    checked against the reference above, and this extends that check to the compiled one."""
-    checks = []
-    for compiled, stepwise in twins:
-        for trainer in (compiled, stepwise):
-            for mine, theirs in zip(trainer.model.parameters(), reference_model.parameters()):
-                mine.value[...] = trainer.backend.asarray(theirs.value, dtype)
-            trainer.run_steps(1)
-        for got, expected in zip(compiled.model.parameters(), stepwise.model.parameters()):
-            got, expected = (compiled.backend.to_numpy(p.value).astype(numpy.float64) for p in (got, expected))
-            checks.append(compare(step, "compiled step (exact)", compiled.backend.name, got, expected, dtype, 0, 0.0))
+def check_compiled_step(step, trainer, reference_model, labels, lr):
+    """One compiled step from the reference's state, checked op by op from what its buffers hold
+    after it: each op's result against float64 arithmetic on the compiled step's own inputs to
+    that op, within the same one-op bounds as above. The compiled loop cannot be fed the
+    reference's inputs op by op; checking each op on its own inputs bounds each op alike."""
+    backend, dtype, steps, checks = trainer.backend, trainer.model.dtype, trainer.compiled_steps, []
+    host = lambda array: numpy.asarray(backend.to_numpy(array), dtype=numpy.float64)  # noqa: E731
+
+    def check(op, got, expected, reduction_length, magnitude):
+        checks.append(compare(step, f"compiled {op}", backend.name, got, expected, dtype, reduction_length, magnitude))
+
+    before = []
+    for mine, theirs in zip(trainer.model.parameters(), reference_model.parameters()):
+        mine.value[...] = backend.asarray(theirs.value, dtype)
+        before.append(host(mine.value))
+    k = trainer.epoch_step
+    own_x = host(trainer.batch(k)[0])  # the rows of the trainer's own data (normalised in its dtype)
+    trainer.run_steps(1)
+    after = [host(p.value) for p in trainer.model.parameters()]
+    batch, layers = len(labels), trainer.model.net.layers
+    inputs = [host(steps.inputs[:batch]), *(host(out[:batch]) for out in steps.outputs)]
+    check("gather", inputs[0], own_x, 0, 0.0)
+    for i, layer in enumerate(layers):
+        W, b, x = before[2 * i], before[2 * i + 1], inputs[i]
+        expected = x @ W.T + b
+        magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
+        check(f"layer {i + 1} forward", inputs[i + 1], numpy.maximum(expected, 0) if layer.relu else expected,
+              W.shape[1] + 1, magnitude)  # fmt: skip
+
+    logits, classes = inputs[-1], inputs[-1].shape[1]
+    loss_ref, grad_ref = get_backend("numpy").softmax_cross_entropy(logits, labels)
+    loss = host(trainer.step_losses[k : k + 1])[0]
+    check("softmax cross-entropy loss", loss, loss_ref, batch + classes + 3, loss_magnitude(logits, labels))
+    grad_y = host(steps.grad_logits[:batch])
+    check("softmax cross-entropy grad", grad_y, grad_ref, classes + 3, numpy.abs(grad_ref) + 1.0 / batch)
+
+    for i in reversed(range(len(layers))):
+        W, b, x = before[2 * i], before[2 * i + 1], inputs[i]
+        grad_z = grad_y * (inputs[i + 1] > 0) if layers[i].relu else grad_y
+        if layers[i].relu:
+            check(f"layer {i + 1} backward ReLU mask", host(steps.grads_z[i][:batch]), grad_z, 0, 0.0)
+        if i > 0:
+            grad_y = host(steps.grads_x[i][:batch])
+            magnitude = numpy.abs(grad_z) @ numpy.abs(W)
+            check(f"layer {i + 1} backward grad x", grad_y, grad_z @ W, W.shape[0], magnitude)
+        # The gradient's roundings (batch terms) and the update's own two.
+        magnitude = numpy.abs(W) + lr * numpy.abs(grad_z).T @ numpy.abs(x)
+        check(f"layer {i + 1} update W", after[2 * i], W - lr * grad_z.T @ x, batch + 2, magnitude)
+        magnitude = numpy.abs(b) + lr * numpy.abs(grad_z).sum(axis=0)
+        check(f"layer {i + 1} update b", after[2 * i + 1], b - lr * grad_z.sum(axis=0), batch + 2, magnitude)
     return checks
 
 

@@ -7,13 +7,27 @@ built from the backend's own kernels (_take_rows, _add_bias_relu, _softmax_cross
 _mask_and_sum_rows, _sgd_update) and from the model's structure: any depth, both dtypes, every
 optimiser option. The math is not written a second time.
 
-The products call the BLAS NumPy itself uses (its bundled ILP64 OpenBLAS) through ctypes,
-with the routine numpy.matmul picks (gemv for a single row, else gemm) and the same
-arguments. Measured on the 2-core machine they run as fast as NumPy's and give the same bits,
-where numba's own np.dot (through SciPy's OpenBLAS) was 5-15% slower at batch 128 and 512.
-So a compiled step equals this backend's op-by-op reference step exactly, which
-tests/test_compiled_steps.py checks. Where NumPy's BLAS cannot be found there is no compiled
-path, and the trainer runs the reference loop.
+The products call the BLAS NumPy itself uses (its bundled ILP64 OpenBLAS) through ctypes:
+numba's own np.dot (through SciPy's OpenBLAS) was 5-15% slower at batch 128 and 512. Owning
+the calls buys two things the layer-by-layer path cannot do, each measured on the 2-core
+machine (bench/README.md):
+
+- The update is the gradient's product. Without momentum, W <- (1 - lr * decay) * W - lr * g.T @ x
+  is one gemm with alpha = -lr and beta = 1 - lr * decay, so no gradient array is written
+  and read back and no update pass runs; gemm with beta 1 also skips its zeroing pass. A layer
+  is updated as soon as its backward pass is done, while its weights are in cache. With
+  momentum the gradient is formed and _sgd_update applies it, as on the reference path.
+- Below FEATURE_MAJOR_BELOW rows, layer outputs are kept feature-major (the transpose of a C
+  array): OpenBLAS computes out.T = W @ x.T 2.6x faster than out = x @ W.T at batch 16 and
+  1.3x at 64, while from 128 rows the strided elementwise passes over such outputs cost more
+  than the product saves.
+
+So a compiled step rounds differently from the reference step (the update in one rounding
+instead of two, products in another blocking): `xpnet verify` checks each op of a compiled
+step against float64 arithmetic within the same one-op bounds as the reference path, and the
+loop is deterministic, so a run resumes bit for bit. On the fold path the layers' W.grad
+arrays are not written. Where NumPy's BLAS cannot be found there is no compiled path, and the
+trainer runs the reference loop.
 
 What the loop trusts, since nothing inside it checks: CompiledSteps makes every buffer from
 the model's own sizes, checks the labels once against the classes, and is handed the
@@ -35,6 +49,7 @@ from xpnet.backends.numba_backend import (
 )
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+FEATURE_MAJOR_BELOW = 128
 
 
 def numpy_blas():
@@ -69,68 +84,83 @@ BLAS = numpy_blas()
 if BLAS is not None:
     _sgemm, _dgemm, _sgemv, _dgemv = BLAS
 
+    @njit(nogil=True)
+    def _blas_view(x, transpose):
+        """How row-major BLAS sees a 2-D array that is C-ordered or the transpose of a C array (a
+        feature-major layer output): its data, its leading dimension, and whether to transpose it."""
+        if x.strides[1] != x.itemsize:  # columns are contiguous: x is the transpose of a C array
+            return x.ctypes.data, x.strides[1] // x.itemsize, not transpose
+        return x.ctypes.data, max(x.strides[0] // x.itemsize, x.shape[1]), transpose
+
     @njit(nogil=True)  # not cached: the BLAS routines' addresses are this process's
-    def _product(a, transpose_a, b, transpose_b, out):
-        """out = op(a) @ op(b), op transposing when asked; all C-contiguous. One row is a gemv, as in numpy.matmul."""
+    def _product(a, transpose_a, b, transpose_b, out, alpha, beta):
+        """out = alpha * op(a) @ op(b) + beta * out, op transposing when asked; each array C-ordered
+        or the transpose of a C array. One row of output is a gemv, as in numpy.matmul."""
         m, n = out.shape
         k = a.shape[0] if transpose_a else a.shape[1]
+        a_data, lda, trans_a = _blas_view(a, transpose_a)
+        b_data, ldb, trans_b = _blas_view(b, transpose_b)
+        c_data, ldc, trans_c = _blas_view(out, False)
+        if trans_c:  # out is the transpose of a C array: compute that one, out.T = op(b).T @ op(a).T
+            m, n, a_data, b_data, lda, ldb = n, m, b_data, a_data, ldb, lda
+            trans_a, trans_b = not trans_b, not trans_a
         single = out.itemsize == 4  # float32; else float64
-        if m == 1 and not transpose_a:  # out's row = op(b).T @ a's row
-            rows, cols = b.shape
-            trans = NO_TRANS if transpose_b else TRANS
+        if m == 1 and not trans_a:  # the row = op(b).T @ a's row
+            rows, cols = (n, k) if trans_b else (k, n)
+            trans = NO_TRANS if trans_b else TRANS
             if single:
-                _sgemv(
-                    ROW_MAJOR, trans, rows, cols, 1.0, b.ctypes.data, cols, a.ctypes.data, 1, 0.0, out.ctypes.data, 1
-                )
+                _sgemv(ROW_MAJOR, trans, rows, cols, alpha, b_data, ldb, a_data, 1, beta, c_data, 1)
             else:
-                _dgemv(
-                    ROW_MAJOR, trans, rows, cols, 1.0, b.ctypes.data, cols, a.ctypes.data, 1, 0.0, out.ctypes.data, 1
-                )
+                _dgemv(ROW_MAJOR, trans, rows, cols, alpha, b_data, ldb, a_data, 1, beta, c_data, 1)
             return
-        ta, tb = TRANS if transpose_a else NO_TRANS, TRANS if transpose_b else NO_TRANS
+        ta, tb = TRANS if trans_a else NO_TRANS, TRANS if trans_b else NO_TRANS
         if single:
-            _sgemm(ROW_MAJOR, ta, tb, m, n, k, 1.0, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 0.0,
-                   out.ctypes.data, n)  # fmt: skip
+            _sgemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a_data, lda, b_data, ldb, beta, c_data, ldc)
         else:
-            _dgemm(ROW_MAJOR, ta, tb, m, n, k, 1.0, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 0.0,
-                   out.ctypes.data, n)  # fmt: skip
+            _dgemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a_data, lda, b_data, ldb, beta, c_data, ldc)
 
     @njit(nogil=True)  # not cached: it calls _product
     def _train_steps(x_all, y_all, order, first, n, batch_size, weights, biases, relu, grad_weights, grad_biases,
-                     velocity_weights, velocity_biases, momentum, nesterov, weight_decay, lrs, activations,
+                     velocity_weights, velocity_biases, momentum, nesterov, weight_decay, lrs, inputs, outputs,
                      grads_z, grads_x, grad_logits, labels, losses):  # fmt: skip
         """Steps first .. first + n - 1 of the epoch whose row order is `order`: each gathers its
-        batch, runs every layer forward, the loss (stored in losses[k]), every layer backward,
-        and the update with lrs[s]. activations[0] is the batch, activations[l + 1] layer l's output."""
+        batch into `inputs`, runs every layer forward (layer l's output in outputs[l]), the loss
+        (stored in losses[k]), and every layer's backward pass and update, last layer first."""
         layers = len(weights)
         for s in range(n):
             k = first + s
             start = k * batch_size
             rows = min(batch_size, order.shape[0] - start)
             indices = order[start : start + rows]
-            _take_rows(x_all, indices, activations[0][:rows])
+            x = inputs[:rows]
+            _take_rows(x_all, indices, x)
             y = labels[:rows]
             for i in range(rows):
                 y[i] = y_all[indices[i]]
             for layer in range(layers):
-                out = activations[layer + 1][:rows]
-                _product(activations[layer][:rows], False, weights[layer], True, out)  # y = x @ W.T
+                out = outputs[layer][:rows]
+                _product(x, False, weights[layer], True, out, 1.0, 0.0)  # y = x @ W.T
                 _add_bias_relu(out, biases[layer], relu[layer])
+                x = out
             grad = grad_logits[:rows]
-            losses[k] = _softmax_cross_entropy(activations[layers][:rows], y, grad)
+            losses[k] = _softmax_cross_entropy(outputs[layers - 1][:rows], y, grad)
+            lr = lrs[s]
             for layer in range(layers - 1, -1, -1):
+                x = inputs[:rows] if layer == 0 else outputs[layer - 1][:rows]
                 grad_z = grads_z[layer][:rows]
-                _mask_and_sum_rows(grad, activations[layer + 1][:rows], relu[layer], grad_z, grad_biases[layer])
+                _mask_and_sum_rows(grad, outputs[layer][:rows], relu[layer], grad_z, grad_biases[layer])
                 if not relu[layer]:
                     grad_z = grad
-                _product(grad_z, True, activations[layer][:rows], False, grad_weights[layer])  # grad_W = g.T @ x
-                if layer > 0:
+                if layer > 0:  # grad_x = g @ W, with the W of this step's forward
                     grad = grads_x[layer][:rows]
-                    _product(grad_z, False, weights[layer], False, grad)  # grad_x = g @ W
-            for layer in range(layers):
-                _sgd_update(weights[layer].reshape(-1), grad_weights[layer].reshape(-1), lrs[s],
-                            velocity_weights[layer].reshape(-1), momentum, nesterov, weight_decay)  # fmt: skip
-                _sgd_update(biases[layer], grad_biases[layer], lrs[s], velocity_biases[layer], momentum, nesterov,
+                    _product(grad_z, False, weights[layer], False, grad, 1.0, 0.0)
+                if momentum == 0:  # W <- (1 - lr * decay) * W - lr * g.T @ x: the update is the product's
+                    _product(grad_z, True, x, False, weights[layer], -lr, 1.0 - lr * weight_decay)
+                else:
+                    _product(grad_z, True, x, False, grad_weights[layer], 1.0, 0.0)  # grad_W = g.T @ x
+                    _sgd_update(weights[layer].reshape(-1), grad_weights[layer].reshape(-1), lr,
+                                velocity_weights[layer].reshape(-1), momentum, nesterov, weight_decay)  # fmt: skip
+                _sgd_update(biases[layer], grad_biases[layer], lr, velocity_biases[layer], momentum, nesterov,
                             weight_decay)  # fmt: skip
 
 
@@ -141,7 +171,7 @@ class CompiledSteps:
     the model's own arrays: whoever changes a parameter writes into it (value[...] = ...), as
     checkpoints and verify do, and never swaps the array for another."""
 
-    def __init__(self, backend, model, optimizer, train_x, train_y, batch_size):
+    def __init__(self, backend, model, optimizer, train_x, train_y, batch_size, feature_major=None):
         layers = model.net.layers
         dtype = model.dtype
         backend._check_range("labels", train_y, model.sizes[-1])
@@ -162,17 +192,24 @@ class CompiledSteps:
             float(optimizer.weight_decay),
         )
         batch = min(batch_size, len(train_y))
-        self.buffers = (
-            tuple(numpy.empty((batch, size), dtype) for size in model.sizes),
-            tuple(numpy.empty((batch, size), dtype) for size in model.sizes[1:]),
-            tuple(numpy.empty((batch, size), dtype) for size in model.sizes[:-1]),
-            numpy.empty((batch, model.sizes[-1]), dtype),
-            numpy.empty(batch, train_y.dtype),
+        self.feature_major = batch < FEATURE_MAJOR_BELOW if feature_major is None else feature_major
+        # The last step's arrays, which verify reads back: the batch and its labels, each layer's
+        # output, the loss gradient, each layer's masked output gradient, and grad x of each
+        # layer but the first.
+        self.inputs = numpy.empty((batch, model.sizes[0]), dtype)
+        self.outputs = tuple(
+            numpy.empty((size, batch), dtype).T if self.feature_major else numpy.empty((batch, size), dtype)
+            for size in model.sizes[1:]
         )
+        self.grads_z = tuple(numpy.empty((batch, size), dtype) for size in model.sizes[1:])
+        self.grads_x = tuple(numpy.empty((batch, size), dtype) for size in model.sizes[:-1])
+        self.grad_logits = numpy.empty((batch, model.sizes[-1]), dtype)
+        self.labels = numpy.empty(batch, train_y.dtype)
 
     def run(self, order, first, n, lrs, losses):
         x_all, y_all = self.data
-        _train_steps(x_all, y_all, order, first, n, self.batch_size, *self.model_arrays, lrs, *self.buffers, losses)
+        buffers = (self.inputs, self.outputs, self.grads_z, self.grads_x, self.grad_logits, self.labels)
+        _train_steps(x_all, y_all, order, first, n, self.batch_size, *self.model_arrays, lrs, *buffers, losses)
 
     def prepare(self, losses):
         """Compile the loop (a call of no steps): about a second, never inside a timed epoch."""
