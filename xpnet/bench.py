@@ -4,7 +4,8 @@ What is timed: whole training epochs of 50,000 samples (gather, forward, loss, b
 update), after a warm-up epoch, with the backend synchronised before each clock read, so a
 GPU's queued work is counted. JIT compile time is measured apart (Backend.prepare) and never
 inside an epoch. Alongside, in the same process and run, the "floor": the same five matrix
-products per step (forward x2, grad W x2, grad x of layer 2) timed alone with NumPy, and,
+products per step (forward x2, grad W x2, grad x of layer 2) timed alone with NumPy, each in
+the layout Numba's compiled loop uses (the faster), and,
 when torch is importable, PyTorch eager training the same MLP with torch.optim.SGD.
 Numbers are medians of repeats with their min-max spread: this machine is shared and noisy,
 so only ratios taken in one run are comparable.
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy
 
+from xpnet.backends.numba_steps import FEATURE_MAJOR_BELOW
 from xpnet.data.synthetic import synthetic_splits
 from xpnet.nn.train import TrainConfig, Trainer, seed_lr
 
@@ -125,19 +127,28 @@ def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", split
 
 def floor_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
     """The matrix products of an epoch alone: each layer's forward and grad W, and grad x of
-    every layer but the first, on preallocated NumPy arrays."""
+    every layer but the first, on preallocated NumPy arrays. Below FEATURE_MAJOR_BELOW rows the
+    layer outputs are feature-major, as in Numba's compiled loop, where that makes the
+    forward product faster: the floor is the products done the faster way."""
     rng = numpy.random.default_rng(0)
     sizes = [784, *hidden, 10]
     weights = [rng.standard_normal((o, i)).astype(dtype) for i, o in zip(sizes[:-1], sizes[1:])]
-    acts = [rng.standard_normal((batch_size, n)).astype(dtype) for n in sizes]
-    grads = [numpy.empty_like(a) for a in acts]
+    feature_major = batch_size < FEATURE_MAJOR_BELOW
+    acts = [rng.standard_normal((batch_size, sizes[0])).astype(dtype)] + [
+        rng.standard_normal((n, batch_size)).astype(dtype).T if feature_major else
+        rng.standard_normal((batch_size, n)).astype(dtype) for n in sizes[1:]
+    ]  # fmt: skip
+    grads = [numpy.empty_like(a, order="C") for a in acts]
     grad_w = [numpy.empty_like(w) for w in weights]
     steps = -(-n_samples // batch_size)
 
     def epoch():
         for _ in range(steps):
             for i, W in enumerate(weights):
-                numpy.matmul(acts[i], W.T, out=acts[i + 1])
+                if feature_major:
+                    numpy.matmul(W, acts[i].T, out=acts[i + 1].T)
+                else:
+                    numpy.matmul(acts[i], W.T, out=acts[i + 1])
             for i in reversed(range(len(weights))):
                 numpy.matmul(acts[i + 1].T, acts[i], out=grad_w[i])
                 if i > 0:

@@ -1,8 +1,9 @@
 """The peers a user would pick instead of xpnet, timed by xpnet bench beside its backends on
 the same MLP (784-hidden-10, ReLU, He initialisation), the same random data and the same plain
-SGD on the mean loss at the seed's rate: PyTorch eager, and JAX as its users write it, jit of
+SGD on the mean loss at the seed's rate: PyTorch eager and torch.compile, and JAX as its users write it, jit of
 one step and jit of a whole epoch (lax.scan over the batches). Each is an optional install
-(`pip install 'xpnet[peers]'` for JAX; torch by hand); a peer that is not installed is left out.
+(`pip install 'xpnet[peers]'` for JAX; torch by hand, its CPU build from PyTorch's own index);
+a peer that is not installed is left out.
 """
 
 import numpy
@@ -10,8 +11,10 @@ import numpy
 from xpnet.bench import N_SAMPLES, Contender, seed_lr
 
 
-def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES):
-    """PyTorch eager on the same MLP, data and SGD: the anchor a user would otherwise pick."""
+def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES, compiled=False):
+    """PyTorch on the same MLP, data and SGD: eager, the anchor a user would otherwise pick, or
+    with the model wrapped in torch.compile as its tutorials do (compiled in the warm-up epoch,
+    the last, smaller batch included)."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
@@ -24,6 +27,7 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
             layers.append(torch.nn.ReLU())
     model = torch.nn.Sequential(*layers).to(device=device, dtype=torch_dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size))
+    forward = torch.compile(model) if compiled else model
     loss_fn = torch.nn.CrossEntropyLoss()
     x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
     y_all = torch.randint(0, 10, (n_samples,), device=device)
@@ -34,13 +38,13 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
         for start in range(0, n_samples, batch_size):
             rows = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=False)
-            loss = loss_fn(model(x_all[rows]), y_all[rows])
+            loss = loss_fn(forward(x_all[rows]), y_all[rows])
             loss.backward()
             optimizer.step()
 
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     return Contender(
-        f"torch eager ({device})",
+        f"torch {'compile' if compiled else 'eager'} ({device})",
         epoch,
         synchronize,
         n_samples,

@@ -79,7 +79,11 @@ def collect(backends, batch_sizes, hiddens, dtype, repeats, with_peers, agreemen
                     contenders.append(
                         backend_contender(backend, batch_size, hidden, dtype, compiled=False, threads=threads)
                     )
-            contenders += [torch_contender(batch_size, hidden, dtype, device) for device in devices]
+            contenders += [
+                torch_contender(batch_size, hidden, dtype, device, compiled=compiled)
+                for device in devices
+                for compiled in (False, True)
+            ]
             contenders += jax_contenders(batch_size, hidden, dtype) if with_jax else []
             results += measure(contenders, batch_size, hidden, dtype, repeats)
     return results
