@@ -58,7 +58,7 @@ def train_until_epoch_1_then(signals, command, tmp_path, prelude=""):
 def straight_run(mnist_dir, tmp_path_factory):
     """Three epochs of the seed recipe without a stop: what every resumed run must equal."""
     path = tmp_path_factory.mktemp("straight") / "straight.npz"
-    command = ["train", "--epochs", "3", "--save", str(path), "--data-dir", str(mnist_dir)]
+    command = ["train", "--epochs", "3", "--save", str(path), "--data-dir", str(mnist_dir), "--threads", "1"]
     result = subprocess.run([sys.executable, "-m", "xpnet", *command], capture_output=True, env=environment())
     assert result.returncode == 0, result.stderr
     return load_checkpoint(path)
@@ -78,7 +78,8 @@ def test_a_stopped_run_saves_and_its_printed_command_resumes_it_exactly(
     mnist_dir, straight_run, tmp_path, signals, prelude, code, word
 ):
     path = tmp_path / "run.npz"
-    command = ["--epochs", "3", "--save", str(path), "--data-dir", str(mnist_dir)]
+    # A fixed thread count: with auto a busy machine could steer the two runs apart.
+    command = ["--epochs", "3", "--save", str(path), "--data-dir", str(mnist_dir), "--threads", "1"]
     returncode, stderr = train_until_epoch_1_then(signals, command, tmp_path, prelude)
     lines = stderr.strip().splitlines()
     assert returncode == code and len(lines) == 1 and "Traceback" not in stderr, stderr
@@ -88,6 +89,7 @@ def test_a_stopped_run_saves_and_its_printed_command_resumes_it_exactly(
 
     resume = shlex.split(lines[0].split("Resume with: ", 1)[1])
     assert resume[:3] == [sys.executable, "-m", "xpnet"] and "--data-dir" in resume and "--save" in resume
+    assert resume[resume.index("--threads") + 1] == "1"
     result = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, env=environment(), timeout=300)
     assert result.returncode == 0, result.stderr
     resumed = load_checkpoint(path)

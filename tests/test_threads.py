@@ -56,10 +56,14 @@ def test_a_trainer_with_a_count_trains_under_it(monkeypatch):
     assert seen == [{1}] and trainer.blas_threads == 1
 
 
-def test_the_default_leaves_blas_its_own_count_and_counts_change_only_rounding():
-    """The default is no limit: on this machine the products' last bits depend on the thread
-    count (from batch 64 up), so a policy that changes it between a run and its resume would
-    break exact resume. The counts differ in rounding only."""
+def test_the_cli_follows_the_load_and_the_library_leaves_blas_its_own_count():
+    """xpnet train and bench default to auto; a Trainer to no limit, so a script's runs repeat
+    bit for bit unless it asks for auto (OpenBLAS's last bits depend on the thread count).
+    The counts differ in rounding only."""
+    from xpnet.cli import build_parser
+
+    assert build_parser().parse_args(["train"]).threads == threads.AUTO
+    assert build_parser().parse_args(["bench"]).threads == threads.AUTO
     if threads.usable_cores() < 2:
         pytest.skip("one core: every thread count is one thread")
     rng = numpy.random.default_rng(0)

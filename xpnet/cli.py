@@ -66,7 +66,7 @@ def int_list(text):
 
 
 def thread_count(text):
-    """--threads: 'auto' or a count >= 1 (absent: BLAS's own count)."""
+    """--threads: 'auto' or a count >= 1."""
     from xpnet.threads import check_threads
 
     try:
@@ -79,10 +79,10 @@ def add_threads_flag(parser):
     parser.add_argument(
         "--threads",
         type=thread_count,
-        default=None,
-        help="BLAS threads: a count, or auto: the cores other processes leave, measured each epoch "
-        "(faster on a busy machine, but runs are then not bit-for-bit reproducible; "
-        "default: BLAS's own, a thread per core)",
+        default="auto",
+        help="BLAS threads: auto gives BLAS the cores other processes leave, measured each epoch "
+        "(alone: every core); a count fixes it, and with it the last bits of every result, "
+        "which OpenBLAS rounds differently at different counts",
     )
 
 

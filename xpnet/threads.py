@@ -15,11 +15,12 @@ of the epoch and its validation. Alone it takes every core; beside a twin, each 
 The limit is set with threadpoolctl on every BLAS library loaded (NumPy's, and SciPy's when
 present), not with environment variables a user must know.
 
-Not the default, because it costs reproducibility: OpenBLAS rounds differently at different
-thread counts (measured: the step's three products at 1 and 2 threads differ in their last
-bits from batch 64 up), so two runs, or a run and its resume, that auto steered differently
-part ways. The default (None) leaves BLAS its own count, a thread per core, and keeps runs and
-resumes bit for bit; so does a fixed count.
+The default of `xpnet train` and `xpnet bench` (the Trainer's default, None, leaves BLAS its
+own count). What it costs is reproducibility under load: OpenBLAS rounds differently at
+different thread counts (measured: the step's products at 1 and 2 threads differ in their
+last bits), so two runs, or a run and its resume, that auto steered differently part ways.
+Alone, auto takes every core every epoch, so runs repeat bit for bit; a fixed count keeps
+them so whatever the load.
 """
 
 import contextlib

@@ -13,6 +13,7 @@ from xpnet.data.mnist import resolve_data_dir
 from xpnet.errors import UsageError, XpnetError
 from xpnet.nn.checkpoint import load_checkpoint
 from xpnet.nn.train import Diverged, TrainConfig, Trainer, TrainingInterrupted
+from xpnet.threads import AUTO
 
 INTERRUPTED_PATH = "xpnet-interrupted.npz"
 # The run's settings: a resumed run keeps its checkpoint's, so none of these may be given with --resume.
@@ -57,6 +58,8 @@ def resume_command(args, backend, path, config, dataset):
         command += ["--data-dir", os.path.abspath(data_dir)]
     if args.save_every:
         command += ["--save-every", str(args.save_every)]
+    if args.threads != AUTO:  # the same count, so the rest of the run rounds as it would have
+        command += ["--threads", str(args.threads)]
     return shlex.join(command)
 
 

@@ -110,7 +110,8 @@ class Trainer:
     compiled=False every step runs the reference loop, the layers calling the backend's ops.
     threads is how many BLAS threads each epoch may use: None (BLAS's own, a thread per core), a
     count, or "auto" to give BLAS the cores other processes leave, measured at the start of
-    every epoch (xpnet/threads.py; auto gives up bit-for-bit reproducibility for that).
+    every epoch (xpnet/threads.py; the CLI's default; under load it gives up bit-for-bit
+    reproducibility for that).
     """
 
     def __init__(self, backend, data, config=None, checkpoint=None, compiled=True, threads=None):
