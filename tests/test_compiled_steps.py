@@ -52,6 +52,21 @@ def test_each_op_of_a_compiled_step_is_within_its_bound(dtype, batch, hidden, fe
         reference.run_steps(1)
 
 
+@pytest.mark.parametrize("batch", [7, 128])
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_an_epochs_last_batch_of_one_row_is_within_its_bound(batch, feature_major):
+    data = synthetic_splits(n_train=2 * batch + 1)  # the last batch is one row: every product a gemv-shaped edge
+    config = xpnet.TrainConfig(batch_size=batch, hidden=(32, 16), dtype="float64", lr=0.05)
+    reference = xpnet.Trainer("numpy", data, config)
+    compiled = with_layout(xpnet.Trainer("numba", data, dataclasses.replace(config, dtype="float32")), feature_major)
+    reference.run_steps(2)
+    compiled.run_steps(2)
+    _, labels = reference.batch(reference.epoch_step)
+    checks = check_compiled_step(3, compiled, reference.model, labels, config.lr)
+    assert len(labels) == 1 and compiled.epoch == 1  # the step completed the epoch
+    assert [c.op for c in checks if not c.passed] == []
+
+
 @pytest.mark.parametrize("batch", [1, 7, 128])
 @pytest.mark.parametrize("hidden", [(200,), (32, 16, 8)])
 @pytest.mark.parametrize("options", list(OPTIONS))
