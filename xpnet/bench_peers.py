@@ -19,16 +19,9 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
 
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
-    sizes = [784, *hidden, 10]
-    layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers).to(device=device, dtype=torch_dtype)
+    model = torch_mlp([784, *hidden, 10], torch_dtype, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size))
     forward = torch.compile(model) if compiled else model
-    loss_fn = torch.nn.CrossEntropyLoss()
     x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
     y_all = torch.randint(0, 10, (n_samples,), device=device)
     generator = numpy.random.default_rng(0)
@@ -37,10 +30,7 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
         order = torch.as_tensor(generator.permutation(n_samples), device=device)
         for start in range(0, n_samples, batch_size):
             rows = order[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=False)
-            loss = loss_fn(forward(x_all[rows]), y_all[rows])
-            loss.backward()
-            optimizer.step()
+            torch_sgd_step(forward, optimizer, x_all[rows], y_all[rows])
 
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     return Contender(
@@ -51,6 +41,29 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
         host_arrays=False,
         extra={"torch": torch.__version__, "threads": torch.get_num_threads()},
     )
+
+
+def torch_mlp(sizes, torch_dtype, device):
+    """torch.nn.Linear layers of the given sizes with ReLU between them: xpnet's MLP."""
+    import torch
+
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers).to(device=device, dtype=torch_dtype)
+
+
+def torch_sgd_step(forward, optimizer, x, y):
+    """One step as torch users write it: zero the gradients, mean cross-entropy, backward, step."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=False)
+    loss = torch.nn.functional.cross_entropy(forward(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
@@ -69,19 +82,8 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
     ]
     x_all = jnp.asarray(rng.standard_normal((n_samples, 784)).astype(dtype))
     y_all = jnp.asarray(rng.integers(0, 10, n_samples))
-    lr, full = seed_lr(batch_size), n_samples // batch_size
-
-    def mean_loss(params, x, y):
-        for W, b in params[:-1]:
-            x = jax.nn.relu(x @ W.T + b)
-        W, b = params[-1]
-        log_p = jax.nn.log_softmax(x @ W.T + b)
-        return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
-
-    def sgd_step(params, x_all, y_all, rows):
-        loss, grads = jax.value_and_grad(mean_loss)(params, x_all[rows], y_all[rows])
-        return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), loss
-
+    full = n_samples // batch_size
+    sgd_step = jax_sgd_step(seed_lr(batch_size))
     step = jax.jit(sgd_step)
 
     @jax.jit
@@ -108,3 +110,23 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
         return Contender(name, epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__})
 
     return [contender("jax jit step", by_scan=False), contender("jax jit + scan epoch", by_scan=True)]
+
+
+def jax_sgd_step(lr):
+    """sgd_step(params, x_all, y_all, rows) -> (params, loss): one plain SGD step on the rows'
+    mean cross-entropy, params a list of (W, b) with y = x @ W.T + b, as JAX users write it."""
+    import jax
+    import jax.numpy as jnp
+
+    def mean_loss(params, x, y):
+        for W, b in params[:-1]:
+            x = jax.nn.relu(x @ W.T + b)
+        W, b = params[-1]
+        log_p = jax.nn.log_softmax(x @ W.T + b)
+        return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
+
+    def sgd_step(params, x_all, y_all, rows):
+        loss, grads = jax.value_and_grad(mean_loss)(params, x_all[rows], y_all[rows])
+        return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), loss
+
+    return sgd_step
