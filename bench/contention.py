@@ -52,7 +52,7 @@ def throughput(process):
     """Median samples/s over the epochs after the first."""
     out, err = process.communicate()
     if process.returncode != 0:
-        raise SystemExit(f"xpnet train failed: {err.strip()}")
+        raise SystemExit(f"a training process failed: {err.strip()}")
     rates = [float(rate.replace(",", "")) for epoch, rate in EPOCH.findall(out) if int(epoch) > 1]
     return statistics.median(rates)
 

@@ -184,7 +184,7 @@ def check_compiled_step(step, trainer, reference_model, labels, lr):
               W.shape[1] + 1, magnitude)  # fmt: skip
 
     logits, classes = inputs[-1], inputs[-1].shape[1]
-    loss_ref, grad_ref = get_backend("numpy").softmax_cross_entropy(logits, labels)
+    loss_ref, grad_ref = reference_model.backend.softmax_cross_entropy(logits, labels)
     loss = host(trainer.step_losses[k : k + 1])[0]
     check("softmax cross-entropy loss", loss, loss_ref, batch + classes + 3, loss_magnitude(logits, labels))
     grad_y = host(steps.grad_logits[:batch])

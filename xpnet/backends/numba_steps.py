@@ -95,7 +95,8 @@ if BLAS is not None:
     @njit(nogil=True)  # not cached: the BLAS routines' addresses are this process's
     def _product(a, transpose_a, b, transpose_b, out, alpha, beta):
         """out = alpha * op(a) @ op(b) + beta * out, op transposing when asked; each array C-ordered
-        or the transpose of a C array. One row of output is a gemv, as in numpy.matmul."""
+        or the transpose of a C array. One row of output is a gemv, as numpy.matmul does too: 5.9 us
+        where sgemm took 30 for the 784 -> 200 layer at batch 1."""
         m, n = out.shape
         k = a.shape[0] if transpose_a else a.shape[1]
         a_data, lda, trans_a = _blas_view(a, transpose_a)
@@ -139,7 +140,7 @@ if BLAS is not None:
                 y[i] = y_all[indices[i]]
             for layer in range(layers):
                 out = outputs[layer][:rows]
-                _product(x, False, weights[layer], True, out, 1.0, 0.0)  # y = x @ W.T
+                _product(x, False, weights[layer], True, out, 1.0, 0.0)  # out = x @ W.T
                 _add_bias_relu(out, biases[layer], relu[layer])
                 x = out
             grad = grad_logits[:rows]
@@ -169,7 +170,8 @@ class CompiledSteps:
     first .. first + n - 1 of the epoch with that row order, updating the model's parameters
     and the optimiser's velocities in place, with lrs[s] the learning rate of step s. It holds
     the model's own arrays: whoever changes a parameter writes into it (value[...] = ...), as
-    checkpoints and verify do, and never swaps the array for another."""
+    checkpoints and verify do, and never swaps the array for another. feature_major None keeps
+    layer outputs feature-major below FEATURE_MAJOR_BELOW rows; True or False forces a layout."""
 
     def __init__(self, backend, model, optimizer, train_x, train_y, batch_size, feature_major=None):
         layers = model.net.layers
@@ -192,13 +194,13 @@ class CompiledSteps:
             float(optimizer.weight_decay),
         )
         batch = min(batch_size, len(train_y))
-        self.feature_major = batch < FEATURE_MAJOR_BELOW if feature_major is None else feature_major
+        feature_major = batch < FEATURE_MAJOR_BELOW if feature_major is None else feature_major
         # The last step's arrays, which verify reads back: the batch and its labels, each layer's
         # output, the loss gradient, each layer's masked output gradient, and grad x of each
         # layer but the first.
         self.inputs = numpy.empty((batch, model.sizes[0]), dtype)
         self.outputs = tuple(
-            numpy.empty((size, batch), dtype).T if self.feature_major else numpy.empty((batch, size), dtype)
+            numpy.empty((size, batch), dtype).T if feature_major else numpy.empty((batch, size), dtype)
             for size in model.sizes[1:]
         )
         self.grads_z = tuple(numpy.empty((batch, size), dtype) for size in model.sizes[1:])
