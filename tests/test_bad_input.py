@@ -166,6 +166,8 @@ CASES = [
          "use a larger lr or float64"),
     case("flags", "momentum-above-1", "train --momentum 2 {data}", 2, "momentum must be in [0, 1)"),
     case("flags", "zero-threads", "train --threads 0 {data}", 2, "threads must be 'auto' or a whole number >= 1"),
+    case("flags", "threads-above-cores", "train --threads 4096 {data}", 2, "threads 4096 is more than the",
+         "cores this process may use"),
     case("flags", "divergence-blames-momentum", "train --lr 1e30 --momentum 0.5 --epochs 1 {data}", 2,
          "training diverged in epoch 1", "smaller --lr than 1e+30, or a smaller --momentum", before_work=False),
     # Datasets.

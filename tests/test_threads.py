@@ -10,9 +10,16 @@ from xpnet.data.synthetic import synthetic_splits
 from xpnet.errors import ConfigError
 
 
-@pytest.mark.parametrize("given, expected", [(None, None), ("auto", "auto"), ("1", 1), (3, 3)])
+@pytest.mark.parametrize("given, expected", [(None, None), ("auto", "auto"), ("1", 1), (1, 1)])
 def test_threads_are_auto_or_a_count(given, expected):
     assert threads.check_threads(given) == expected
+
+
+def test_a_count_up_to_the_usable_cores_is_taken_and_more_is_refused(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    assert threads.check_threads("4") == 4
+    with pytest.raises(ConfigError, match="threads 5 is more than the 4 cores this process may use.*give 1 to 4"):
+        threads.check_threads(5)
 
 
 @pytest.mark.parametrize("given", ["0", "-1", "two", "1.5", ""])

@@ -66,7 +66,7 @@ def int_list(text):
 
 
 def thread_count(text):
-    """--threads: 'auto' or a count >= 1."""
+    """--threads: 'auto' or a count from 1 to the cores this process may use."""
     from xpnet.threads import check_threads
 
     try:
@@ -81,7 +81,7 @@ def add_threads_flag(parser):
         type=thread_count,
         default="auto",
         help="BLAS threads: auto gives BLAS the cores other processes leave, measured each epoch "
-        "(alone: every core); a count fixes it, and with it the last bits of every result, "
+        "(alone: every core); a count (at most the cores) fixes it, and with it the last bits of every result, "
         "which OpenBLAS rounds differently at different counts",
     )
 
