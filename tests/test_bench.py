@@ -27,8 +27,28 @@ def test_every_clock_read_follows_a_synchronize():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(time, "perf_counter", clock)
         time_interleaved([contender], repeats=2)
-    timed = events[1:]  # after the warm-up epoch
+    timed = events[2:]  # after the warm-up epoch and its synchronize
     assert timed == ["sync", "clock", "epoch", "sync", "clock"] * 2
+
+
+def test_a_contender_whose_threads_keep_spinning_is_waited_out_untimed():
+    """A peer's thread pool slows whatever runs right after it (JAX's: a floor epoch at half
+    speed), so its settle_seconds pass after each of its epochs, after the clock has stopped."""
+    events = []
+    spinning = Contender("jax-like", lambda: events.append("epoch spinning"), lambda: None, 1, settle_seconds=0.3)
+    quiet = Contender("numba-like", lambda: events.append("epoch quiet"), lambda: None, 1)
+    original = time.perf_counter
+
+    def clock():
+        events.append("clock")
+        return original()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time, "perf_counter", clock)
+        time_interleaved([spinning, quiet], repeats=1, sleep=lambda s: events.append(f"sleep {s}"))
+    warm_up = ["epoch spinning", "sleep 0.3", "epoch quiet", "sleep 0.0"]
+    timed = ["clock", "epoch spinning", "clock", "sleep 0.3", "clock", "epoch quiet", "clock", "sleep 0.0"]
+    assert events == warm_up + timed
 
 
 class SlowCompile(NumpyBackend):

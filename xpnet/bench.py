@@ -51,6 +51,9 @@ class Contender:
     compile_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
     host_arrays: bool = True  # its temporaries are NumPy arrays, which tracemalloc sees
+    # How long its own thread pool keeps spinning after its work, slowing whatever runs next:
+    # the pause the next contender waits out (untimed).
+    settle_seconds: float = 0.0
 
 
 def epoch_allocation_peak(contender):
@@ -64,12 +67,15 @@ def epoch_allocation_peak(contender):
         tracemalloc.stop()
 
 
-def time_interleaved(contenders, repeats):
+def time_interleaved(contenders, repeats, sleep=time.sleep):
     """Seconds per epoch of each contender: one warm-up epoch each, then `repeats` rounds
     that time every contender once in turn, so drift of a shared machine hits all alike.
-    Each clock read follows a synchronize, so queued GPU work is counted."""
+    Each clock read follows a synchronize, so queued GPU work is counted. After each epoch a
+    contender's settle_seconds pass, untimed, before the next one starts."""
     for contender in contenders:
         contender.run_epoch()
+        contender.synchronize()
+        sleep(contender.settle_seconds)
     seconds = {id(c): [] for c in contenders}
     for _ in range(repeats):
         for contender in contenders:
@@ -78,6 +84,7 @@ def time_interleaved(contenders, repeats):
             contender.run_epoch()
             contender.synchronize()
             seconds[id(contender)].append(time.perf_counter() - start)
+            sleep(contender.settle_seconds)
     return [seconds[id(c)] for c in contenders]
 
 

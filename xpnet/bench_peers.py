@@ -10,6 +10,13 @@ import numpy
 
 from xpnet.bench import N_SAMPLES, Contender, seed_lr
 
+# Their thread pools keep spinning after their work. Measured on the 2-core machine, a floor
+# epoch at batch 128 started right after JAX's epoch ran at half speed (136k against 268k
+# samples/s), still at 174k after a 0.1 s pause and at full speed after 0.2 s; after torch's
+# (CPU) about 8% slower, at full speed after 0.05 s. Each is waited out twice over.
+JAX_SETTLE_SECONDS = 0.5
+TORCH_SETTLE_SECONDS = 0.1
+
 
 def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES, compiled=False):
     """PyTorch on the same MLP, data and SGD: eager, the anchor a user would otherwise pick, or
@@ -40,6 +47,7 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
         n_samples,
         host_arrays=False,
         extra={"torch": torch.__version__, "threads": torch.get_num_threads()},
+        settle_seconds=TORCH_SETTLE_SECONDS if device == "cpu" else 0.0,
     )
 
 
@@ -107,7 +115,10 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
         def synchronize():
             jax.block_until_ready(state["params"])
 
-        return Contender(name, epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__})
+        return Contender(
+            name, epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__},
+            settle_seconds=JAX_SETTLE_SECONDS,
+        )  # fmt: skip
 
     return [contender("jax jit step", by_scan=False), contender("jax jit + scan epoch", by_scan=True)]
 
