@@ -31,24 +31,27 @@ def test_every_clock_read_follows_a_synchronize():
     assert timed == ["sync", "clock", "epoch", "sync", "clock"] * 2
 
 
-def test_a_contender_whose_threads_keep_spinning_is_waited_out_untimed():
+def test_after_a_contender_whose_threads_keep_spinning_the_next_runs_untimed_first():
     """A peer's thread pool slows whatever runs right after it (JAX's: a floor epoch at half
-    speed), so its settle_seconds pass after each of its epochs, after the clock has stopped."""
-    events = []
-    spinning = Contender("jax-like", lambda: events.append("epoch spinning"), lambda: None, 1, settle_seconds=0.3)
-    quiet = Contender("numba-like", lambda: events.append("epoch quiet"), lambda: None, 1)
-    original = time.perf_counter
+    speed), so the next contender runs untimed for settle_seconds before its clock starts."""
+    events, now = [], [0.0]
+    spinning = Contender("jax-like", lambda: events.append("spinning"), lambda: None, 1, settle_seconds=0.25)
+    quiet = Contender("numba-like", lambda: events.append("quiet"), lambda: None, 1)
 
-    def clock():
+    def clock():  # each read of the clock: 0.1 s later
+        now[0] += 0.1
         events.append("clock")
-        return original()
+        return now[0]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(time, "perf_counter", clock)
-        time_interleaved([spinning, quiet], repeats=1, sleep=lambda s: events.append(f"sleep {s}"))
-    warm_up = ["epoch spinning", "sleep 0.3", "epoch quiet", "sleep 0.0"]
-    timed = ["clock", "epoch spinning", "clock", "sleep 0.3", "clock", "epoch quiet", "clock", "sleep 0.0"]
-    assert events == warm_up + timed
+        seconds = time_interleaved([spinning, quiet], repeats=1)
+    warm_up = ["spinning", "quiet"]
+    spinning_timed = ["clock", "spinning", "clock"]  # it follows quiet: no lead-in
+    quiet_lead_in = ["clock", "clock", "quiet", "clock", "quiet", "clock"]  # 0.1 s, 0.2 s run; at 0.3 s it stops
+    quiet_timed = ["clock", "quiet", "clock"]
+    assert events == warm_up + spinning_timed + quiet_lead_in + quiet_timed
+    assert seconds == [[pytest.approx(0.1)], [pytest.approx(0.1)]]
 
 
 class SlowCompile(NumpyBackend):

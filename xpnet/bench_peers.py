@@ -12,8 +12,8 @@ from xpnet.bench import N_SAMPLES, Contender, seed_lr
 
 # Their thread pools keep spinning after their work. Measured on the 2-core machine, a floor
 # epoch at batch 128 started right after JAX's epoch ran at half speed (136k against 268k
-# samples/s), still at 174k after a 0.1 s pause and at full speed after 0.2 s; after torch's
-# (CPU) about 8% slower, at full speed after 0.05 s. Each is waited out twice over.
+# samples/s), still at 174k after 0.1 s and at full speed after 0.2 s; after torch's (CPU)
+# about 8% slower, at full speed after 0.05 s. The next contender runs untimed for twice that.
 JAX_SETTLE_SECONDS = 0.5
 TORCH_SETTLE_SECONDS = 0.1
 
