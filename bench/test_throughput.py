@@ -1,4 +1,5 @@
-"""pytest-benchmark suite: each op and a full training step, per backend, batch size and dtype.
+"""pytest-benchmark suite: each op, one training step through the layers, and an epoch the
+way training runs it (Numba's compiled loop), per backend, batch size and dtype.
 
     pytest bench/ --benchmark-only [--benchmark-json out.json] [--benchmark-compare]
 
@@ -11,7 +12,7 @@ import pytest
 
 from xpnet.backends import REGISTRY
 from xpnet.data.synthetic import synthetic_splits
-from xpnet.nn.train import TrainConfig, Trainer
+from xpnet.nn.train import TrainConfig, Trainer, seed_lr
 
 BATCH_SIZES = [1, 64, 128, 512, 2048]
 DTYPES = ["float32", "float64"]
@@ -75,3 +76,24 @@ def test_training_step(benchmark, backend, batch, dtype):
     step()
     benchmark.group = f"training step batch={batch} {dtype}"
     benchmark(step)
+
+
+@EVERY_BACKEND
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+def test_training_epoch(benchmark, backend, batch, dtype):
+    """An epoch of 4,096 samples through Trainer.train_epoch, the path `xpnet train` takes: the
+    compiled loop where the backend has one (test_training_step times the layers' step,
+    which it does not use). Samples/s is in extra_info; `xpnet bench` times full epochs."""
+    backend.prepare(dtype)
+    config = TrainConfig(batch_size=batch, lr=seed_lr(batch), dtype=dtype)  # the bench's rate: never diverges
+    trainer = Trainer(backend, synthetic_splits(n_train=4096), config)
+    if trainer.compiled_steps is not None:
+        trainer.compiled_steps.prepare(trainer.step_losses)
+    epoch = synchronised(backend, trainer.train_epoch)
+    epoch()
+    benchmark.group = f"training epoch batch={batch} {dtype}"
+    benchmark.extra_info["compiled"] = trainer.compiled_steps is not None
+    benchmark(epoch)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["samples_per_second"] = 4096 / benchmark.stats.stats.median
