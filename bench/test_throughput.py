@@ -11,8 +11,9 @@ import numpy
 import pytest
 
 from xpnet.backends import REGISTRY
+from xpnet.bench import backend_contender
 from xpnet.data.synthetic import synthetic_splits
-from xpnet.nn.train import TrainConfig, Trainer, seed_lr
+from xpnet.nn.train import TrainConfig, Trainer
 
 BATCH_SIZES = [1, 64, 128, 512, 2048]
 DTYPES = ["float32", "float64"]
@@ -85,15 +86,11 @@ def test_training_epoch(benchmark, backend, batch, dtype):
     """An epoch of 4,096 samples through Trainer.train_epoch, the path `xpnet train` takes: the
     compiled loop where the backend has one (test_training_step times the layers' step,
     which it does not use). Samples/s is in extra_info; `xpnet bench` times full epochs."""
-    backend.prepare(dtype)
-    config = TrainConfig(batch_size=batch, lr=seed_lr(batch), dtype=dtype)  # the bench's rate: never diverges
-    trainer = Trainer(backend, synthetic_splits(n_train=4096), config)
-    if trainer.compiled_steps is not None:
-        trainer.compiled_steps.prepare(trainer.step_losses)
-    epoch = synchronised(backend, trainer.train_epoch)
+    contender = backend_contender(backend, batch, dtype=dtype, splits=synthetic_splits(n_train=4096))
+    epoch = synchronised(backend, contender.run_epoch)
     epoch()
     benchmark.group = f"training epoch batch={batch} {dtype}"
-    benchmark.extra_info["compiled"] = trainer.compiled_steps is not None
+    benchmark.extra_info["compiled"] = contender.extra["compiled"]
     benchmark(epoch)
     if benchmark.stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info["samples_per_second"] = 4096 / benchmark.stats.stats.median
+        benchmark.extra_info["samples_per_second"] = contender.n_samples / benchmark.stats.stats.median
