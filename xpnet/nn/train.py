@@ -375,7 +375,7 @@ class Trainer:
         log(
             f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
             f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s"
-            + (f", {self.blas_threads} BLAS threads)" if self.threads is not None else ")")
+            + (f", {self.blas_threads} BLAS threads)" if self.threads is not None and self.backend.xp is numpy else ")")
         )
         if after_epoch is not None:
             after_epoch(self)
