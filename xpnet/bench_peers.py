@@ -75,8 +75,9 @@ def torch_sgd_step(forward, optimizer, x, y):
 
 
 def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
-    """JAX on the CPU: jit of one SGD step (the gather inside it), and jit of the epoch, a
-    lax.scan over its full batches (the last, partial batch by the step function)."""
+    """JAX on its default device (the GPU where jax has one): jit of one SGD step (the gather
+    inside it), and jit of the epoch, a lax.scan over its full batches (the last, partial batch
+    by the step function)."""
     import jax
     import jax.numpy as jnp
 
@@ -120,7 +121,11 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
             settle_seconds=JAX_SETTLE_SECONDS,
         )  # fmt: skip
 
-    return [contender("jax jit step", by_scan=False), contender("jax jit + scan epoch", by_scan=True)]
+    device = jax.devices()[0].platform  # JAX runs where its first device is: a GPU where it has one
+    return [
+        contender(f"jax jit step ({device})", by_scan=False),
+        contender(f"jax jit + scan epoch ({device})", by_scan=True),
+    ]
 
 
 def jax_sgd_step(lr):

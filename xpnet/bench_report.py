@@ -46,7 +46,21 @@ def machine():
             f"{pool['internal_api']} {pool.get('version')} {pool.get('architecture')}" for pool in threadpool_info()
         ],
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "gpu": gpu_name(),
     }
+
+
+def gpu_name():
+    """The first GPU CuPy sees, with its driver's CUDA version; None without CuPy or a GPU."""
+    try:
+        import cupy
+
+        properties = cupy.cuda.runtime.getDeviceProperties(0)
+        name = properties["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        return f"{name}, CUDA driver {cupy.cuda.runtime.driverGetVersion()}, cupy {cupy.__version__}"
+    except Exception:  # no CuPy, or no device answering: either way no GPU to name
+        return None
 
 
 def torch_devices():
@@ -57,13 +71,17 @@ def torch_devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def collect(backends, batch_sizes, hiddens, dtype, repeats, with_peers, agreement_steps, log=print, threads=None):
+def collect(backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, log=print, threads=None):
+    """The results of every row. peers names those to time, from xpnet.cli.PEERS: "torch" (eager,
+    on each device torch has), "torch-compile" (torch.compile, likewise) and "jax"."""
     results = []
-    devices = torch_devices() if with_peers else []
-    with_jax = with_peers and importlib.util.find_spec("jax") is not None
-    if with_peers and not devices:
+    wants_torch = {"torch", "torch-compile"} & set(peers)
+    devices = torch_devices() if wants_torch else []
+    torch_modes = [compiled for compiled, name in ((False, "torch"), (True, "torch-compile")) if name in peers]
+    with_jax = "jax" in peers and importlib.util.find_spec("jax") is not None
+    if wants_torch and not devices:
         log("torch is not installed: PyTorch rows left out (pip install torch to add them)")
-    if with_peers and not with_jax:
+    if "jax" in peers and not with_jax:
         log("jax is not installed: JAX rows left out (pip install 'xpnet[peers]' to add them)")
     compile_seconds = {b.name: b.prepare(dtype) for b in backends}  # first call: the real cost
     for hidden in hiddens:
@@ -82,7 +100,7 @@ def collect(backends, batch_sizes, hiddens, dtype, repeats, with_peers, agreemen
             contenders += [
                 torch_contender(batch_size, hidden, dtype, device, compiled=compiled)
                 for device in devices
-                for compiled in (False, True)
+                for compiled in torch_modes
             ]
             contenders += jax_contenders(batch_size, hidden, dtype) if with_jax else []
             results += measure(contenders, batch_size, hidden, dtype, repeats)
@@ -153,7 +171,7 @@ def run_report(
     hiddens,
     dtype,
     repeats,
-    with_peers,
+    peers,
     json_path,
     markdown_path,
     agreement_steps,
@@ -162,7 +180,7 @@ def run_report(
 ):
     console = wide_console(width=160)  # bench's table has eleven columns
     results = collect(
-        backends, batch_sizes, hiddens, dtype, repeats, with_peers, agreement_steps, log=console.print, threads=threads
+        backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, log=console.print, threads=threads
     )
     title = (
         f"Training throughput, {dtype}, 50,000-sample epochs, median of {repeats} "

@@ -93,6 +93,20 @@ def name_list(text):
     return names
 
 
+PEERS = ("torch", "torch-compile", "jax")  # torch: eager on each device torch has; xpnet/bench_peers.py
+
+
+def peer_list(text):
+    """--peers: some of PEERS, comma-separated."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in PEERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown peer {', '.join(unknown) or repr(text)}: choose from {','.join(PEERS)}, or --no-peers for none"
+        )
+    return tuple(names)
+
+
 def add_backend_flag(parser):
     parser.add_argument(
         "--backend", default=None, help=f"array backend: {', '.join(REGISTRY)} (default: $XPNET_BACKEND, else numpy)"
@@ -186,10 +200,17 @@ def add_bench_parser(commands):
     bench.add_argument("--quick", action="store_true", help="batch 128 and 512, one timed epoch: under a minute")
     add_threads_flag(bench)
     bench.add_argument(
+        "--peers",
+        type=peer_list,
+        default=None,
+        help=f"which installed peers to time, comma-separated from {','.join(PEERS)} (default: all of them)",
+    )
+    bench.add_argument(
         "--no-peers",
         "--no-torch",
-        dest="no_peers",
-        action="store_true",
+        dest="peers",
+        action="store_const",
+        const=(),
         help="leave out the PyTorch and JAX rows even when they are installed",
     )
     bench.add_argument("--json", default=None, help="write the results as JSON (schema in bench/README.md)")

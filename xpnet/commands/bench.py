@@ -2,6 +2,7 @@
 
 from xpnet.backends import available_backends, get_backend
 from xpnet.bench_report import run_report
+from xpnet.cli import PEERS
 from xpnet.commands import check_outputs
 from xpnet.threads import blas_threads
 
@@ -23,7 +24,7 @@ def report(args, backends, batch_sizes, repeats):
         args.hidden or [(200,)],
         args.dtype,
         repeats,
-        with_peers=not args.no_peers,
+        peers=PEERS if args.peers is None else args.peers,
         json_path=args.json,
         markdown_path=args.markdown,
         agreement_steps=3 if args.quick else 10,
