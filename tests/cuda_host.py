@@ -16,6 +16,7 @@ code (it fuses a*b+c into one rounding; g++ for x86-64 does not), CuPy's own mar
 broadcasting (mirrored here from its documentation), streams, device memory, and speed.
 """
 
+import contextlib
 import ctypes
 import functools
 import shutil
@@ -309,6 +310,11 @@ class DeviceArray(numpy.ndarray):
     device and a wait for all queued work."""
 
     host_reads = 0
+
+    def set(self, values):
+        """cupy.ndarray.set: a copy from the host into this array."""
+        self[...] = values
+
     __float__, __int__, __bool__, __index__, item, tolist = map(
         _counted, ["__float__", "__int__", "__bool__", "__index__", "item", "tolist"]
     )
@@ -325,13 +331,37 @@ class EmulatedCupy:
     ElementwiseKernel = ElementwiseKernel
 
     class cuda:
-        class _Stream:
+        """Streams, devices and pools with nothing to do: each emulated launch has finished when
+        it returns, and NumPy allocates every array."""
+
+        class Stream:
+            def __init__(self, non_blocking=False):
+                pass
+
             def synchronize(self):
-                pass  # each emulated launch has finished when it returns
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc_info):
+                return False
+
+        class Device(Stream):
+            pass
+
+        class MemoryPool:
+            def malloc(self, size):
+                raise AssertionError("the emulation allocates with NumPy, never from a pool")
+
+        @staticmethod
+        @contextlib.contextmanager
+        def using_allocator(allocator):
+            yield
 
         @classmethod
         def get_current_stream(cls):
-            return cls._Stream()
+            return cls.Stream()
 
     @staticmethod
     def take(a, indices, axis=None, out=None):

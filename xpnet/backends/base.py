@@ -62,12 +62,8 @@ class Backend:
     def compile_steps(self, model, optimizer, train_x, train_y, batch_size):
         """A backend's way to take many training steps in one call, or None: the trainer then
         runs the reference loop, the layers calling these ops a step at a time. What it returns
-        has run(order, first, n, lrs, losses) and prepare(losses); see numba_steps.CompiledSteps.
-
-        CuPy takes this seam to capture an epoch's steps as a CUDA graph when it does: CuPy
-        refuses cuBLAS calls during stream capture (cupy_backends/cuda/libs/cublas.pyx,
-        setStream), so a captured step needs products that are capturable, and every array must
-        keep its address between capture and replay. Not written: it has to be measured on a GPU.
+        has run(order, first, n, lrs, losses) and prepare(losses); see numba_steps.CompiledSteps
+        (Numba: the loop compiled) and cupy_graphs.GraphSteps (CuPy: the steps as CUDA graphs).
         """
         return None
 

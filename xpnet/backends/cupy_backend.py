@@ -194,13 +194,26 @@ class CupyBackend(Backend):
         self.synchronize()
         return time.perf_counter() - start
 
+    def compile_steps(self, model, optimizer, train_x, train_y, batch_size):
+        """Chunks of steps captured as CUDA graphs (cupy_graphs.GraphSteps). Real CuPy only: the
+        tests' CPU emulation of CuPy has no streams to capture, and runs the reference loop."""
+        if getattr(self.xp, "__name__", None) != "cupy":
+            return None
+        from xpnet.backends.cupy_graphs import GraphSteps
+
+        return GraphSteps(self, model, optimizer, train_x, train_y, batch_size)
+
     # -- ops -------------------------------------------------------------------------------
     def _contiguous_output(self, out):
         """out itself when the raw kernels can write it, else a contiguous stand-in to copy back."""
         return out if out.flags.c_contiguous else self.xp.empty(out.shape, out.dtype)
 
+    def _matmul(self, a, b, out):
+        """out = a @ b; the graph path (cupy_graphs) swaps in products that can be captured."""
+        return self.xp.matmul(a, b, out=out)
+
     def _linear_forward(self, x, W, b, relu, out):
-        self.xp.matmul(x, W.T, out=out)
+        self._matmul(x, W.T, out)
         _kernels(self.xp)["add_bias_relu"](b, relu, out)
         return out
 
@@ -216,9 +229,9 @@ class CupyBackend(Backend):
             grad_z[...] = z
         if b is not grad_b:
             grad_b[...] = b
-        self.xp.matmul(z.T, x, out=grad_W)
+        self._matmul(z.T, x, grad_W)
         if grad_x is not None:
-            self.xp.matmul(z, W, out=grad_x)
+            self._matmul(z, W, grad_x)
 
     def _softmax_cross_entropy(self, logits, labels, grad_out):
         rows, cols = logits.shape
@@ -232,8 +245,10 @@ class CupyBackend(Backend):
         return row_loss.mean().astype(logits.dtype)
 
     def _sgd_update(self, param, grad, lr, velocity, momentum, nesterov, weight_decay):
-        """One fused kernel; CuPy's elementwise kernels take any strides."""
+        """One fused kernel; CuPy's elementwise kernels take any strides. lr may be a 0-d device
+        array of param's dtype, which a captured step reads at each replay."""
         cast = param.dtype.type
         if velocity is None:  # the kernel's velocity output is then a dummy it never writes
             velocity, momentum = param, 0.0
-        _kernels(self.xp)["sgd_update"](grad, cast(lr), cast(momentum), nesterov, cast(weight_decay), param, velocity)
+        lr = lr if isinstance(lr, self.xp.ndarray) else cast(lr)
+        _kernels(self.xp)["sgd_update"](grad, lr, cast(momentum), nesterov, cast(weight_decay), param, velocity)
