@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU check the CuPy backend still owes, in one run on a machine with a GPU and nothing
-# to install (the project's device machines hold numpy, numba, cupy, torch and pytest; xpnet
+# Every GPU check the CuPy backend owes, in one run on a machine with a GPU and nothing to
+# install (the project's device machines hold numpy, numba, cupy, torch, jax and pytest; xpnet
 # runs from the checkout through PYTHONPATH). It writes its logs and results into $OUT:
-#   card.txt    nvidia-smi's name, driver and memory
-#   tests.log   the whole test suite, cupy included (parity, 50 float64 steps, accuracy)
+#   card.txt    nvidia-smi's name, driver and memory; the packages' versions
+#   ops.*       bench/gpu_ops.py: each op of a CuPy step, host time against GPU time
+#   bench.*     `xpnet bench` on numpy, numba and cupy (CUDA graphs, and op by op) beside
+#               PyTorch eager (cuda and cpu) and JAX (on the GPU): the timings
+#   tests.log   the whole test suite, cupy included (parity, 50 float64 steps, graphs, accuracy)
+#   verify.log  `xpnet verify` in float32 and float64: each op of a step, graph steps included
 #   train.log   `xpnet train` with the defaults on cupy, then numpy: validation accuracies
-#   bench.*     `xpnet bench` on numpy, numba and cupy with the torch rows (cuda and cpu)
+# The timings run first and alone; the checks after them, side by side (none of them is timed).
 # The MNIST files must travel with the checkout, in a folder git ignores:
 #   mkdir -p .mnist && cp ../shared/mnist/* .mnist/ && echo /.mnist/ >> .git/info/exclude
-# then run `bash bench/gpu_check.sh` there with `.mnist` carried. The dry run on the 2-core
-# development machine (no GPU rows) took under 9 minutes; each step's log lands in $OUT as it
-# finishes, so a call cut off at its 10-minute limit still returns what was done.
+# then run `bash bench/gpu_check.sh` there with `.mnist` carried. Each stage has a time limit,
+# so one that hangs costs its own result only; the whole run is meant to end within 6 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-out}
@@ -19,22 +22,35 @@ BACKENDS=${BACKENDS:-numpy,numba,cupy}  # a dry run without a GPU: BACKENDS=nump
 GPU_BACKEND=${BACKENDS##*,}
 mkdir -p "$OUT"
 export XPNET_DATA_DIR=${XPNET_DATA_DIR:-$PWD/.mnist} PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX shares the GPU: it takes what it uses, not 75% of it
 status=0
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/card.txt" 2>&1 || status=1
-"$PYTHON" -c "import cupy, numpy, numba, torch; print('cupy', cupy.__version__, 'numpy', numpy.__version__,
-    'numba', numba.__version__, 'torch', torch.__version__)" >>"$OUT/card.txt" 2>&1
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    "$PYTHON" -c "import cupy, jax, numba, numpy, torch; print('cupy', cupy.__version__, 'numpy', numpy.__version__,
+        'numba', numba.__version__, 'torch', torch.__version__, 'jax', jax.__version__, jax.devices())"
+} >"$OUT/card.txt" 2>&1 || status=1
 cat "$OUT/card.txt"
 
-"$PYTHON" -m pytest tests -q -ra -p no:cacheprovider >"$OUT/tests.log" 2>&1 || status=1
-tail -n 3 "$OUT/tests.log"
-
-for backend in "$GPU_BACKEND" numpy; do
-    "$PYTHON" -m xpnet train --backend "$backend" --quiet 2>&1 | sed "s/^/[$backend] /" >>"$OUT/train.log" || status=1
-done
-grep -E "Epoch 20 |Test accuracy" "$OUT/train.log"
-
-"$PYTHON" -m xpnet bench --backends "$BACKENDS" --batch-sizes 128,512,2048 --repeats 5 \
-    --json "$OUT/bench.json" --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1 || status=1
+if [ "$GPU_BACKEND" = cupy ]; then
+    timeout 90 "$PYTHON" bench/gpu_ops.py --markdown "$OUT/ops.md" >"$OUT/ops.log" 2>&1 || status=1
+    cat "$OUT/ops.log"
+fi
+timeout 300 "$PYTHON" -m xpnet bench --backends "$BACKENDS" --batch-sizes 128,512,2048 --repeats 5 \
+    --peers torch,jax --json "$OUT/bench.json" --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1 || status=1
+grep -iE "warn|error" "$OUT/bench.log"
 cat "$OUT/bench.md" 2>/dev/null || tail -n 20 "$OUT/bench.log"
+
+timeout 330 "$PYTHON" -m pytest tests -q -ra -p no:cacheprovider >"$OUT/tests.log" 2>&1 &
+tests=$!
+for dtype in float32 float64; do
+    timeout 120 "$PYTHON" -m xpnet verify --dtype "$dtype" >>"$OUT/verify.log" 2>&1 || status=1
+done
+tail -n 4 "$OUT/verify.log"
+for backend in "$GPU_BACKEND" numpy; do
+    timeout 240 "$PYTHON" -m xpnet train --backend "$backend" --quiet 2>&1 | sed "s/^/[$backend] /" >>"$OUT/train.log" || status=1
+done
+grep -E "Epoch 20 |Test accuracy|Warning|Error" "$OUT/train.log"
+wait $tests || status=1
+tail -n 15 "$OUT/tests.log"
 exit $status
