@@ -3,7 +3,7 @@
 # install (the project's device machines hold numpy, numba, cupy, torch, jax and pytest; xpnet
 # runs from the checkout through PYTHONPATH). It writes its logs and results into $OUT:
 #   card.txt    nvidia-smi's name, driver and memory; the packages' versions
-#   ops.*       bench/gpu_ops.py: each op of a CuPy step, host time against GPU time
+#   ops.md      bench/gpu_ops.py: each op of a CuPy step, host time against GPU time
 #   bench.*     `xpnet bench` on numpy, numba and cupy (CUDA graphs, and op by op) beside
 #               PyTorch eager (cuda and cpu) and JAX (on the GPU): the timings
 #   tests.log   the whole test suite, cupy included (parity, 50 float64 steps, graphs, accuracy)
@@ -14,6 +14,7 @@
 #   mkdir -p .mnist && cp ../shared/mnist/* .mnist/ && echo /.mnist/ >> .git/info/exclude
 # then run `bash bench/gpu_check.sh` there with `.mnist` carried. Each stage has a time limit,
 # so one that hangs costs its own result only; the whole run is meant to end within 6 minutes.
+# TESTS_K="cupy and not emulated" runs only the suite's GPU tests (pytest -k), for a rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-out}
@@ -33,15 +34,14 @@ status=0
 cat "$OUT/card.txt"
 
 if [ "$GPU_BACKEND" = cupy ]; then
-    timeout 90 "$PYTHON" bench/gpu_ops.py --markdown "$OUT/ops.md" >"$OUT/ops.log" 2>&1 || status=1
-    cat "$OUT/ops.log"
+    timeout 90 "$PYTHON" bench/gpu_ops.py --markdown "$OUT/ops.md" 2>&1 || status=1
 fi
 timeout 300 "$PYTHON" -m xpnet bench --backends "$BACKENDS" --batch-sizes 128,512,2048 --repeats 5 \
     --peers torch,jax --json "$OUT/bench.json" --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1 || status=1
 grep -iE "warn|error" "$OUT/bench.log"
 cat "$OUT/bench.md" 2>/dev/null || tail -n 20 "$OUT/bench.log"
 
-timeout 330 "$PYTHON" -m pytest tests -q -ra -p no:cacheprovider >"$OUT/tests.log" 2>&1 &
+timeout 330 "$PYTHON" -m pytest tests -q -ra -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} >"$OUT/tests.log" 2>&1 &
 tests=$!
 for dtype in float32 float64; do
     timeout 120 "$PYTHON" -m xpnet verify --dtype "$dtype" >>"$OUT/verify.log" 2>&1 || status=1

@@ -12,7 +12,8 @@ from xpnet.backends import cupy_backend
 
 NVCC = shutil.which("nvcc")
 INSTANTIATIONS = """
-template __global__ void mask_and_sum_rows<{T}>(const {T}*, const {T}*, bool, {T}*, {T}*, int, int);
+template __global__ void mask_and_sum_row_blocks<{T}>(const {T}*, const {T}*, bool, {T}*, {T}*, int, int, int);
+template __global__ void sum_rows<{T}>(const {T}*, {T}*, int, int);
 template __global__ void softmax_cross_entropy<{T}>(const {T}*, const long long*, {T}*, double*, int, int);
 """
 
@@ -31,7 +32,7 @@ def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "kernels.ptx").read_text()
-    assert ptx.count(".entry") == 5  # two kernels, each for float and double, and check_range
+    assert ptx.count(".entry") == 7  # three kernels, each for float and double, and check_range
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here, so the CUDA sources cannot be compiled")
