@@ -23,6 +23,10 @@ from xpnet.data.synthetic import synthetic_splits
 from xpnet.nn.train import TrainConfig, Trainer, seed_lr
 
 N_SAMPLES = 50_000
+# A GPU clocks down while the CPU rows run (it idles at a fraction of its busy clock), and
+# one epoch of a few milliseconds is too short to bring it back: each GPU row first runs this long
+# untimed, as a training run's earlier epochs would have.
+GPU_WARM_UP_SECONDS = 0.3
 
 
 @dataclass
@@ -54,6 +58,9 @@ class Contender:
     # How long its own thread pool keeps spinning after its work, slowing whatever runs next:
     # the next contender runs that long untimed before its clock starts.
     settle_seconds: float = 0.0
+    # How long it runs untimed before each timing to bring its device's clocks up: a GPU idles
+    # at low clocks while CPU contenders run, and one GPU epoch is too short to ramp them.
+    warm_up_seconds: float = 0.0
 
 
 def epoch_allocation_peak(contender):
@@ -71,7 +78,7 @@ def time_interleaved(contenders, repeats):
     """Seconds per epoch of each contender: one warm-up epoch each, then `repeats` rounds
     that time every contender once in turn, so drift of a shared machine hits all alike.
     Each clock read follows a synchronize, so queued GPU work is counted. A contender that
-    follows one with settle_seconds first runs untimed for at least that long."""
+    follows one with settle_seconds, or has warm_up_seconds, first runs untimed for at least that long."""
     for contender in contenders:
         contender.run_epoch()
         contender.synchronize()
@@ -79,7 +86,7 @@ def time_interleaved(contenders, repeats):
     previous = contenders[-1]
     for _ in range(repeats):
         for contender in contenders:
-            _lead_in(contender, previous.settle_seconds)
+            _lead_in(contender, max(previous.settle_seconds, contender.warm_up_seconds))
             contender.synchronize()
             start = time.perf_counter()
             contender.run_epoch()
@@ -142,6 +149,7 @@ def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", split
         compile_seconds,
         extra={"compiled": trainer.compiled_steps is not None},
         host_arrays=backend.xp is numpy,
+        warm_up_seconds=0.0 if backend.xp is numpy else GPU_WARM_UP_SECONDS,
     )
 
 

@@ -8,7 +8,7 @@ a peer that is not installed is left out.
 
 import numpy
 
-from xpnet.bench import N_SAMPLES, Contender, seed_lr
+from xpnet.bench import GPU_WARM_UP_SECONDS, N_SAMPLES, Contender, seed_lr
 
 # Their thread pools keep spinning after their work. Measured on the 2-core machine, a floor
 # epoch at batch 128 started right after JAX's epoch ran at half speed (136k against 268k
@@ -48,6 +48,7 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
         host_arrays=False,
         extra={"torch": torch.__version__, "threads": torch.get_num_threads()},
         settle_seconds=TORCH_SETTLE_SECONDS if device == "cpu" else 0.0,
+        warm_up_seconds=0.0 if device == "cpu" else GPU_WARM_UP_SECONDS,
     )
 
 
@@ -91,6 +92,7 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
     ]
     x_all = jnp.asarray(rng.standard_normal((n_samples, 784)).astype(dtype))
     y_all = jnp.asarray(rng.integers(0, 10, n_samples))
+    device = jax.devices()[0].platform  # JAX runs where its first device is: a GPU where it has one
     full = n_samples // batch_size
     sgd_step = jax_sgd_step(seed_lr(batch_size))
     step = jax.jit(sgd_step)
@@ -118,10 +120,9 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
 
         return Contender(
             name, epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__},
-            settle_seconds=JAX_SETTLE_SECONDS,
+            settle_seconds=JAX_SETTLE_SECONDS, warm_up_seconds=0.0 if device == "cpu" else GPU_WARM_UP_SECONDS,
         )  # fmt: skip
 
-    device = jax.devices()[0].platform  # JAX runs where its first device is: a GPU where it has one
     return [
         contender(f"jax jit step ({device})", by_scan=False),
         contender(f"jax jit + scan epoch ({device})", by_scan=True),
