@@ -324,7 +324,10 @@ class Trainer:
         if self.threads == AUTO and self.backend.xp is numpy and left > 5 * self.chunk_steps:
             run = lambda n: self.run_steps(n, progress)  # noqa: E731
             self.blas_threads, _ = threads_left(run, self.chunk_steps, 5, self.blas_threads)  # at the last choice
-        with blas_threads(self.blas_threads):
+        # Only host BLAS needs the limit, and setting it costs: threadpoolctl looks through every
+        # loaded library each time, 1.2 ms on the 2-core machine, more where CUDA's are loaded: a
+        # GPU epoch at batch 2048 takes 3.6 ms on an H200 (bench/results-gpu-h200.md).
+        with blas_threads(self.blas_threads if self.backend.xp is numpy else None):
             self.run_steps(progress=progress)
         return self.history.epochs[-1].loss
 
