@@ -193,7 +193,8 @@ def run_report(
     for row in table_rows:
         table.add_row(*row)
     console.print(table)
-    command = "xpnet " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("xpnet") else "xpnet bench"
+    launched = sys.argv[0].endswith(("xpnet", os.path.join("xpnet", "__main__.py")))  # xpnet, or python -m xpnet
+    command = "xpnet " + " ".join(sys.argv[1:]) if launched else "xpnet bench"
     if json_path:
         document = {
             "schema": SCHEMA,
