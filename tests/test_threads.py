@@ -5,6 +5,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import xpnet
+from tests.cuda_host import CXX, EmulatedCupyBackend
 from xpnet import threads
 from xpnet.data.synthetic import synthetic_splits
 from xpnet.errors import ConfigError
@@ -81,3 +82,18 @@ def test_the_cli_follows_the_load_and_the_library_leaves_blas_its_own_count():
             products.append(x @ W.T)
     numpy.testing.assert_allclose(products[0], products[1], rtol=1e-5, atol=1e-4)
     assert xpnet.Trainer("numpy", synthetic_splits(n_train=64)).threads is None
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) here to run the CuPy backend's kernels on the CPU")
+def test_an_epoch_on_a_device_backend_sets_no_blas_limit(monkeypatch):
+    """Setting the limit searches every loaded library (1-2 ms a call), and a GPU backend uses no
+    host BLAS; the emulated CuPy backend stands for one."""
+    from xpnet.nn import train
+
+    limits = []
+    monkeypatch.setattr(train, "blas_threads", lambda count: limits.append(count) or threads.blas_threads(count))
+    for backend, limit in (("numpy", 1), (EmulatedCupyBackend(), None)):
+        trainer = xpnet.Trainer(backend, synthetic_splits(n_train=128), xpnet.TrainConfig(batch_size=64), threads=1)
+        limits.clear()
+        trainer.train_epoch()
+        assert limits == [limit]
