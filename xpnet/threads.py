@@ -13,7 +13,8 @@ at the count it chose last) while reading the machine's busy CPU time (/proc/sta
 this process's own, and gives BLAS the cores nobody else is using, at least one, for the rest
 of the epoch and its validation. Alone it takes every core; beside a twin, each takes one.
 The limit is set with threadpoolctl on every BLAS library loaded (NumPy's, and SciPy's when
-present), not with environment variables a user must know.
+present; a trainer's, those loaded when it was made), not with environment variables a user
+must know.
 
 The default of `xpnet train` and `xpnet bench` (the Trainer's default, None, leaves BLAS its
 own count). What it costs is reproducibility under load: OpenBLAS rounds differently at
@@ -27,7 +28,7 @@ import contextlib
 import os
 import time
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from xpnet.errors import ConfigError
 
@@ -61,11 +62,26 @@ def check_threads(threads):
     return count
 
 
+def blas_controller():
+    """A handle on the BLAS libraries loaded now, for blas_threads: finding them is what a limit
+    costs (1.2-1.9 ms with numba, torch and jax loaded, on the 2-core machine), and through a
+    handle made once a limit takes 7 us. It does not see libraries loaded after it was made."""
+    return ThreadpoolController()
+
+
 @contextlib.contextmanager
-def blas_threads(count):
-    """BLAS limited to count threads inside the block (None: no limit)."""
-    with threadpool_limits(limits=count, user_api="blas") if count is not None else contextlib.nullcontext():
+def blas_threads(count, controller=None):
+    """BLAS limited to count threads inside the block (None: no limit), through controller (from
+    blas_controller) when given, else on every BLAS library loaded at the call."""
+    if count is None:
         yield
+    else:
+        with (
+            threadpool_limits(limits=count, user_api="blas")
+            if controller is None
+            else controller.limit(limits=count, user_api="blas")
+        ):
+            yield
 
 
 def busy_cpu_seconds():
@@ -83,12 +99,13 @@ def own_cpu_seconds():
     return times.user + times.system
 
 
-def threads_left(run, chunk, most, current, seconds=0.1):
+def threads_left(run, chunk, most, current, seconds=0.1, controller=None):
     """Run chunks of steps (run(chunk), at most `most` of them) under `current` threads for at
     least `seconds`, measuring the cores other processes kept busy meanwhile; returns
-    (the threads to use: the usable cores nobody else used, at least 1; those other cores)."""
+    (the threads to use: the usable cores nobody else used, at least 1; those other cores).
+    controller as for blas_threads."""
     busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-    with blas_threads(current):
+    with blas_threads(current, controller):
         for _ in range(most):
             run(chunk)
             if time.perf_counter() - start >= seconds:

@@ -25,7 +25,7 @@ from xpnet.nn.loss import SoftmaxCrossEntropy
 from xpnet.nn.memory import check_memory
 from xpnet.nn.model import MLP, pixel_statistics
 from xpnet.nn.optim import SGD, check_sgd_settings
-from xpnet.threads import AUTO, blas_threads, check_threads, threads_left, usable_cores
+from xpnet.threads import AUTO, blas_controller, blas_threads, check_threads, threads_left, usable_cores
 
 
 def seed_lr(batch_size=512):
@@ -165,6 +165,10 @@ class Trainer:
             self.compiled_steps = backend.compile_steps(
                 self.model, self.optimizer, self.train_x, self.train_y, config.batch_size
             )
+        # Only host BLAS needs the limit: a GPU backend uses none. Made once, since finding the
+        # libraries each time would cost 1-2 ms an epoch (xpnet/threads.py), and made last, after
+        # the backend has loaded what it loads (Numba brings SciPy's OpenBLAS).
+        self._blas = blas_controller() if backend.xp is numpy else None
         self._batch = Buffers(backend)
         self.history = History()
         self.epoch = 0  # whole epochs done
@@ -323,11 +327,8 @@ class Trainer:
         left = self.steps_per_epoch - self.epoch_step
         if self.threads == AUTO and self.backend.xp is numpy and left > 5 * self.chunk_steps:
             run = lambda n: self.run_steps(n, progress)  # noqa: E731
-            self.blas_threads, _ = threads_left(run, self.chunk_steps, 5, self.blas_threads)  # at the last choice
-        # Only host BLAS needs the limit, and setting it costs: threadpoolctl looks through every
-        # loaded library each time, 1.2 ms on the 2-core machine, more where CUDA's are loaded: a
-        # GPU epoch at batch 2048 takes 3.6 ms on an H200 (bench/results-gpu-h200.md).
-        with blas_threads(self.blas_threads if self.backend.xp is numpy else None):
+            self.blas_threads, _ = threads_left(run, self.chunk_steps, 5, self.blas_threads, controller=self._blas)
+        with blas_threads(self.blas_threads if self._blas is not None else None, self._blas):
             self.run_steps(progress=progress)
         return self.history.epochs[-1].loss
 
@@ -355,7 +356,7 @@ class Trainer:
         try:  # Ctrl-C anywhere from here, between epochs too, saves the last whole epoch
             while self.epoch < self.config.epochs:
                 self._fit_epoch(log, progress, after_epoch)
-            with blas_threads(self.blas_threads):
+            with blas_threads(self.blas_threads if self._blas is not None else None, self._blas):
                 self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
         except KeyboardInterrupt:
             raise TrainingInterrupted(self.last_whole_epoch) from None
