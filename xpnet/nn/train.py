@@ -106,10 +106,11 @@ class Trainer:
     backend is a Backend or its name; data the splits of ``xpnet.load_dataset``; config a
     TrainConfig (the seed recipe when None). checkpoint, from ``load_checkpoint``, continues
     that run with its own settings; only the number of epochs is taken from config. With
-    compiled (the default), a backend that can take many steps in one call does (Numba); with
-    compiled=False every step runs the reference loop, the layers calling the backend's ops
-    (use it to inspect the layers' gradients after a step: without momentum the compiled loop
-    folds the update into the gradient's product and keeps no gradient).
+    compiled (the default), a backend that can take many steps in one call does (Numba's
+    compiled loop, CuPy's CUDA graphs); with compiled=False every step runs the reference loop,
+    the layers calling the backend's ops (use it to inspect the layers' gradients after a step:
+    without momentum Numba's loop folds the update into the gradient's product and keeps no
+    gradient).
     threads is how many BLAS threads each epoch may use: None (BLAS's own, a thread per core), a
     count, or "auto" to give BLAS the cores other processes leave, measured at the start of
     every epoch (xpnet/threads.py; the CLI's default; under load it gives up bit-for-bit
