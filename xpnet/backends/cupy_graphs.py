@@ -154,7 +154,7 @@ class GraphSteps:
         self.last = None  # the StepArrays of the last step run
         self.graphs = {}  # by the batch sizes of a chunk's steps
         self.rows = self.lrs = self.losses = None  # the chunk's, sized by _make_room
-        self._lrs_held = None  # the host values self.lrs holds
+        self._lrs_held = None  # the host values self.lrs holds, NaN where unknown
         self.failure = None  # why capture failed, once it has
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)
@@ -201,7 +201,7 @@ class GraphSteps:
             self.lrs = xp.zeros(max(len(sizes), 0 if self.lrs is None else len(self.lrs)), self.model.dtype)
             self.losses = xp.empty(len(self.lrs), self.model.dtype)
             self.graphs.clear()
-            self._lrs_held = None
+            self._lrs_held = numpy.full(len(self.lrs), numpy.nan, self.model.dtype)  # matches no rate
 
     def _capture(self, sizes):
         """The chunk's graph, after one uncaptured step of each batch size, whose update is undone."""
@@ -213,9 +213,7 @@ class GraphSteps:
             try:
                 self.rows[: sum(sizes)] = 0  # row 0 stands in for the rows: the warm-up reads valid memory
                 for size in sorted(set(sizes)):
-                    self._step(
-                        self.capturable_ops(), self.arrays[size], self.rows[:size], self.lrs[0], self.losses[0:1]
-                    )
+                    self._step(ops, self.arrays[size], self.rows[:size], self.lrs[0], self.losses[0:1])
             finally:
                 for array, copy in zip(state, saved):
                     array[...] = copy
@@ -273,9 +271,8 @@ class GraphSteps:
         start = first * B
         self.rows[: sum(sizes)] = order[start : start + sum(sizes)]
         values = numpy.asarray(lrs, self.model.dtype)
-        if self._lrs_held is None or not numpy.array_equal(self._lrs_held[:n], values):
+        if not numpy.array_equal(self._lrs_held[:n], values):
             self.lrs[:n].set(values)
-            self._lrs_held = numpy.zeros(len(self.lrs), self.model.dtype)
             self._lrs_held[:n] = values
         if graph is not None:
             graph.launch()
