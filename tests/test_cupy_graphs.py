@@ -140,7 +140,7 @@ def test_gemm_shows_row_major_operands_to_column_major_cublas(case):
     x, W, grad_z = rng.standard_normal((5, 7)), rng.standard_normal((3, 7)), rng.standard_normal((5, 3))
     a, b = {"x @ W.T": (x, W.T), "grad_z.T @ x": (grad_z.T, x), "grad_z @ W": (grad_z, W)}[case]
     gemm = object.__new__(CublasGemm)  # no cuBLAS: its routine is the column-major reference above
-    gemm.handle, gemm.routines = None, {numpy.dtype(numpy.float64): (column_major_dgemm, None, None, None)}
+    gemm.handle, gemm.routines = None, {numpy.dtype(numpy.float64): (column_major_dgemm, None, None)}
     out = numpy.empty((a.shape[0], b.shape[1]))
     gemm(HostArray(a), HostArray(b), HostArray(out))
     numpy.testing.assert_allclose(out, a @ b, rtol=1e-12)

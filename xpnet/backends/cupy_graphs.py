@@ -18,9 +18,9 @@ What a replay needs, and how it is met:
   cublas.pyx, setStream), so the captured products call cuBLAS's gemm through ctypes, on a
   handle of this object bound to the capture stream (CublasGemm).
 - Capture runs on a side stream (the legacy default stream cannot be captured), after one
-  uncaptured step of each batch size on it (compiling kernels and filling the pool, which
-  undoes its update); replays and the copies around them run on the current stream, ordered
-  with the rest of the trainer's work.
+  uncaptured step of each batch size on it, which compiles kernels and fills the pool and
+  whose update is then undone; replays and the copies around them run on the current stream,
+  ordered with the rest of the trainer's work.
 
 Nothing inside a graph checks: the labels are checked once here against the classes, and the
 order is the trainer's permutation of the rows, as numba_steps.CompiledSteps trusts it too.
@@ -72,7 +72,7 @@ class CublasGemm:
             routine.argtypes = [pointer, flag, flag, flag, flag, flag, pointer, pointer, flag, pointer, flag, pointer]
             routine.argtypes += [pointer, flag]
             routine.restype = flag
-            self.routines[numpy.dtype(dtype)] = (routine, ctypes.byref(real(1)), ctypes.byref(real(0)), real)
+            self.routines[numpy.dtype(dtype)] = (routine, ctypes.byref(real(1)), ctypes.byref(real(0)))
         self._cublas = cublas
         self.handle = cublas.create()
         cublas.setStream(self.handle, stream.ptr)
@@ -97,7 +97,7 @@ class CublasGemm:
             raise ValueError("gemm writes only C-contiguous outputs")
         (m, k), n = a.shape, b.shape[1]
         (op_a, lda), (op_b, ldb) = self._operand(a), self._operand(b)
-        routine, one, zero, _ = self.routines[out.dtype]
+        routine, one, zero = self.routines[out.dtype]
         status = routine(self.handle, op_b, op_a, n, m, k, one, b.data.ptr, ldb, a.data.ptr, lda, zero, out.data.ptr, n)
         self._check(status, "gemm")
         return out
