@@ -86,8 +86,13 @@ def add_threads_flag(parser):
     )
 
 
+def comma_list(text):
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def name_list(text):
-    names = [part.strip() for part in text.split(",") if part.strip()]
+    names = comma_list(text)
     if not names:
         raise argparse.ArgumentTypeError(f"expected backend names like numpy,numba, got {text!r}")
     return names
@@ -98,7 +103,7 @@ PEERS = ("torch", "torch-compile", "jax")  # torch: eager on each device torch h
 
 def peer_list(text):
     """--peers: some of PEERS, comma-separated."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
+    names = comma_list(text)
     unknown = [name for name in names if name not in PEERS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(

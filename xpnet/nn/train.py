@@ -326,12 +326,16 @@ class Trainer:
         """The rest of the current epoch (all of it, from its start) with the BLAS threads the
         trainer's policy gives; returns its mean loss."""
         left = self.steps_per_epoch - self.epoch_step
-        if self.threads == AUTO and self.backend.xp is numpy and left > 5 * self.chunk_steps:
+        if self.threads == AUTO and self._blas is not None and left > 5 * self.chunk_steps:
             run = lambda n: self.run_steps(n, progress)  # noqa: E731
             self.blas_threads, _ = threads_left(run, self.chunk_steps, 5, self.blas_threads, controller=self._blas)
-        with blas_threads(self.blas_threads if self._blas is not None else None, self._blas):
+        with self._blas_limit():
             self.run_steps(progress=progress)
         return self.history.epochs[-1].loss
+
+    def _blas_limit(self):
+        """The trainer's BLAS thread count for a block; no limit on a GPU backend (no host BLAS)."""
+        return blas_threads(self.blas_threads if self._blas is not None else None, self._blas)
 
     def accuracy(self, x, y, batch_size=2048):
         """The fraction of rows of device data x whose label y the model predicts (one read)."""
@@ -357,7 +361,7 @@ class Trainer:
         try:  # Ctrl-C anywhere from here, between epochs too, saves the last whole epoch
             while self.epoch < self.config.epochs:
                 self._fit_epoch(log, progress, after_epoch)
-            with blas_threads(self.blas_threads if self._blas is not None else None, self._blas):
+            with self._blas_limit():
                 self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
         except KeyboardInterrupt:
             raise TrainingInterrupted(self.last_whole_epoch) from None
@@ -380,7 +384,7 @@ class Trainer:
         log(
             f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
             f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s"
-            + (f", {self.blas_threads} BLAS threads)" if self.threads is not None and self.backend.xp is numpy else ")")
+            + (f", {self.blas_threads} BLAS threads)" if self.threads is not None and self._blas is not None else ")")
         )
         if after_epoch is not None:
             after_epoch(self)
