@@ -3,7 +3,7 @@
 # install (the project's device machines hold numpy, numba, cupy, torch, jax and pytest; xpnet
 # runs from the checkout through PYTHONPATH). It writes its logs and results into $OUT:
 #   card.txt    nvidia-smi's name, driver and memory; the packages' versions
-#   ops.md      bench/gpu_ops.py: each op of a CuPy step, host time against GPU time
+#   ops.md      bench/gpu_ops.py: each op of a CuPy step, host time against GPU time; an epoch's parts
 #   bench.*     `xpnet bench` on numpy, numba and cupy (CUDA graphs, and op by op) beside
 #               PyTorch eager (cuda and cpu) and JAX (on the GPU): the timings
 #   tests.log   the whole test suite, cupy included (parity, 50 float64 steps, graphs, accuracy)
@@ -34,7 +34,7 @@ status=0
 cat "$OUT/card.txt"
 
 if [ "$GPU_BACKEND" = cupy ]; then
-    timeout 90 "$PYTHON" bench/gpu_ops.py --markdown "$OUT/ops.md" 2>&1 || status=1
+    timeout 150 "$PYTHON" bench/gpu_ops.py --markdown "$OUT/ops.md" 2>&1 || status=1
 fi
 timeout 300 "$PYTHON" -m xpnet bench --backends "$BACKENDS" --batch-sizes 128,512,2048 --repeats 5 \
     --peers torch,jax --json "$OUT/bench.json" --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1 || status=1

@@ -1,5 +1,5 @@
 """Where a CuPy training step's time goes: each op's host time (Python, argument checks,
-launches) and GPU time, beside the whole step's.
+launches) and GPU time, beside the whole step's; then where a whole training epoch's goes.
 
     python bench/gpu_ops.py [--batch-sizes 512,2048] [--dtype float32] [--markdown PATH]
 
@@ -7,10 +7,16 @@ Host time: the mean wall time of a call, which returns once its kernels are queu
 the calls queued behind a kernel that spins until they all are, then timed with CUDA events,
 so the GPU runs them back to back and the figure holds no wait for Python. A step whose host
 time is well above its GPU time is bound by launching: capturing it as a CUDA graph would
-pay. One whose GPU time is the larger is bound by its kernels. Needs CuPy and a GPU.
+pay. One whose GPU time is the larger is bound by its kernels.
+
+The epoch table splits `Trainer.train_epoch` (what xpnet bench times, on the compiled path)
+into its parts, each timed alone from a synchronised start to a synchronised end: the epoch's
+permutation drawn on the host and uploaded, the steps with the one read of their losses, and
+the validation pass (10,000 rows, as MNIST's). Needs CuPy and a GPU.
 """
 
 import argparse
+import contextlib
 import time
 
 import cupy
@@ -19,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xpnet.backends import get_backend
+from xpnet.backends.base import Backend
 from xpnet.data.synthetic import synthetic_splits
 from xpnet.nn.train import TrainConfig, Trainer
 
@@ -94,6 +101,53 @@ def whole_step(backend, batch_size, dtype):
     return lambda: trainer.step(*trainer.batch(0))
 
 
+def epoch_parts(backend, batch_size, dtype, repeats=7):
+    """Median milliseconds of a train_epoch and of its parts (the module's docstring), with
+    MNIST's 10,000 validation rows (xpnet bench's synthetic data has 10)."""
+    splits = synthetic_splits(n_validation=10_000)
+    trainer = Trainer(backend, splits, TrainConfig(batch_size=batch_size, dtype=dtype))
+    trainer.compiled_steps.prepare(trainer.step_losses)
+    trainer.train_epoch()  # captures the graphs
+    steps = trainer.steps_per_epoch
+    val_x, val_y = trainer.val_x, trainer.val_y
+    parts = {
+        "permutation + upload": trainer._start_epoch,  # what run_steps does first in an epoch
+        f"steps 1-{steps - 1} + losses read": lambda: trainer.run_steps(steps - 1),
+        f"step {steps} + validation pass": lambda: trainer.run_steps(1),
+        f"validation pass alone ({len(val_y):,} rows)": lambda: trainer.accuracy(val_x, val_y),
+        "validation pass before (2,048-row chunks, count in xp code)": lambda: validation_before(trainer, 2048),
+        "whole train_epoch": trainer.train_epoch,
+    }
+    times = {name: [] for name in parts}
+    for _ in range(repeats):
+        for name, part in parts.items():
+            backend.synchronize()
+            start = time.perf_counter()
+            part()
+            backend.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return [(str(batch_size), name, f"{1e3 * numpy.median(t):.3f}") for name, t in times.items()]
+
+
+def validation_before(trainer, chunk_rows):
+    """The validation pass as the trainer ran it before eval_rows and the one-kernel count."""
+    backend, correct = trainer.backend, 0
+    for start in range(0, len(trainer.val_y), chunk_rows):
+        logits = trainer.model.forward(trainer.val_x[start : start + chunk_rows])
+        correct = correct + Backend._count_correct(backend, logits, trainer.val_y[start : start + chunk_rows])
+    return int(backend.to_numpy(correct))
+
+
+def print_table(title, columns, rows, markdown):
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=120).print(table)
+    if markdown:
+        lines = [title, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+        markdown.write("\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", default="512,2048")
@@ -103,21 +157,18 @@ def main():
     backend = get_backend("cupy")
     backend.prepare(args.dtype)
     rows = []
-    for batch_size in map(int, args.batch_sizes.split(",")):
+    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    for batch_size in batch_sizes:
         calls = {**op_calls(backend, batch_size, args.dtype), "whole step": whole_step(backend, batch_size, args.dtype)}
         for name, call in calls.items():
             host, gpu = host_and_gpu_seconds(call)
             rows.append((str(batch_size), name, f"{host * 1e6:.1f}", f"{gpu * 1e6:.1f}"))
-    title = f"CuPy step, op by op, {args.dtype}: mean microseconds per call"
-    columns = ("batch", "op", "host us", "GPU us")
-    table = Table(*columns, title=title)
-    for row in rows:
-        table.add_row(*row)
-    Console(width=120).print(table)
-    if args.markdown:
-        lines = [title, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n")
+    epoch_rows = [row for batch_size in batch_sizes for row in epoch_parts(backend, batch_size, args.dtype)]
+    with open(args.markdown, "w") if args.markdown else contextlib.nullcontext() as markdown:
+        title = f"CuPy step, op by op, {args.dtype}: mean microseconds per call"
+        print_table(title, ("batch", "op", "host us", "GPU us"), rows, markdown)
+        title = f"CuPy training epoch (50,000 samples, CUDA graphs), {args.dtype}: median milliseconds"
+        print_table(title, ("batch", "part", "ms"), epoch_rows, markdown)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,13 @@ def test_a_row_holding_nan_is_never_correct(backend):
     assert int(backend.to_numpy(correct)) == 1
 
 
+def test_a_tie_goes_to_the_first_largest_logit(backend):
+    logits = numpy.array([[1, 3, 3], [2, 2, 2], [0, 5, 5], [-1, -1, -2]], numpy.float32)
+    labels = logits.argmax(axis=1)  # 1, 0, 1, 0: the first of the tied; the last would match none
+    correct = backend.count_correct(backend.asarray(logits), backend.asarray(labels))
+    assert int(backend.to_numpy(correct)) == 4
+
+
 def test_asarray_and_to_numpy_always_copy(backend):
     host = numpy.arange(6.0).reshape(2, 3)
     on_backend = backend.asarray(host)

@@ -38,6 +38,9 @@ class Backend:
 
     name = "numpy"
     xp = numpy
+    # Rows per forward pass when a whole split is evaluated (accuracy, predictions): a chunk's
+    # activations stay in a host cache; a GPU backend takes more at once.
+    eval_rows = 2048
 
     # -- placement ------------------------------------------------------------------------
     def asarray(self, host_array, dtype=None):

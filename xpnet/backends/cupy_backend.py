@@ -92,6 +92,22 @@ __global__ void softmax_cross_entropy(const T* logits, const long long* labels, 
 }
 """
 
+_CORRECT_ROWS = r"""
+template <typename T>
+__global__ void correct_rows(const T* logits, const long long* labels, int* correct, int rows, int cols) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;  // one thread per row, as numba's loop: argmax, NaN, label
+    if (i >= rows) return;
+    const T* z = logits + (long long)i * cols;
+    int best = 0;
+    bool has_nan = false;
+    for (int j = 0; j < cols; ++j) {
+        has_nan |= z[j] != z[j];
+        if (z[j] > z[best]) best = j;  // strictly greater: a tie goes to the first, as argmax's
+    }
+    correct[i] = !has_nan && best == labels[i];
+}
+"""
+
 _CHECK_RANGE = r"""
 __global__ void check_range(const long long* values, long long stop, int n, int* fault, int code) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -119,10 +135,10 @@ _SGD_UPDATE = (
 def _kernels(cupy):
     """The fused kernels, built on first use; keyed by the cupy module so that a stand-in
     (the tests' CPU emulation of CuPy's kernel API) gets kernels of its own."""
-    kernels = ("mask_and_sum_row_blocks", "sum_rows", "softmax_cross_entropy")
+    kernels = ("mask_and_sum_row_blocks", "sum_rows", "softmax_cross_entropy", "correct_rows")
     names = [f"{kernel}<{t}>" for kernel in kernels for t in ("float", "double")]
     module = cupy.RawModule(
-        code=_MASK_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + _CHECK_RANGE,
+        code=_MASK_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + _CORRECT_ROWS + _CHECK_RANGE,
         options=("--std=c++14",),
         name_expressions=[*names, "check_range"],
     )
@@ -135,6 +151,7 @@ def _kernels(cupy):
 
 class CupyBackend(Backend):
     name = "cupy"
+    eval_rows = 16384  # MNIST's validation or test split in one pass: launches, not rows, cost here
 
     def __init__(self, xp=None):
         """xp is CuPy; the tests pass their CPU emulation of CuPy's kernel API instead."""
@@ -209,6 +226,7 @@ class CupyBackend(Backend):
         y = self.linear_forward(x, x, self.xp.zeros(2, dtype), relu=True)
         self.linear_backward(x, x, y, relu_output=y)
         self.softmax_cross_entropy(y, labels)
+        self.count_correct(y, labels)
         self.sgd_update(x, self.xp.zeros_like(x), 0.1)
         self.synchronize()
         return time.perf_counter() - start
@@ -267,6 +285,15 @@ class CupyBackend(Backend):
         if grad is not grad_out:
             grad_out[...] = grad
         return row_loss.mean().astype(logits.dtype)
+
+    def _count_correct(self, logits, labels):
+        """One kernel marks each row, one sum counts them (xp code takes seven kernels)."""
+        rows, cols = logits.shape
+        correct = self.xp.empty(rows, numpy.int32)
+        labels = self.xp.ascontiguousarray(labels, dtype=numpy.int64)
+        args = (self.xp.ascontiguousarray(logits), labels, correct, numpy.int32(rows), numpy.int32(cols))
+        self._launch("correct_rows", rows, args, logits.dtype)
+        return correct.sum(dtype=numpy.int64)
 
     def _sgd_update(self, param, grad, lr, velocity, momentum, nesterov, weight_decay):
         """One fused kernel; CuPy's elementwise kernels take any strides. lr may be a 0-d device

@@ -94,8 +94,10 @@ class MLP:
             )
         return images.astype(numpy.float64) * 255, single
 
-    def predict_logits(self, images, batch_size=2048):
-        """Logits (host, the model's dtype) for images as ``pixels`` takes them, in batches."""
+    def predict_logits(self, images, batch_size=None):
+        """Logits (host, the model's dtype) for images as ``pixels`` takes them, batch_size at a
+        time (the backend's eval_rows when None)."""
+        batch_size = batch_size or self.backend.eval_rows
         host, single = self.pixels(images)
         x = self.backend.asarray(self.normalize(host))
         logits = numpy.concatenate(

@@ -337,8 +337,10 @@ class Trainer:
         """The trainer's BLAS thread count for a block; no limit on a GPU backend (no host BLAS)."""
         return blas_threads(self.blas_threads if self._blas is not None else None, self._blas)
 
-    def accuracy(self, x, y, batch_size=2048):
-        """The fraction of rows of device data x whose label y the model predicts (one read)."""
+    def accuracy(self, x, y, batch_size=None):
+        """The fraction of rows of device data x whose label y the model predicts (one read),
+        batch_size rows at a time (the backend's eval_rows when None)."""
+        batch_size = batch_size or self.backend.eval_rows
         correct = 0
         for start in range(0, len(y), batch_size):
             logits = self.model.forward(x[start : start + batch_size])
