@@ -9,6 +9,7 @@ import pytest
 
 from xpnet.backends import get_backend
 from xpnet.data.mnist import Split, Splits
+from xpnet.data.synthetic import synthetic_splits
 from xpnet.errors import DataError
 from xpnet.nn.checkpoint import load_checkpoint
 from xpnet.nn.train import TrainConfig, Trainer, TrainingInterrupted
@@ -65,6 +66,17 @@ def test_interrupted_and_resumed_run_ends_bit_for_bit_like_an_uninterrupted_one(
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         numpy.testing.assert_array_equal(a.value, b.value)
     assert [e.loss for e in resumed.history.epochs] == [e.loss for e in straight.history.epochs]
+
+
+def test_restore_on_a_trainer_that_went_on_replays_from_the_saved_state():
+    """The trainer draws each epoch's order ahead, during the epoch before: restoring an older
+    state must drop what was drawn for the epoch after the current one."""
+    trainer = Trainer(get_backend("numpy"), synthetic_splits(n_train=2048), TrainConfig(batch_size=256))
+    trainer.train_epoch()
+    saved = trainer.state()
+    second_epoch = trainer.run_steps()
+    trainer.restore(saved)
+    numpy.testing.assert_array_equal(trainer.run_steps(), second_epoch)
 
 
 def run_xpnet(*args):

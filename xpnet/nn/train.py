@@ -1,13 +1,14 @@
 """The training loop, the same on every backend.
 
 Data flow: the normalised training set moves to the backend once; each epoch a permutation
-from the host generator moves once; each step gathers its batch where the data lives, runs
-forward, loss, backward and update, and stores the batch's loss in a device-side array that
-is read back once per call of ``run_steps`` (once per epoch under ``fit``). So the GPU never
-waits on the host inside an epoch, every backend with the same seed starts from the same
-weights and sees the same batches, and a NaN can still be traced to the step where it first
-appeared. The state after any whole step (``state``, ``save``) resumes exactly: it holds the
-generator's state from the start of the unfinished epoch and how many of its steps are done.
+from the host generator moves once (drawn while the device runs the epoch before); each step
+gathers its batch where the data lives, runs forward, loss, backward and update, and stores
+the batch's loss in a device-side array that is read back once per call of ``run_steps``
+(once per epoch under ``fit``). So the GPU never waits on the host inside an epoch, every
+backend with the same seed starts from the same weights and sees the same batches, and a NaN
+can still be traced to the step where it first appeared. The state after any whole step
+(``state``, ``save``) resumes exactly: it holds the generator's state from the start of the
+unfinished epoch and how many of its steps are done.
 """
 
 import dataclasses
@@ -176,6 +177,7 @@ class Trainer:
         self.epoch_step = 0  # steps done of the next one
         self._epoch_losses, self._epoch_seconds = [], 0.0
         self._order, self._epoch_rng_state = None, None
+        self._next_order = None  # (generator state, order) of the next epoch, drawn ahead
         if checkpoint is not None:
             self.restore(checkpoint)
 
@@ -200,7 +202,7 @@ class Trainer:
             epoch_step=self.epoch_step,
             epoch_losses=[float(loss) for chunk in self._epoch_losses for loss in chunk],
             optimizer_steps=self.optimizer.steps_taken,
-            rng_state=self.rng.bit_generator.state if self._order is None else self._epoch_rng_state,
+            rng_state=self._epoch_rng_state if self._order is not None else self._next_rng_state(),
             history=[dataclasses.asdict(e) for e in self.history.epochs],
             velocities=[to_host(v) for v in self.optimizer.velocities if v is not None],
             dataset=self.dataset,
@@ -218,6 +220,7 @@ class Trainer:
                 f"{'-'.join(map(str, self.model.sizes))}; resume with the dataset it was trained on"
             )
         checkpoint.load_into(self.model)
+        self._next_order = None
         for velocity, saved in zip((v for v in self.optimizer.velocities if v is not None), checkpoint.velocities):
             velocity[...] = self.backend.asarray(saved)
         self.optimizer.steps_taken = checkpoint.optimizer_steps
@@ -238,9 +241,18 @@ class Trainer:
         return loss
 
     def _start_epoch(self):
-        self._epoch_rng_state = self.rng.bit_generator.state
-        self._order = self.backend.asarray(self.rng.permutation(len(self.train_y)))
+        self._epoch_rng_state, self._order = self._next_order or self._draw_order()
+        self._next_order = None
         self._epoch_losses, self._epoch_seconds = [], 0.0
+
+    def _draw_order(self):
+        """(the generator's state before the draw, an epoch's row order on the device)."""
+        state = self.rng.bit_generator.state
+        return state, self.backend.asarray(self.rng.permutation(len(self.train_y)))
+
+    def _next_rng_state(self):
+        """The generator's state at the start of the next epoch, drawn ahead or not."""
+        return self.rng.bit_generator.state if self._next_order is None else self._next_order[0]
 
     def batch(self, k):
         """(x, y) of step k of the current epoch, gathered on the device into reused buffers."""
@@ -272,6 +284,10 @@ class Trainer:
         self.backend.synchronize()
         start = time.perf_counter()
         (self._run_reference if self.compiled_steps is None else self._run_compiled)(first, n, progress)
+        if first + n == self.steps_per_epoch and self._next_order is None:
+            # While a GPU runs the queued steps the host would wait: it draws and uploads the next
+            # epoch's order meanwhile (0.8 ms of a 9.7 ms epoch at batch 512 on an H200).
+            self._next_order = self._draw_order()
         losses = self.backend.to_numpy(self.step_losses[first : first + n]).astype(numpy.float64)
         self.backend.synchronize()
         self._epoch_seconds += time.perf_counter() - start
