@@ -10,9 +10,10 @@ time is well above its GPU time is bound by launching: capturing it as a CUDA gr
 pay. One whose GPU time is the larger is bound by its kernels.
 
 The epoch table splits `Trainer.train_epoch` (what xpnet bench times, on the compiled path)
-into its parts, each timed alone from a synchronised start to a synchronised end: the epoch's
-permutation drawn on the host and uploaded, the steps with the one read of their losses, and
-the validation pass (10,000 rows, as MNIST's). Needs CuPy and a GPU.
+into its parts, each timed alone from a synchronised start to a synchronised end: an epoch's
+order drawn on the host and uploaded (the trainer does it while the GPU runs the epoch
+before), the steps with the one read of their losses, and the validation pass (10,000 rows,
+as MNIST's). Needs CuPy and a GPU.
 """
 
 import argparse
@@ -111,9 +112,9 @@ def epoch_parts(backend, batch_size, dtype, repeats=7):
     steps = trainer.steps_per_epoch
     val_x, val_y = trainer.val_x, trainer.val_y
     parts = {
-        "permutation + upload": trainer._start_epoch,  # what run_steps does first in an epoch
+        "an epoch's order alone (host draw, upload)": trainer._draw_order,  # run_steps draws it ahead
         f"steps 1-{steps - 1} + losses read": lambda: trainer.run_steps(steps - 1),
-        f"step {steps} + validation pass": lambda: trainer.run_steps(1),
+        f"step {steps} + next order + validation pass": lambda: trainer.run_steps(1),
         f"validation pass alone ({len(val_y):,} rows)": lambda: trainer.accuracy(val_x, val_y),
         "validation pass before (2,048-row chunks, count in xp code)": lambda: validation_before(trainer, 2048),
         "whole train_epoch": trainer.train_epoch,
