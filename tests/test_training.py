@@ -8,7 +8,7 @@ import pytest
 from tests.cuda_host import CXX, DeviceArray, EmulatedCupyBackend
 from xpnet.backends import get_backend
 from xpnet.data.synthetic import synthetic_splits
-from xpnet.nn.train import TrainConfig, Trainer
+from xpnet.nn.train import TrainConfig, Trainer, duration_text
 
 
 @pytest.mark.slow
@@ -54,6 +54,13 @@ def test_the_device_is_read_a_fixed_number_of_times_per_call_not_once_per_step()
     before = DeviceArray.host_reads
     trainer.accuracy(trainer.train_x, trainer.train_y, batch_size=512)
     assert DeviceArray.host_reads - before == 2
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(12.345, "12.35 s"), (0.1, "0.10 s"), (0.0997, "99.7 ms"), (0.00838, "8.38 ms")]
+)
+def test_epoch_lines_give_a_gpu_epochs_milliseconds(seconds, text):
+    assert duration_text(seconds) == text
 
 
 def test_normalisation_uses_training_split_statistics(mnist_splits):

@@ -36,6 +36,11 @@ def seed_lr(batch_size=512):
     return 1e-4 * batch_size
 
 
+def duration_text(seconds):
+    """'0.27 s', or milliseconds below a tenth of a second ('8.38 ms'): a GPU epoch takes a few."""
+    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1e3:.3g} ms"
+
+
 @dataclass
 class TrainConfig:
     """One training run's settings; the defaults are the seed recipe. Checked when made."""
@@ -401,7 +406,7 @@ class Trainer:
         stats = self.history.epochs[-1]
         log(
             f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
-            f"  ({stats.seconds:.2f} s, {stats.samples_per_second:,.0f} samples/s"
+            f"  ({duration_text(stats.seconds)}, {stats.samples_per_second:,.0f} samples/s"
             + (f", {self.blas_threads} BLAS threads)" if self.threads is not None and self._blas is not None else ")")
         )
         if after_epoch is not None:
