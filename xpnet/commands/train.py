@@ -117,7 +117,7 @@ def run(args):
         epoch_seconds = sum(e.seconds for e in history.epochs[first_epoch:])
         print(
             f"Training time: {epoch_seconds:.1f} s in epochs "
-            f"({time.perf_counter() - start:.1f} s with validation and test)"
+            f"({time.perf_counter() - start:.1f} s in all, with compiling, validation and test)"
         )
         if args.save:
             trainer.last_whole_epoch.save(args.save)
