@@ -4,6 +4,9 @@ where the products are gemv) and output layout; and whole runs against the refer
 in float64 for every optimiser option."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy
 import pytest
@@ -124,3 +127,30 @@ def test_without_numpys_blas_numba_falls_back_to_the_reference_loop(monkeypatch)
     monkeypatch.setattr(numba_steps, "BLAS", None)
     trainer = xpnet.Trainer("numba", synthetic_splits(n_train=256), xpnet.TrainConfig(batch_size=64))
     assert trainer.compiled_steps is None and numpy.isfinite(trainer.run_steps()).all()
+
+
+LOAD_LOOP = """
+import sys
+import xpnet
+from xpnet.backends import numba_steps
+from xpnet.data.synthetic import synthetic_splits
+
+numba_steps._train_steps = loop = numba_steps._loop_over(sys.argv[1])
+trainer = xpnet.Trainer("numba", synthetic_splits(n_train=64), xpnet.TrainConfig(batch_size=32))
+trainer.compiled_steps.prepare(trainer.step_losses)
+print(sum(loop.stats.cache_hits.values()), sum(loop.stats.cache_misses.values()))
+"""
+
+
+def test_the_loop_loads_from_the_disk_cache_and_compiles_afresh_when_the_kernels_change(tmp_path):
+    """_loop_over's digest stands for numba_backend.py, whose kernels the loop inlines: the same
+    digest loads the cached loop, another one compiles it again (as an edit of that file would)."""
+
+    def hits_and_misses(kernels_digest):
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+        command = [sys.executable, "-c", LOAD_LOOP, kernels_digest]
+        return subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.split()
+
+    assert hits_and_misses("kernels as they were") == ["0", "1"]
+    assert hits_and_misses("kernels as they were") == ["1", "0"]
+    assert hits_and_misses("kernels after an edit") == ["0", "1"]
