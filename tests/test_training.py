@@ -57,7 +57,8 @@ def test_the_device_is_read_a_fixed_number_of_times_per_call_not_once_per_step()
 
 
 @pytest.mark.parametrize(
-    ("seconds", "text"), [(12.345, "12.35 s"), (0.1, "0.10 s"), (0.0997, "99.7 ms"), (0.00838, "8.38 ms")]
+    ("seconds", "text"),
+    [(12.345, "12.35 s"), (0.9996, "1.00 s"), (0.27, "270 ms"), (0.0997, "99.7 ms"), (0.00838, "8.38 ms")],
 )
 def test_epoch_lines_give_a_gpu_epochs_milliseconds(seconds, text):
     assert duration_text(seconds) == text

@@ -37,8 +37,10 @@ def seed_lr(batch_size=512):
 
 
 def duration_text(seconds):
-    """'0.27 s', or milliseconds below a tenth of a second ('8.38 ms'): a GPU epoch takes a few."""
-    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1e3:.3g} ms"
+    """'12.35 s', or three digits of milliseconds below a second ('270 ms', '8.38 ms'): a CPU
+    epoch takes a tenth of a second, a GPU one a few milliseconds."""
+    milliseconds = seconds * 1e3
+    return f"{milliseconds:.3g} ms" if milliseconds < 999.5 else f"{seconds:.2f} s"
 
 
 @dataclass
