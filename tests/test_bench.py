@@ -10,7 +10,7 @@ import pytest
 
 from xpnet.backends.numpy_backend import NumpyBackend
 from xpnet.bench import Contender, backend_contender, time_interleaved
-from xpnet.bench_report import SCHEMA, load_results
+from xpnet.bench_report import SCHEMA, epoch_milliseconds, load_results
 from xpnet.cli import main
 from xpnet.data.synthetic import synthetic_splits
 
@@ -124,3 +124,11 @@ def test_the_pytest_benchmark_suite_runs():
     result = subprocess.run([*command, "-k", "64 and float32"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("samples_per_second", "text"),
+    [(5_460_595, "9.16"), (1_847_477, "27.1"), (500_000, "100"), (480_368, "104"), (5_000, "10,000")],
+)
+def test_the_epoch_column_is_an_mnist_epoch_at_the_rows_rate(samples_per_second, text):
+    assert epoch_milliseconds(samples_per_second) == text

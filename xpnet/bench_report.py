@@ -10,7 +10,7 @@ import sys
 from rich.table import Table
 
 from xpnet.atomic import write_text
-from xpnet.bench import Result, agreement, backend_contender, floor_contender, measure
+from xpnet.bench import N_SAMPLES, Result, agreement, backend_contender, floor_contender, measure
 from xpnet.bench_peers import jax_contenders, torch_contender
 from xpnet.commands import console as wide_console
 
@@ -20,6 +20,7 @@ COLUMNS = [
     "hidden",
     "batch",
     "samples/s",
+    "epoch ms",
     "spread",
     "x numpy",
     "of floor",
@@ -122,6 +123,7 @@ def rows(results):
             "-".join(map(str, r.hidden)),
             str(r.batch_size),
             f"{r.samples_per_second:,.0f}",
+            epoch_milliseconds(r.samples_per_second),
             f"{r.spread[0]:,.0f}-{r.spread[1]:,.0f}",
             f"{speedup:.2f}" if speedup else "",
             f"{of_floor:.0%}" if of_floor else "",
@@ -130,6 +132,12 @@ def rows(results):
             f"{loss_diff:.1e}" if loss_diff is not None else "",
             f"{weight_diff:.1e}" if weight_diff is not None else "",
         ]
+
+
+def epoch_milliseconds(samples_per_second):
+    """An MNIST epoch (N_SAMPLES rows) at this rate, in milliseconds: three digits below 100."""
+    milliseconds = 1e3 * N_SAMPLES / samples_per_second
+    return f"{milliseconds:,.0f}" if milliseconds >= 99.95 else f"{milliseconds:.3g}"
 
 
 def markdown(table_rows, title):
@@ -178,7 +186,7 @@ def run_report(
     plot_path=None,
     threads=None,
 ):
-    console = wide_console(width=160)  # bench's table has eleven columns
+    console = wide_console(width=170)  # bench's table has twelve columns
     results = collect(
         backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, log=console.print, threads=threads
     )
