@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from xpnet.backends.numpy_backend import NumpyBackend
-from xpnet.bench import Contender, backend_contender, time_interleaved
+from xpnet.bench import OPENBLAS_SETTLE_SECONDS, Contender, backend_contender, floor_contender, time_interleaved
 from xpnet.bench_report import SCHEMA, epoch_milliseconds, load_results
 from xpnet.cli import main
 from xpnet.data.synthetic import synthetic_splits
@@ -52,6 +52,14 @@ def test_after_a_contender_whose_threads_keep_spinning_the_next_runs_untimed_fir
     quiet_timed = ["clock", "quiet", "clock"]
     assert events == warm_up + spinning_timed + quiet_lead_in + quiet_timed
     assert seconds == [[pytest.approx(0.1)], [pytest.approx(0.1)]]
+
+
+def test_contenders_on_numpys_blas_are_followed_by_a_settling_lead_in():
+    """OpenBLAS's second thread spins for about 0.11 s after a product: a peer with threads of
+    its own (JAX's, torch's) timed next would share a core with it."""
+    splits = synthetic_splits(n_train=256, n_validation=4, n_test=4)
+    assert floor_contender(16).settle_seconds == OPENBLAS_SETTLE_SECONDS
+    assert backend_contender(NumpyBackend(), 16, splits=splits).settle_seconds == OPENBLAS_SETTLE_SECONDS
 
 
 class SlowCompile(NumpyBackend):

@@ -27,6 +27,10 @@ N_SAMPLES = 50_000
 # one epoch of a few milliseconds is too short to bring it back: each GPU row first runs this long
 # untimed, as a training run's earlier epochs would have.
 GPU_WARM_UP_SECONDS = 0.3
+# OpenBLAS's second thread keeps spinning on its core after a product, against whatever runs
+# next: measured on the 2-core machine, one core busy for 110 ms after the last call. A
+# contender whose products run on BLAS's threads is followed by this long untimed.
+OPENBLAS_SETTLE_SECONDS = 0.2
 
 
 @dataclass
@@ -141,6 +145,7 @@ def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", split
         start = time.perf_counter()
         trainer.compiled_steps.prepare(trainer.step_losses)
         compile_seconds += time.perf_counter() - start
+    host = backend.xp is numpy
     return Contender(
         backend.name if compiled else f"{backend.name} (op by op)",
         trainer.train_epoch,
@@ -148,8 +153,9 @@ def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", split
         len(splits.train),
         compile_seconds,
         extra={"compiled": trainer.compiled_steps is not None},
-        host_arrays=backend.xp is numpy,
-        warm_up_seconds=0.0 if backend.xp is numpy else GPU_WARM_UP_SECONDS,
+        host_arrays=host,
+        settle_seconds=OPENBLAS_SETTLE_SECONDS if host else 0.0,
+        warm_up_seconds=0.0 if host else GPU_WARM_UP_SECONDS,
     )
 
 
@@ -182,7 +188,9 @@ def floor_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMP
                 if i > 0:
                     numpy.matmul(acts[i + 1], weights[i], out=grads[i])
 
-    return Contender("floor (numpy matmuls)", epoch, lambda: None, steps * batch_size)
+    return Contender(
+        "floor (numpy matmuls)", epoch, lambda: None, steps * batch_size, settle_seconds=OPENBLAS_SETTLE_SECONDS
+    )
 
 
 def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=None):
