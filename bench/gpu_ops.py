@@ -13,7 +13,8 @@ The epoch table splits `Trainer.train_epoch` (what xpnet bench times, on the com
 into its parts, each timed alone from a synchronised start to a synchronised end: an epoch's
 order drawn on the host and uploaded (the trainer does it while the GPU runs the epoch
 before), the steps with the one read of their losses, and the validation pass (10,000 rows,
-as MNIST's). Needs CuPy and a GPU.
+as MNIST's). (The pass as it was before its one-kernel count, and its figures, are in
+bench/results-gpu-h200.md, calls 4 and 5.) Needs CuPy and a GPU.
 """
 
 import argparse
@@ -26,7 +27,6 @@ from rich.console import Console
 from rich.table import Table
 
 from xpnet.backends import get_backend
-from xpnet.backends.base import Backend
 from xpnet.data.synthetic import synthetic_splits
 from xpnet.nn.train import TrainConfig, Trainer
 
@@ -116,7 +116,6 @@ def epoch_parts(backend, batch_size, dtype, repeats=7):
         f"steps 1-{steps - 1} + losses read": lambda: trainer.run_steps(steps - 1),
         f"step {steps} + next order + validation pass": lambda: trainer.run_steps(1),
         f"validation pass alone ({len(val_y):,} rows)": lambda: trainer.accuracy(val_x, val_y),
-        "validation pass before (2,048-row chunks, count in xp code)": lambda: validation_before(trainer, 2048),
         "whole train_epoch": trainer.train_epoch,
     }
     times = {name: [] for name in parts}
@@ -128,15 +127,6 @@ def epoch_parts(backend, batch_size, dtype, repeats=7):
             backend.synchronize()
             times[name].append(time.perf_counter() - start)
     return [(str(batch_size), name, f"{1e3 * numpy.median(t):.3f}") for name, t in times.items()]
-
-
-def validation_before(trainer, chunk_rows):
-    """The validation pass as the trainer ran it before eval_rows and the one-kernel count."""
-    backend, correct = trainer.backend, 0
-    for start in range(0, len(trainer.val_y), chunk_rows):
-        logits = trainer.model.forward(trainer.val_x[start : start + chunk_rows])
-        correct = correct + Backend._count_correct(backend, logits, trainer.val_y[start : start + chunk_rows])
-    return int(backend.to_numpy(correct))
 
 
 def print_table(title, columns, rows, markdown):
