@@ -5,7 +5,7 @@
 #   card.txt    nvidia-smi's name, driver and memory; the packages' versions
 #   ops.md      bench/gpu_ops.py: each op of a CuPy step, host time against GPU time; an epoch's parts
 #   bench.*     `xpnet bench` on numpy, numba and cupy (CUDA graphs, and op by op) beside
-#               PyTorch eager (cuda and cpu) and JAX (on the GPU): the timings
+#               PyTorch eager (cuda and cpu), its CUDA-graph torch.compile, and JAX (on the GPU)
 #   tests.log   the whole test suite, cupy included (parity, 50 float64 steps, graphs, accuracy)
 #   verify.log  `xpnet verify` in float32 and float64: each op of a step, graph steps included
 #   train.log   `xpnet train` with the defaults on cupy, then numpy: validation accuracies
@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-out}
 PYTHON=${PYTHON:-python3}
 BACKENDS=${BACKENDS:-numpy,numba,cupy}  # a dry run without a GPU: BACKENDS=numpy,numba
+PEERS=${PEERS:-torch,torch-graphs,jax}  # torch-graphs: torch.compile(mode="reduce-overhead"), CUDA graphs
 GPU_BACKEND=${BACKENDS##*,}
 mkdir -p "$OUT"
 export XPNET_DATA_DIR=${XPNET_DATA_DIR:-$PWD/.mnist} PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -38,7 +39,7 @@ if [ "$GPU_BACKEND" = cupy ]; then
     timeout 150 "$PYTHON" bench/gpu_ops.py --markdown "$OUT/ops.md" 2>&1 || status=1
 fi
 timeout 300 "$PYTHON" -m xpnet bench --backends "$BACKENDS" --batch-sizes 128,512,2048 --repeats 5 \
-    --peers torch,jax --json "$OUT/bench.json" --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1 || status=1
+    --peers "$PEERS" --json "$OUT/bench.json" --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1 || status=1
 grep -iE "warn|error" "$OUT/bench.log"
 cat "$OUT/bench.md" 2>/dev/null || tail -n 20 "$OUT/bench.log"
 

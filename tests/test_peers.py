@@ -60,3 +60,18 @@ def test_jax_takes_the_same_sgd_step():
     got = [numpy.asarray(array) for pair in params for array in pair]
     for value, expected in zip(got, after):
         numpy.testing.assert_allclose(value, expected, rtol=RTOL, atol=0)
+
+
+def test_torch_graphs_run_on_a_gpu_only_and_say_so_elsewhere():
+    from xpnet.bench_report import torch_runs
+
+    said = []
+    peers = ["torch", "torch-compile", "torch-graphs"]
+    assert torch_runs(peers, ["cpu"], said.append) == [("cpu", None), ("cpu", "default")]
+    assert said == ["torch sees no CUDA device: the torch-graphs row (torch.compile's CUDA graphs) left out"]
+    assert torch_runs(peers, ["cpu", "cuda"], said.append)[-3:] == [
+        ("cuda", None),
+        ("cuda", "default"),
+        ("cuda", "reduce-overhead"),
+    ]
+    assert torch_runs(peers, [], said.append) == [] and said[-1].startswith("torch is not installed")

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from xpnet.atomic import write_text
 from xpnet.bench import N_SAMPLES, Result, agreement, backend_contender, floor_contender, measure
-from xpnet.bench_peers import jax_contenders, torch_contender
+from xpnet.bench_peers import TORCH_COMPILE_MODES, jax_contenders, torch_contender
 from xpnet.commands import console as wide_console
 
 SCHEMA = "xpnet-bench/1"
@@ -72,16 +72,29 @@ def torch_devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def torch_runs(torch_peers, devices, log=print):
+    """(device, torch.compile mode) of each PyTorch row: each peer on each device torch has,
+    torch-graphs on CUDA only. Says what is left out and why."""
+    if torch_peers and not devices:
+        log("torch is not installed: PyTorch rows left out (pip install torch to add them)")
+    elif "torch-graphs" in torch_peers and "cuda" not in devices:
+        log("torch sees no CUDA device: the torch-graphs row (torch.compile's CUDA graphs) left out")
+    return [
+        (device, TORCH_COMPILE_MODES[name])
+        for device in devices
+        for name in torch_peers
+        if device == "cuda" or name != "torch-graphs"
+    ]
+
+
 def collect(backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, log=print, threads=None):
     """The results of every row. peers names those to time, from xpnet.cli.PEERS: "torch" (eager,
-    on each device torch has), "torch-compile" (torch.compile, likewise) and "jax"."""
+    on each device torch has), "torch-compile" (torch.compile, likewise), "torch-graphs" (its
+    CUDA-graph mode, on a GPU only) and "jax"."""
     results = []
-    wants_torch = {"torch", "torch-compile"} & set(peers)
-    devices = torch_devices() if wants_torch else []
-    torch_modes = [compiled for compiled, name in ((False, "torch"), (True, "torch-compile")) if name in peers]
+    torch_peers = [name for name in TORCH_COMPILE_MODES if name in peers]
+    runs = torch_runs(torch_peers, torch_devices() if torch_peers else [], log)
     with_jax = "jax" in peers and importlib.util.find_spec("jax") is not None
-    if wants_torch and not devices:
-        log("torch is not installed: PyTorch rows left out (pip install torch to add them)")
     if "jax" in peers and not with_jax:
         log("jax is not installed: JAX rows left out (pip install 'xpnet[peers]' to add them)")
     compile_seconds = {b.name: b.prepare(dtype) for b in backends}  # first call: the real cost
@@ -98,11 +111,7 @@ def collect(backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_ste
                     contenders.append(
                         backend_contender(backend, batch_size, hidden, dtype, compiled=False, threads=threads)
                     )
-            contenders += [
-                torch_contender(batch_size, hidden, dtype, device, compiled=compiled)
-                for device in devices
-                for compiled in torch_modes
-            ]
+            contenders += [torch_contender(batch_size, hidden, dtype, device, compile_mode=m) for device, m in runs]
             contenders += jax_contenders(batch_size, hidden, dtype) if with_jax else []
             results += measure(contenders, batch_size, hidden, dtype, repeats)
     return results

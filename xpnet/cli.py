@@ -98,7 +98,7 @@ def name_list(text):
     return names
 
 
-PEERS = ("torch", "torch-compile", "jax")  # torch: eager on each device torch has; xpnet/bench_peers.py
+PEERS = ("torch", "torch-compile", "torch-graphs", "jax")  # xpnet/bench_peers.py; torch-graphs: on a GPU only
 
 
 def peer_list(text):
