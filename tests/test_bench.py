@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from xpnet.backends.numpy_backend import NumpyBackend
-from xpnet.bench import OPENBLAS_SETTLE_SECONDS, Contender, backend_contender, floor_contender, time_interleaved
+from xpnet.bench import (
+    OPENBLAS_SETTLE_SECONDS,
+    Contender,
+    backend_contender,
+    floor_contender,
+    measure,
+    time_interleaved,
+)
 from xpnet.bench_report import SCHEMA, epoch_milliseconds, load_results
 from xpnet.cli import main
 from xpnet.data.synthetic import synthetic_splits
@@ -140,3 +147,20 @@ def test_the_pytest_benchmark_suite_runs():
 )
 def test_the_epoch_column_is_an_mnist_epoch_at_the_rows_rate(samples_per_second, text):
     assert epoch_milliseconds(samples_per_second) == text
+
+
+def test_a_failing_peer_loses_its_row_not_the_run_and_a_failing_backend_raises():
+    def fails():
+        raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten\nmore detail")
+
+    said = []
+    working = Contender("works", lambda: None, lambda: None, n_samples=100)
+    broken_peer = Contender("torch compile reduce-overhead (cuda)", fails, lambda: None, n_samples=100, peer=True)
+    results = measure([working, broken_peer], 16, (200,), "float32", repeats=1, log=said.append)
+    assert [r.name for r in results] == ["works"]
+    assert said == [
+        "torch compile reduce-overhead (cuda) failed (RuntimeError: accessing tensor output of CUDAGraphs "
+        "that has been overwritten): its row left out"
+    ]
+    with pytest.raises(RuntimeError, match="overwritten"):
+        measure([Contender("cupy", fails, lambda: None, n_samples=100)], 16, (200,), "float32", repeats=1)

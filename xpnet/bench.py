@@ -65,6 +65,8 @@ class Contender:
     # How long it runs untimed before each timing to bring its device's clocks up: a GPU idles
     # at low clocks while CPU contenders run, and one GPU epoch is too short to ramp them.
     warm_up_seconds: float = 0.0
+    # A peer's failure (a library version that breaks its recipe) drops its row, not the run's.
+    peer: bool = False
 
 
 def epoch_allocation_peak(contender):
@@ -112,8 +114,22 @@ def _lead_in(contender, seconds):
             contender.synchronize()
 
 
-def measure(contenders, batch_size, hidden, dtype, repeats):
+def runs(contender, log):
+    """Whether one untimed epoch of the contender runs; a peer's error is told, others' raised."""
+    try:
+        contender.run_epoch()
+        contender.synchronize()
+        return True
+    except Exception as exc:
+        if not contender.peer:
+            raise
+        log(f"{contender.name} failed ({type(exc).__name__}: {str(exc).splitlines()[0]}): its row left out")
+        return False
+
+
+def measure(contenders, batch_size, hidden, dtype, repeats, log=print):
     results = []
+    contenders = [c for c in contenders if not c.peer or runs(c, log)]
     for contender, epoch_seconds in zip(contenders, time_interleaved(contenders, repeats)):
         if contender.host_arrays:
             contender.extra["epoch_alloc_mib"] = epoch_allocation_peak(contender) / 2**20

@@ -38,11 +38,15 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
     x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
     y_all = torch.randint(0, 10, (n_samples,), device=device)
     generator = numpy.random.default_rng(0)
+    # CUDA-graph replays reuse their output memory: torch must be told where each step begins, or
+    # the backward pass reads outputs the next replay overwrote (a RuntimeError saying so, seen on an H100).
+    begin_step = torch.compiler.cudagraph_mark_step_begin if compile_mode == "reduce-overhead" else (lambda: None)
 
     def epoch():
         order = torch.as_tensor(generator.permutation(n_samples), device=device)
         for start in range(0, n_samples, batch_size):
             rows = order[start : start + batch_size]
+            begin_step()
             torch_sgd_step(forward, optimizer, x_all[rows], y_all[rows])
 
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -54,6 +58,7 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
         host_arrays=False,
         extra={"torch": torch.__version__, "threads": torch.get_num_threads()},
         settle_seconds=TORCH_SETTLE_SECONDS if device == "cpu" else 0.0,
+        peer=True,
         warm_up_seconds=0.0 if device == "cpu" else GPU_WARM_UP_SECONDS,
     )
 
@@ -129,7 +134,7 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
             jax.block_until_ready(state["params"])
 
         return Contender(
-            name, epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__},
+            name, epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__}, peer=True,
             settle_seconds=JAX_SETTLE_SECONDS, warm_up_seconds=0.0 if device == "cpu" else GPU_WARM_UP_SECONDS,
         )  # fmt: skip
 

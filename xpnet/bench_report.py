@@ -113,7 +113,7 @@ def collect(backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_ste
                     )
             contenders += [torch_contender(batch_size, hidden, dtype, device, compile_mode=m) for device, m in runs]
             contenders += jax_contenders(batch_size, hidden, dtype) if with_jax else []
-            results += measure(contenders, batch_size, hidden, dtype, repeats)
+            results += measure(contenders, batch_size, hidden, dtype, repeats, log)
     return results
 
 
