@@ -38,8 +38,8 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
     x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
     y_all = torch.randint(0, 10, (n_samples,), device=device)
     generator = numpy.random.default_rng(0)
-    # CUDA-graph replays reuse their output memory: torch must be told where each step begins, or
-    # the backward pass reads outputs the next replay overwrote (a RuntimeError saying so, seen on an H100).
+    # CUDA-graph replays reuse their output memory; torch's documentation asks to mark where each
+    # training step begins.
     begin_step = torch.compiler.cudagraph_mark_step_begin if compile_mode == "reduce-overhead" else (lambda: None)
 
     def epoch():
@@ -83,7 +83,10 @@ def torch_sgd_step(forward, optimizer, x, y):
     """One step as torch users write it: zero the gradients, mean cross-entropy, backward, step."""
     import torch
 
-    optimizer.zero_grad(set_to_none=False)
+    # Gradients set to None, torch's default: zeroed in place instead, each .grad would stay the
+    # memory of a CUDA-graph replay's output, which the next replay overwrites before the backward
+    # pass adds to it (torch-graphs raised so on an H100).
+    optimizer.zero_grad(set_to_none=True)
     loss = torch.nn.functional.cross_entropy(forward(x), y)
     loss.backward()
     optimizer.step()
