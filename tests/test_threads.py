@@ -102,3 +102,41 @@ def test_an_epoch_on_a_device_backend_sets_no_blas_limit(monkeypatch):
         limits.clear()
         trainer.train_epoch()
         assert limits == [limit]
+
+
+@pytest.mark.parametrize("slow_from, checks_at", [(None, [0]), (20, [0, 22])])
+def test_auto_checks_the_load_again_when_it_arrives_mid_epoch(monkeypatch, slow_from, checks_at):
+    """Steps cost one unit of a fake clock, three from step `slow_from` on (another process
+    arrived). The load is checked at the epoch's start and, after the first chunk three times
+    slower than the one after that check, again; the checks train like the other chunks."""
+    from types import SimpleNamespace
+
+    from xpnet.nn import train
+
+    trainer = xpnet.Trainer("numpy", synthetic_splits(n_train=2560), xpnet.TrainConfig(batch_size=64), threads="auto")
+    assert (trainer.steps_per_epoch, trainer.chunk_steps) == (40, 2)
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 1e-6  # every read moves it, so an epoch never takes zero seconds
+        return clock[0]
+
+    run_steps, checks = trainer.run_steps, []
+
+    def timed_run_steps(n=None, progress=None):
+        first = trainer.epoch_step
+        clock[0] += sum(3.0 if slow_from is not None and k >= slow_from else 1.0 for k in range(first, first + n))
+        return run_steps(n, progress)
+
+    def check(run, chunk, most, current, controller=None):
+        checks.append(trainer.epoch_step)
+        run(chunk), run(chunk)
+        return 1, 1.0
+
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=tick))
+    monkeypatch.setattr(train, "threads_left", check)
+    monkeypatch.setattr(trainer, "run_steps", timed_run_steps)
+    trainer.train_epoch()
+    assert checks == checks_at
+    assert trainer.epoch == 1 and trainer.epoch_step == 0 and trainer.blas_threads == 1
+    assert len(trainer.history.epochs) == 1 and numpy.isfinite(trainer.history.epochs[0].loss)

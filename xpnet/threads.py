@@ -12,6 +12,8 @@ gave 0.27x, as two threads did). What does is counting the cores other processes
 at the count it chose last) while reading the machine's busy CPU time (/proc/stat) against
 this process's own, and gives BLAS the cores nobody else is using, at least one, for the rest
 of the epoch and its validation. Alone it takes every core; beside a twin, each takes one.
+The trainer counts again within an epoch after a chunk of steps that ran twice as slowly as
+the first chunk after the last count (Trainer._auto_epoch): load that arrives mid-epoch.
 The limit is set with threadpoolctl on every BLAS library loaded (NumPy's, and SciPy's when
 present; a trainer's, those loaded when it was made), not with environment variables a user
 must know.

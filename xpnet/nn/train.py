@@ -28,6 +28,12 @@ from xpnet.nn.model import MLP, pixel_statistics
 from xpnet.nn.optim import SGD, check_sgd_settings
 from xpnet.threads import AUTO, blas_controller, blas_threads, check_threads, threads_left, usable_cores
 
+# Under threads "auto", a chunk of steps this many times slower per step than the first chunk
+# after the last check of the load has the load re-checked. The check at each epoch's start
+# does not see load that arrives later in the epoch: on a 16-core machine with the test suite
+# starting beside it, a first epoch that kept its 8 threads ran 15x slower than the later ones.
+RECHECK_SLOWDOWN = 2.0
+
 
 def seed_lr(batch_size=512):
     """The seed recipe's lr of 1e-4 on the *summed* loss of a batch, as a rate on the mean loss:
@@ -348,13 +354,36 @@ class Trainer:
     def train_epoch(self, progress=None):
         """The rest of the current epoch (all of it, from its start) with the BLAS threads the
         trainer's policy gives; returns its mean loss."""
-        left = self.steps_per_epoch - self.epoch_step
-        if self.threads == AUTO and self._blas is not None and left > 5 * self.chunk_steps:
-            run = lambda n: self.run_steps(n, progress)  # noqa: E731
-            self.blas_threads, _ = threads_left(run, self.chunk_steps, 5, self.blas_threads, controller=self._blas)
-        with self._blas_limit():
-            self.run_steps(progress=progress)
+        if self.threads == AUTO and self._blas is not None:
+            self._auto_epoch(progress)
+        else:
+            with self._blas_limit():
+                self.run_steps(progress=progress)
         return self.history.epochs[-1].loss
+
+    def _auto_epoch(self, progress):
+        """The rest of the epoch under threads "auto", chunk by chunk: the load is checked
+        (threads_left, whose chunks are training steps like the others) at the epoch's start and
+        again after any chunk whose steps ran RECHECK_SLOWDOWN times slower than those of the
+        first chunk after the last check, while more than five chunks are left."""
+        chunk, check, steady = self.chunk_steps, True, None  # steady: seconds a step, after a check
+        while True:  # the chunk that completes the epoch returns
+            left = self.steps_per_epoch - self.epoch_step
+            if check and left > 5 * chunk:
+                run = lambda n: self.run_steps(n, progress)  # noqa: E731
+                self.blas_threads, _ = threads_left(run, chunk, 5, self.blas_threads, controller=self._blas)
+                check, steady = False, None
+                continue
+            n = min(chunk, left)
+            start = time.perf_counter()
+            with self._blas_limit():
+                self.run_steps(n, progress)
+            if n == left:
+                return
+            seconds = (time.perf_counter() - start) / n
+            steady = seconds if steady is None else steady
+            if seconds > RECHECK_SLOWDOWN * steady:
+                check = True
 
     def _blas_limit(self):
         """The trainer's BLAS thread count for a block; no limit on a GPU backend (no host BLAS)."""
