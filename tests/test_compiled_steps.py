@@ -154,3 +154,46 @@ def test_the_loop_loads_from_the_disk_cache_and_compiles_afresh_when_the_kernels
     assert hits_and_misses("kernels as they were") == ["0", "1"]
     assert hits_and_misses("kernels as they were") == ["1", "0"]
     assert hits_and_misses("kernels after an edit") == ["0", "1"]
+
+
+two_cores = pytest.mark.skipif(xpnet.threads.usable_cores() < 2, reason="one core here: no second thread to split onto")
+
+
+@two_cores
+@pytest.mark.parametrize("options", ["plain", "nesterov-decay-cosine"])
+def test_split_steps_give_the_same_bits_on_one_thread_or_two(options):
+    """From numba_steps.SPLIT_FROM rows a step's work is cut in two parts, run on two threads
+    of the loop's own at a count of two and one after the other at one: the same sums, so the
+    same bits, where BLAS's own threads would round differently at each count."""
+    data = synthetic_splits(n_train=1000)
+    config = xpnet.TrainConfig(batch_size=numba_steps.SPLIT_FROM, hidden=(32, 16), lr=0.05, **OPTIONS[options])
+    runs = [xpnet.Trainer("numba", data, config, threads=count) for count in (1, 2)]
+    assert [run.compiled_steps.split_threads(run.blas_threads) for run in runs] == [False, True]
+    assert [run.compiled_steps.blas_threads(run.blas_threads) for run in runs] == [1, 1]
+    numpy.testing.assert_array_equal(*(run.run_steps() for run in runs))
+    for got, expected in zip(*(run.model.parameters() for run in runs)):
+        numpy.testing.assert_array_equal(got.value, expected.value)
+
+
+def test_below_split_from_rows_a_step_is_one_part_on_blas_threads():
+    trainer = xpnet.Trainer("numba", synthetic_splits(n_train=500), xpnet.TrainConfig(batch_size=64), threads=2)
+    steps = trainer.compiled_steps
+    assert steps.parts == 1 and not steps.split_threads(2) and steps.blas_threads(2) == 2
+
+
+@two_cores
+def test_the_loops_second_thread_ends_with_its_trainer():
+    import gc
+    import threading
+
+    def helpers():
+        return [thread for thread in threading.enumerate() if thread.name == "xpnet-steps"]
+
+    before = set(helpers())
+    trainer = xpnet.Trainer("numba", synthetic_splits(n_train=512), xpnet.TrainConfig(batch_size=256), threads=2)
+    trainer.run_steps()
+    (helper,) = set(helpers()) - before
+    del trainer
+    gc.collect()
+    helper.join(timeout=5)
+    assert not helper.is_alive()

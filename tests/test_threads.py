@@ -128,7 +128,7 @@ def test_auto_checks_the_load_again_when_it_arrives_mid_epoch(monkeypatch, slow_
         clock[0] += sum(3.0 if slow_from is not None and k >= slow_from else 1.0 for k in range(first, first + n))
         return run_steps(n, progress)
 
-    def check(run, chunk, most, current, controller=None):
+    def check(run, chunk, most, current, limit=None):
         checks.append(trainer.epoch_step)
         run(chunk), run(chunk)
         return 1, 1.0

@@ -22,8 +22,8 @@ class DropsOneReluGradient(NumbaBackend):
 
 
 class CompiledStepsWithAWrongRate(numba_steps.CompiledSteps):
-    def run(self, order, first, n, lrs, losses):
-        super().run(order, first, n, lrs * 1.001, losses)
+    def run(self, order, first, n, lrs, losses, threads=None):
+        super().run(order, first, n, lrs * 1.001, losses, threads)
 
 
 class WrongCompiledPath(NumbaBackend):

@@ -101,13 +101,13 @@ def own_cpu_seconds():
     return times.user + times.system
 
 
-def threads_left(run, chunk, most, current, seconds=0.1, controller=None):
-    """Run chunks of steps (run(chunk), at most `most` of them) under `current` threads for at
-    least `seconds`, measuring the cores other processes kept busy meanwhile; returns
-    (the threads to use: the usable cores nobody else used, at least 1; those other cores).
-    controller as for blas_threads."""
+def threads_left(run, chunk, most, current, seconds=0.1, limit=blas_threads):
+    """Run chunks of steps (run(chunk), at most `most` of them) under limit(current), BLAS's
+    limit for a count of `current` threads, for at least `seconds`, measuring the cores other
+    processes kept busy meanwhile; returns (the threads to use: the usable cores nobody else
+    used, at least 1; those other cores)."""
     busy, own, start = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-    with blas_threads(current, controller):
+    with limit(current):
         for _ in range(most):
             run(chunk)
             if time.perf_counter() - start >= seconds:

@@ -263,7 +263,8 @@ class GraphSteps:
         self.cupy.cuda.Device().synchronize()
 
     # -- the trainer's interface ------------------------------------------------------------------
-    def run(self, order, first, n, lrs, losses):
+    def run(self, order, first, n, lrs, losses, threads=None):
+        """As numba_steps.CompiledSteps.run; threads, a host loop's, has no say on the GPU."""
         B = self.batch_size
         sizes = tuple(min(B, self.n_rows - k * B) for k in range(first, first + n))
         self._make_room(sizes)

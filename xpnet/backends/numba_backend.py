@@ -70,7 +70,9 @@ def _mask_and_sum_rows(grad_y, relu_output, relu, grad_z, grad_b):
 
 
 @kernel
-def _softmax_cross_entropy(logits, labels, grad):
+def _softmax_cross_entropy(logits, labels, grad, batch_rows):
+    """The loss of these rows summed and divided by batch_rows, and its gradient likewise: the
+    batch's mean when they are all its rows, their share of it when they are a part of them."""
     rows, cols = logits.shape
     total = 0.0
     for i in range(rows):
@@ -88,8 +90,8 @@ def _softmax_cross_entropy(logits, labels, grad):
             grad[i, j] /= norm
         grad[i, labels[i]] -= 1
         for j in range(cols):
-            grad[i, j] /= rows
-    return total / rows
+            grad[i, j] /= batch_rows
+    return total / batch_rows
 
 
 @kernel
@@ -189,7 +191,7 @@ class NumbaBackend(Backend):
             numpy.matmul(grad_z, W, out=grad_x)
 
     def _softmax_cross_entropy(self, logits, labels, grad):
-        return logits.dtype.type(_softmax_cross_entropy(logits, labels, grad))
+        return logits.dtype.type(_softmax_cross_entropy(logits, labels, grad, logits.shape[0]))
 
     def _count_correct(self, logits, labels):
         return numpy.asarray(_count_correct(logits, labels))

@@ -43,8 +43,14 @@ import ctypes
 import hashlib
 import importlib
 import pathlib
+import queue
+import threading
+import weakref
 
 import numpy
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from xpnet.backends import numba_backend
 from xpnet.backends.numba_backend import (
@@ -55,9 +61,13 @@ from xpnet.backends.numba_backend import (
     _take_rows,
     kernel,
 )
+from xpnet.threads import usable_cores
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 FEATURE_MAJOR_BELOW = 128
+# From this many rows a step's work is cut in SPLIT_PARTS parts, run on as many threads of the
+# loop's own where the trainer's thread count is that (run): measured on the 2-core machine.
+SPLIT_FROM, SPLIT_PARTS = 128, 2
 
 
 def numpy_blas():
@@ -71,6 +81,23 @@ def numpy_blas():
             names = [pattern.format(name) for name in ("sgemm", "dgemm", "sgemv", "dgemv")]
             if all(hasattr(library, name) for name in names):
                 return _typed(tuple(getattr(library, name) for name in names))
+    return None
+
+
+def numpy_blas_threads():
+    """(get, set) of the thread count of NumPy's own OpenBLAS, typed for ctypes; or None."""
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:
+            library = ctypes.CDLL(importlib.import_module(module).__file__)
+        except (ImportError, OSError):
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            names = [f"{prefix}_{verb}_num_threads64_" for verb in ("get", "set")]
+            if all(hasattr(library, name) for name in names):
+                get, set_ = (getattr(library, name) for name in names)
+                get.argtypes, get.restype = [], ctypes.c_int
+                set_.argtypes, set_.restype = [ctypes.c_int], None
+                return get, set_
     return None
 
 
@@ -127,6 +154,56 @@ def _product(blas, a, transpose_a, b, transpose_b, out, alpha, beta):
         dgemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a_data, lda, b_data, ldb, beta, c_data, ldc)
 
 
+@intrinsic
+def _atomic_add(typingctx, array, index, value):
+    """array[index] += value as one atomic step (sequentially consistent: a full fence)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.atomic_rmw("add", _element_pointer(context, builder, signature, args), args[2], "seq_cst")
+
+    return types.int64(array, index, value), codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, array, index):
+    """array[index], read afresh from memory on every call (an acquire load)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.load_atomic(_element_pointer(context, builder, signature, args), "acquire", 8)
+
+    return types.int64(array, index), codegen
+
+
+def _element_pointer(context, builder, signature, args):
+    array = context.make_array(signature.args[0])(context, builder, args[0])
+    return cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1]])
+
+
+def _sched_yield():
+    """libc's sched_yield, typed for ctypes: how a waiting thread gives up its core."""
+    routine = ctypes.CDLL(None).sched_yield
+    routine.argtypes, routine.restype = [], ctypes.c_int
+    return routine
+
+
+# A wait at the barrier spins this many rounds (about a millisecond) before it yields the core
+# each round: with a core each, a wait is microseconds; yielding after a microsecond lost a third
+# of the speed at batch 128, and never yielding would starve a thread left without a core.
+SPIN_ROUNDS = 1_000_000
+
+
+@kernel
+def _barrier(counter, threads, generation, yield_cpu):
+    """Wait until each of `threads` threads has called this `generation` times (counter[0]
+    counts the calls)."""
+    _atomic_add(counter, 0, 1)
+    rounds = 0
+    while _atomic_load(counter, 0) < threads * generation:
+        rounds += 1
+        if rounds > SPIN_ROUNDS:
+            yield_cpu()
+
+
 def _loop_over(kernels_digest):
     """The compiled loop, as a closure over a digest of numba_backend.py. Numba keys a function's
     disk cache by its own file and the values of its closure, not by the files of what it calls:
@@ -134,64 +211,111 @@ def _loop_over(kernels_digest):
     rather than loading a copy built from the old kernels."""
 
     @kernel
-    def _train_steps(blas, x_all, y_all, order, first, n, batch_size, weights, biases, relu, grad_weights, grad_biases,
-                     velocity_weights, velocity_biases, momentum, nesterov, weight_decay, lrs, inputs, outputs,
-                     grads_z, grads_x, grad_logits, labels, losses):  # fmt: skip
-        """Steps first .. first + n - 1 of the epoch whose row order is `order`: each gathers its
-        batch into `inputs`, runs every layer forward (layer l's output in outputs[l]), the loss
-        (stored in losses[k]), and every layer's backward pass and update, last layer first."""
+    def _train_steps(blas, yield_cpu, counter, part, threads, parts, x_all, y_all, order, first, n, batch_size,
+                     weights, biases, relu, grad_weights, grad_biases, velocity_weights, velocity_biases, momentum,
+                     nesterov, weight_decay, lrs, inputs, outputs, grads_z, grads_x, grad_logits, labels, bias_parts,
+                     loss_parts, losses):  # fmt: skip
+        """Steps first .. first + n - 1 of the epoch whose row order is `order`, as thread `part`
+        of `threads`, each step's work cut in `parts` (thread t takes parts t, t + threads, ...).
+        For each of its parts of the batch's rows: the gather into `inputs`, every layer forward
+        (layer l's output in outputs[l]), the part's share of the loss (loss_parts[p]) and every
+        layer's backward pass (its bias-gradient column sums in bias_parts[l][p]). Then, once
+        every thread is there, for each of its parts of every layer's rows of W and b: the
+        update from the whole batch's gradient; part 0 stores the loss (losses[k])."""
         _ = kernels_digest  # a closure cell, so in Numba's cache key (_loop_over)
         layers = len(weights)
+        generation = 0
         for s in range(n):
             k = first + s
             start = k * batch_size
             rows = min(batch_size, order.shape[0] - start)
-            indices = order[start : start + rows]
-            x = inputs[:rows]
-            _take_rows(x_all, indices, x)
-            y = labels[:rows]
-            for i in range(rows):
-                y[i] = y_all[indices[i]]
-            for layer in range(layers):
-                out = outputs[layer][:rows]
-                _product(blas, x, False, weights[layer], True, out, 1.0, 0.0)  # out = x @ W.T
-                _add_bias_relu(out, biases[layer], relu[layer])
-                x = out
-            grad = grad_logits[:rows]
-            losses[k] = _softmax_cross_entropy(outputs[layers - 1][:rows], y, grad)
+            for p in range(part, parts, threads):
+                r0, r1 = p * rows // parts, (p + 1) * rows // parts
+                indices = order[start + r0 : start + r1]
+                x = inputs[r0:r1]
+                _take_rows(x_all, indices, x)
+                y = labels[r0:r1]
+                for i in range(r1 - r0):
+                    y[i] = y_all[indices[i]]
+                for layer in range(layers):
+                    out = outputs[layer][r0:r1]
+                    _product(blas, x, False, weights[layer], True, out, 1.0, 0.0)  # out = x @ W.T
+                    _add_bias_relu(out, biases[layer], relu[layer])
+                    x = out
+                grad = grad_logits[r0:r1]
+                loss_parts[p] = _softmax_cross_entropy(outputs[layers - 1][r0:r1], y, grad, rows)
+                for layer in range(layers - 1, 0, -1):  # grad x of every layer but the first
+                    grad_z = grads_z[layer][r0:r1]
+                    _mask_and_sum_rows(grad, outputs[layer][r0:r1], relu[layer], grad_z, bias_parts[layer][p])
+                    grad_z = grad_z if relu[layer] else grad
+                    grad = grads_x[layer][r0:r1]
+                    _product(blas, grad_z, False, weights[layer], False, grad, 1.0, 0.0)  # with this step's W
+                _mask_and_sum_rows(grad, outputs[0][r0:r1], relu[0], grads_z[0][r0:r1], bias_parts[0][p])
+            if threads > 1:  # every row's gradients are in before any W changes
+                generation += 1
+                _barrier(counter, threads, generation, yield_cpu)
             lr = lrs[s]
-            for layer in range(layers - 1, -1, -1):
-                x = inputs[:rows] if layer == 0 else outputs[layer - 1][:rows]
-                grad_z = grads_z[layer][:rows]
-                _mask_and_sum_rows(grad, outputs[layer][:rows], relu[layer], grad_z, grad_biases[layer])
-                if not relu[layer]:
-                    grad_z = grad
-                if layer > 0:  # grad_x = g @ W, with the W of this step's forward
-                    grad = grads_x[layer][:rows]
-                    _product(blas, grad_z, False, weights[layer], False, grad, 1.0, 0.0)
-                if momentum == 0:  # W <- (1 - lr * decay) * W - lr * g.T @ x: the update is the product's
-                    _product(blas, grad_z, True, x, False, weights[layer], -lr, 1.0 - lr * weight_decay)
-                else:
-                    _product(blas, grad_z, True, x, False, grad_weights[layer], 1.0, 0.0)  # grad_W = g.T @ x
-                    _sgd_update(weights[layer].reshape(-1), grad_weights[layer].reshape(-1), lr,
-                                velocity_weights[layer].reshape(-1), momentum, nesterov, weight_decay)  # fmt: skip
-                _sgd_update(biases[layer], grad_biases[layer], lr, velocity_biases[layer], momentum, nesterov,
-                            weight_decay)  # fmt: skip
+            for p in range(part, parts, threads):
+                if p == 0:
+                    loss = loss_parts[0]
+                    for q in range(1, parts):
+                        loss += loss_parts[q]
+                    losses[k] = loss
+                for layer in range(layers):
+                    n_out = weights[layer].shape[0]
+                    w0, w1 = p * n_out // parts, (p + 1) * n_out // parts
+                    x = inputs[:rows] if layer == 0 else outputs[layer - 1][:rows]
+                    if relu[layer]:
+                        grad_z = grads_z[layer][:rows, w0:w1]
+                    else:  # the gradient that reached the layer: the loss's, or the next layer's grad x
+                        grad_z = (grad_logits if layer == layers - 1 else grads_x[layer + 1])[:rows, w0:w1]
+                    grad_b = grad_biases[layer]
+                    for j in range(w0, w1):  # the parts' column sums, in part order
+                        grad_b[j] = bias_parts[layer][0, j]
+                        for q in range(1, parts):
+                            grad_b[j] += bias_parts[layer][q, j]
+                    if momentum == 0:  # W <- (1 - lr * decay) * W - lr * g.T @ x: the update is the product's
+                        _product(blas, grad_z, True, x, False, weights[layer][w0:w1], -lr, 1.0 - lr * weight_decay)
+                    else:
+                        _product(blas, grad_z, True, x, False, grad_weights[layer][w0:w1], 1.0, 0.0)  # g.T @ x
+                        for r in range(w0, w1):
+                            _sgd_update(weights[layer][r], grad_weights[layer][r], lr, velocity_weights[layer][r],
+                                        momentum, nesterov, weight_decay)  # fmt: skip
+                    _sgd_update(biases[layer][w0:w1], grad_b[w0:w1], lr, velocity_biases[layer][w0:w1], momentum,
+                                nesterov, weight_decay)  # fmt: skip
+            if threads > 1:  # every W is updated before the next step's forward reads it
+                generation += 1
+                _barrier(counter, threads, generation, yield_cpu)
 
     return _train_steps
 
 
 BLAS = numpy_blas()
+BLAS_THREADS = numpy_blas_threads()
+YIELD_CPU = _sched_yield()
 _train_steps = _loop_over(hashlib.sha256(pathlib.Path(numba_backend.__file__).read_bytes()).hexdigest())
 
 
+def _serve(jobs, done):
+    """The loop's second thread: runs each (number, arguments) put in jobs, and puts (number,
+    None or the exception raised) in done, until None comes."""
+    while (job := jobs.get()) is not None:
+        number, args = job
+        try:
+            _train_steps(*args)
+            done.put((number, None))
+        except BaseException as exc:  # handed to the caller, which raises it
+            done.put((number, exc))
+
+
 class CompiledSteps:
-    """A trainer's steps as one compiled call: run(order, first, n, lrs, losses) takes steps
-    first .. first + n - 1 of the epoch with that row order, updating the model's parameters
-    and the optimiser's velocities in place, with lrs[s] the learning rate of step s. It holds
-    the model's own arrays: whoever changes a parameter writes into it (value[...] = ...), as
-    checkpoints and verify do, and never swaps the array for another. feature_major None keeps
-    layer outputs feature-major below FEATURE_MAJOR_BELOW rows; True or False forces a layout."""
+    """A trainer's steps as one compiled call: run(order, first, n, lrs, losses, threads) takes
+    steps first .. first + n - 1 of the epoch with that row order, updating the model's
+    parameters and the optimiser's velocities in place, with lrs[s] the learning rate of step s.
+    It holds the model's own arrays: whoever changes a parameter writes into it (value[...] =
+    ...), as checkpoints and verify do, and never swaps the array for another. feature_major
+    None keeps layer outputs feature-major below FEATURE_MAJOR_BELOW rows; True or False forces
+    a layout. From SPLIT_FROM rows a step's work is cut in two parts (split; see run)."""
 
     def __init__(self, backend, model, optimizer, train_x, train_y, batch_size, feature_major=None):
         layers = model.net.layers
@@ -215,6 +339,7 @@ class CompiledSteps:
         )
         batch = min(batch_size, len(train_y))
         feature_major = batch < FEATURE_MAJOR_BELOW if feature_major is None else feature_major
+        self.parts = SPLIT_PARTS if batch >= SPLIT_FROM and BLAS_THREADS is not None else 1
         # The last step's arrays, which verify reads back: the batch and its labels, each layer's
         # output, the loss gradient, each layer's masked output gradient, and grad x of each
         # layer but the first.
@@ -227,12 +352,65 @@ class CompiledSteps:
         self.grads_x = tuple(numpy.empty((batch, size), dtype) for size in model.sizes[:-1])
         self.grad_logits = numpy.empty((batch, model.sizes[-1]), dtype)
         self.labels = numpy.empty(batch, train_y.dtype)
+        # Each part's column sums of each layer's output gradient and its share of the loss.
+        self.bias_parts = tuple(numpy.empty((self.parts, size), dtype) for size in model.sizes[1:])
+        self.loss_parts = numpy.empty(self.parts)
+        self.counter = numpy.zeros(1, numpy.int64)  # the barrier's
+        self._queues, self._job = None, 0  # the second thread's, and the number of the last call
 
-    def run(self, order, first, n, lrs, losses):
+    def split_threads(self, threads):
+        """Whether run(..., threads) runs the parts on threads of its own, one per part: when the
+        step is split and the count (None: the usable cores) is two."""
+        return self.parts == SPLIT_PARTS and (threads or usable_cores()) == SPLIT_PARTS
+
+    def blas_threads(self, threads):
+        """The BLAS thread count for the trainer's count: one where the loop runs threads of its
+        own (a product elsewhere on two would leave OpenBLAS's second thread spinning on a core
+        for about 0.1 s after it, against them), else the count itself."""
+        return 1 if self.split_threads(threads) else threads
+
+    def run(self, order, first, n, lrs, losses, threads=None):
+        """The steps with `threads` the trainer's thread count. Split steps run on two threads
+        when it is two (this one and a second kept for it, _helper) and on this one after the
+        other when it is one, BLAS on one thread either way, so the bits are the same at both
+        counts; at more, after each other on BLAS's threads. Unsplit, on this thread with BLAS's."""
+        count = threads or usable_cores()
+        threads = SPLIT_PARTS if self.split_threads(count) else 1
         x_all, y_all = self.data
         buffers = (self.inputs, self.outputs, self.grads_z, self.grads_x, self.grad_logits, self.labels)
-        _train_steps(BLAS, x_all, y_all, order, first, n, self.batch_size, *self.model_arrays, lrs, *buffers, losses)
+        args = (x_all, y_all, order, first, n, self.batch_size, *self.model_arrays, lrs, *buffers)
+        args += (self.bias_parts, self.loss_parts, losses)
+        self.counter[0] = 0
+        part = lambda p: (BLAS, YIELD_CPU, self.counter, p, threads, self.parts, *args)  # noqa: E731
+        if self.parts == 1 or count > SPLIT_PARTS:
+            return _train_steps(*part(0))
+        get_threads, set_threads = BLAS_THREADS
+        blas_threads = get_threads()
+        set_threads(1)
+        try:
+            if threads == 1:
+                return _train_steps(*part(0))
+            jobs, done = self._helper()
+            self._job += 1
+            jobs.put((self._job, part(1)))
+            _train_steps(*part(0))
+            while (reply := done.get())[0] != self._job:  # a reply to a call that Ctrl-C left
+                pass
+        finally:
+            set_threads(blas_threads)
+        if reply[1] is not None:
+            raise reply[1]
+
+    def _helper(self):
+        """(jobs, done): the queues of the loop's second thread, started at the first split call.
+        Kept across calls: starting a thread for each call (a twentieth of an epoch) cost 5-6%
+        of an epoch on the 2-core machine. It ends when this object goes."""
+        if self._queues is None:
+            self._queues = queue.SimpleQueue(), queue.SimpleQueue()
+            threading.Thread(target=_serve, args=self._queues, name="xpnet-steps", daemon=True).start()
+            weakref.finalize(self, self._queues[0].put, None)
+        return self._queues
 
     def prepare(self, losses):
         """Compile the loop, or load it from the disk cache (a call of no steps), never inside a timed epoch."""
-        self.run(numpy.zeros(0, numpy.int64), 0, 0, numpy.zeros(0), losses)
+        self.run(numpy.zeros(0, numpy.int64), 0, 0, numpy.zeros(0), losses, threads=1)

@@ -334,7 +334,8 @@ class Trainer:
         lrs = numpy.array([optimizer.lr_at(optimizer.steps_taken + s) for s in range(n)], numpy.float64)
         for offset in range(0, n, self.chunk_steps):
             size = min(self.chunk_steps, n - offset)
-            self.compiled_steps.run(self._order, first + offset, size, lrs[offset : offset + size], self.step_losses)
+            rates = lrs[offset : offset + size]
+            self.compiled_steps.run(self._order, first + offset, size, rates, self.step_losses, self.blas_threads)
             optimizer.steps_taken += size
             if progress is not None:
                 progress.update(size)
@@ -362,32 +363,46 @@ class Trainer:
         return self.history.epochs[-1].loss
 
     def _auto_epoch(self, progress):
-        """The rest of the epoch under threads "auto", chunk by chunk: the load is checked
-        (threads_left, whose chunks are training steps like the others) at the epoch's start and
-        again after any chunk whose steps ran RECHECK_SLOWDOWN times slower than those of the
-        first chunk after the last check, while more than five chunks are left."""
-        chunk, check, steady = self.chunk_steps, True, None  # steady: seconds a step, after a check
-        while True:  # the chunk that completes the epoch returns
-            left = self.steps_per_epoch - self.epoch_step
-            if check and left > 5 * chunk:
-                run = lambda n: self.run_steps(n, progress)  # noqa: E731
-                self.blas_threads, _ = threads_left(run, chunk, 5, self.blas_threads, controller=self._blas)
-                check, steady = False, None
-                continue
-            n = min(chunk, left)
-            start = time.perf_counter()
+        """The rest of the epoch under threads "auto": the load is checked (threads_left, whose
+        chunks are training steps like the others) at the epoch's start and again after any
+        chunk whose steps ran RECHECK_SLOWDOWN times slower than those of the first chunk after
+        the last check, while more than five chunks are left."""
+        run = lambda n: self.run_steps(n, progress)  # noqa: E731
+        while True:
+            if self.steps_per_epoch - self.epoch_step > 5 * self.chunk_steps:
+                self.blas_threads, _ = threads_left(run, self.chunk_steps, 5, self.blas_threads, limit=self._blas_limit)
+            # One limit for all the chunks until the next check: OpenBLAS set back to more threads
+            # after each chunk cost the next one (measured: 17% of an epoch at batch 512).
             with self._blas_limit():
-                self.run_steps(n, progress)
+                if self._run_while_steady(progress):
+                    return
+
+    def _run_while_steady(self, progress):
+        """Chunks of steps until the epoch is done (True) or one runs RECHECK_SLOWDOWN times
+        slower per step than the first (False)."""
+        steady = None  # seconds a step in the first chunk
+        while True:
+            left = self.steps_per_epoch - self.epoch_step
+            n = min(self.chunk_steps, left)
+            start = time.perf_counter()
+            self.run_steps(n, progress)
             if n == left:
-                return
+                return True
             seconds = (time.perf_counter() - start) / n
             steady = seconds if steady is None else steady
             if seconds > RECHECK_SLOWDOWN * steady:
-                check = True
+                return False
 
-    def _blas_limit(self):
-        """The trainer's BLAS thread count for a block; no limit on a GPU backend (no host BLAS)."""
-        return blas_threads(self.blas_threads if self._blas is not None else None, self._blas)
+    def _blas_limit(self, count=None):
+        """BLAS's limit for a block run with `count` threads (the trainer's count when None): the
+        count, or the compiled loop's for it (one where the loop runs threads of its own); no
+        limit on a GPU backend (no host BLAS)."""
+        if self._blas is None:
+            return blas_threads(None)
+        count = self.blas_threads if count is None else count
+        if self.compiled_steps is not None:
+            count = self.compiled_steps.blas_threads(count)
+        return blas_threads(count, self._blas)
 
     def accuracy(self, x, y, batch_size=None):
         """The fraction of rows of device data x whose label y the model predicts (one read),
