@@ -8,8 +8,8 @@ one alone, two numpy ones at 0.03-0.24x; with one thread each, 0.98x of one alon
 Timing each count in turn does not find the way out: while the other process keeps its
 threads, one thread is slower for me than two, so both keep two (measured: auto by timing
 gave 0.27x, as two threads did). What does is counting the cores other processes keep busy:
---threads auto runs the first steps of every epoch (at least 0.1 s, at most a quarter of it,
-at the count it chose last) while reading the machine's busy CPU time (/proc/stat) against
+--threads auto runs the first steps of every epoch (at least 0.1 s, at most all but its last
+chunk, at the count it chose last) while reading the machine's busy CPU time (/proc/stat) against
 this process's own, and gives BLAS the cores nobody else is using, at least one, for the rest
 of the epoch and its validation. Alone it takes every core; beside a twin, each takes one.
 The trainer counts again within an epoch after a chunk of steps that ran twice as slowly as

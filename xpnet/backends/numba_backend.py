@@ -10,6 +10,8 @@ the 2-core development machine (`python bench/threads.py`, numbers in bench/READ
 the parallel gather and SGD update save about 30 us of a ~2,400 us step at batch 512, but in
 training they make an epoch 5 to 20 times slower, because Numba's threads and OpenBLAS's
 (spinning between products) oversubscribe the two cores. Serial kernels leave both to BLAS.
+The compiled loop (numba_steps) uses both cores for them another way: it cuts each step's rows
+between two threads of its own, each with one BLAS thread.
 
 Compilation: cache=True stores machine code beside the module, or, when the install is
 read-only, in Numba's per-user cache (~/.cache/numba, or $NUMBA_CACHE_DIR); prepare()

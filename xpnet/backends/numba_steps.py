@@ -14,13 +14,29 @@ machine (bench/README.md):
 
 - The update is the gradient's product. Without momentum, W <- (1 - lr * decay) * W - lr * g.T @ x
   is one gemm with alpha = -lr and beta = 1 - lr * decay, so no gradient array is written
-  and read back and no update pass runs; gemm with beta 1 also skips its zeroing pass. A layer
-  is updated as soon as its backward pass is done, while its weights are in cache. With
+  and read back and no update pass runs; gemm with beta 1 also skips its zeroing pass. With
   momentum the gradient is formed and _sgd_update applies it, as on the reference path.
 - Below FEATURE_MAJOR_BELOW rows, layer outputs are kept feature-major (the transpose of a C
   array): OpenBLAS computes out.T = W @ x.T 2.6x faster than out = x @ W.T at batch 16 and
   1.3x at 64, while from 128 rows the strided elementwise passes over such outputs cost more
   than the product saves.
+
+And from SPLIT_FROM rows, a step is cut in two parts (SPLIT_PARTS) run on two threads of the
+loop's own, each with one BLAS thread: each thread gathers its half of the batch's rows and runs
+the forward pass, the loss and the backward pass on them (its half's bias-gradient sums and share
+of the loss apart), then, once both are there (a spin barrier on an atomic counter), updates its
+half of every layer's rows of W and b from the whole batch's gradient, and waits again before
+the next step. With one thread per product, OpenBLAS's two threads would leave the gather and
+the elementwise passes on one core while its second thread spins on the other; split, they run
+on both. Measured on the 2-core machine against the same loop unsplit with OpenBLAS's two
+threads (bench/README.md): 1.06x at batch 128, 1.10x at 512, 1.09x at 2048 in a bare loop, at
+92-93% of the time of the step's matrix products alone. Below SPLIT_FROM rows the
+barriers cost more than the split buys (24-29% slower at batch 1 and 16). The parts are fixed
+by the batch size, whoever runs them: at a thread count of one they run one after the other,
+and give the same bits as two. The second thread is kept across calls (starting one per chunk
+of steps cost 5-6% of an epoch), and BLAS is held at one thread around the loop: a product on
+two threads anywhere in the process leaves OpenBLAS's second thread spinning on a core for about
+0.1 s after it, against the loop's threads.
 
 So a compiled step rounds differently from the reference step (the update in one rounding
 instead of two, products in another blocking): `xpnet verify` checks each op of a compiled

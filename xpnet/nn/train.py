@@ -367,10 +367,15 @@ class Trainer:
         chunks are training steps like the others) at the epoch's start and again after any
         chunk whose steps ran RECHECK_SLOWDOWN times slower than those of the first chunk after
         the last check, while more than five chunks are left."""
-        run = lambda n: self.run_steps(n, progress)  # noqa: E731
+        run, chunk = (lambda n: self.run_steps(n, progress)), self.chunk_steps
         while True:
-            if self.steps_per_epoch - self.epoch_step > 5 * self.chunk_steps:
-                self.blas_threads, _ = threads_left(run, self.chunk_steps, 5, self.blas_threads, limit=self._blas_limit)
+            left = self.steps_per_epoch - self.epoch_step
+            if left > 5 * chunk:
+                # As long as 0.1 s, all but the last chunk at most: /proc/stat counts in 10 ms
+                # ticks, and a quarter of a 100 ms epoch misread the load (one thread chosen,
+                # alone, in two epochs of seven at batch 2048 on the 2-core machine).
+                most = -(-left // chunk) - 1
+                self.blas_threads, _ = threads_left(run, chunk, most, self.blas_threads, limit=self._blas_limit)
             # One limit for all the chunks until the next check: OpenBLAS set back to more threads
             # after each chunk cost the next one (measured: 17% of an epoch at batch 512).
             with self._blas_limit():
