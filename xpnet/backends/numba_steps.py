@@ -401,7 +401,7 @@ class CompiledSteps:
         if self.parts == 1 or count > SPLIT_PARTS:
             return _train_steps(*part(0))
         get_threads, set_threads = BLAS_THREADS
-        blas_threads = get_threads()
+        previous = get_threads()
         set_threads(1)
         try:
             if threads == 1:
@@ -413,7 +413,7 @@ class CompiledSteps:
             while (reply := done.get())[0] != self._job:  # a reply to a call that Ctrl-C left
                 pass
         finally:
-            set_threads(blas_threads)
+            set_threads(previous)
         if reply[1] is not None:
             raise reply[1]
 
