@@ -80,9 +80,10 @@ def add_threads_flag(parser):
         "--threads",
         type=thread_count,
         default="auto",
-        help="BLAS threads: auto gives BLAS the cores other processes leave, measured each epoch "
-        "(alone: every core); a count (at most the cores) fixes it, and with it the last bits of every result, "
-        "which OpenBLAS rounds differently at different counts",
+        help="threads for the products (BLAS's, or numba's compiled loop's own from 128 rows): auto takes the "
+        "cores other processes leave, measured as each epoch runs (alone: every core); a count (at most the "
+        "cores) fixes it, and with it the last bits of every result, which OpenBLAS rounds differently at "
+        "different counts",
     )
 
 

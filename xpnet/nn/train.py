@@ -125,10 +125,11 @@ class Trainer:
     the layers calling the backend's ops (use it to inspect the layers' gradients after a step:
     without momentum Numba's loop folds the update into the gradient's product and keeps no
     gradient).
-    threads is how many BLAS threads each epoch may use: None (BLAS's own, a thread per core), a
-    count, or "auto" to give BLAS the cores other processes leave, measured at the start of
-    every epoch (xpnet/threads.py; the CLI's default; under load it gives up bit-for-bit
-    reproducibility for that).
+    threads is how many threads each epoch may use (BLAS's, or from 128 rows those of Numba's
+    compiled loop, each with one BLAS thread): None (BLAS's own, a thread per core), a count, or
+    "auto" to give it the cores other processes leave, measured as the epoch runs
+    (xpnet/threads.py; the CLI's default; under load it gives up bit-for-bit reproducibility
+    for that, but for Numba's split steps on two cores).
     """
 
     def __init__(self, backend, data, config=None, checkpoint=None, compiled=True, threads=None):
@@ -353,7 +354,7 @@ class Trainer:
         self.history.epochs.append(stats)
 
     def train_epoch(self, progress=None):
-        """The rest of the current epoch (all of it, from its start) with the BLAS threads the
+        """The rest of the current epoch (all of it, from its start) with the threads the
         trainer's policy gives; returns its mean loss."""
         if self.threads == AUTO and self._blas is not None:
             self._auto_epoch(progress)
@@ -458,7 +459,7 @@ class Trainer:
         log(
             f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
             f"  ({duration_text(stats.seconds)}, {stats.samples_per_second:,.0f} samples/s"
-            + (f", {self.blas_threads} BLAS threads)" if self.threads is not None and self._blas is not None else ")")
+            + (f", {self.blas_threads} threads)" if self.threads is not None and self._blas is not None else ")")
         )
         if after_epoch is not None:
             after_epoch(self)
