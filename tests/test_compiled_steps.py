@@ -135,7 +135,8 @@ import xpnet
 from xpnet.backends import numba_steps
 from xpnet.data.synthetic import synthetic_splits
 
-numba_steps._train_steps = loop = numba_steps._loop_over(sys.argv[1])
+numba_steps._train_steps, numba_steps._count_correct_rows = numba_steps._loop_over(sys.argv[1])
+loop = numba_steps._train_steps
 trainer = xpnet.Trainer("numba", synthetic_splits(n_train=64), xpnet.TrainConfig(batch_size=32))
 trainer.compiled_steps.prepare(trainer.step_losses)
 print(sum(loop.stats.cache_hits.values()), sum(loop.stats.cache_misses.values()))
@@ -197,3 +198,23 @@ def test_the_loops_second_thread_ends_with_its_trainer():
     gc.collect()
     helper.join(timeout=5)
     assert not helper.is_alive()
+
+
+@two_cores
+def test_split_steps_count_the_correct_rows_on_their_threads_as_the_reference_pass_does():
+    """Validation beside split steps runs on the loop's two threads (one BLAS thread each) and
+    counts what the layers' forward pass and the backend's count do; it declines arrays it was
+    not made for, and counts where the steps are not split, leaving them to the reference pass."""
+    data = synthetic_splits(n_train=2000, n_validation=5000)
+    config = xpnet.TrainConfig(batch_size=256, hidden=(64,), dtype="float64", lr=0.05)
+    trainer = xpnet.Trainer("numba", data, config, threads=2)
+    trainer.run_steps()
+    steps, x, y = trainer.compiled_steps, trainer.val_x, trainer.val_y
+    reference = trainer.accuracy(x, y, batch_size=2048) * len(y)
+    assert 0 < reference < len(y)  # a partly trained model: the count can be wrong both ways
+    assert steps.count_correct(x, y, 2) == reference
+    assert steps.count_correct(x[:4999], y[:4999], 2) == trainer.accuracy(x[:4999], y[:4999], batch_size=64) * 4999
+    assert steps.count_correct(x, y, 1) is None
+    assert steps.count_correct(x.astype("float32"), y, 2) is None and steps.count_correct(x[:, :-1], y, 2) is None
+    assert steps.count_correct(numpy.asfortranarray(x), y, 2) is None and steps.count_correct(x, y[:-1], 2) is None
+    assert trainer.accuracy(x, y) * len(y) == reference

@@ -55,6 +55,7 @@ the model's own sizes, checks the labels once against the classes, and is handed
 trainer's order, a permutation of the rows.
 """
 
+import contextlib
 import ctypes
 import hashlib
 import importlib
@@ -71,6 +72,7 @@ from numba.extending import intrinsic
 from xpnet.backends import numba_backend
 from xpnet.backends.numba_backend import (
     _add_bias_relu,
+    _count_correct,
     _mask_and_sum_rows,
     _sgd_update,
     _softmax_cross_entropy,
@@ -221,7 +223,8 @@ def _barrier(counter, threads, generation, yield_cpu):
 
 
 def _loop_over(kernels_digest):
-    """The compiled loop, as a closure over a digest of numba_backend.py. Numba keys a function's
+    """The compiled loop and its count of correct rows (_train_steps, _count_correct_rows), as
+    closures over a digest of numba_backend.py. Numba keys a function's
     disk cache by its own file and the values of its closure, not by the files of what it calls:
     an edit of the kernels the loop inlines changes the digest, so the loop compiles afresh
     rather than loading a copy built from the old kernels."""
@@ -303,25 +306,56 @@ def _loop_over(kernels_digest):
                 generation += 1
                 _barrier(counter, threads, generation, yield_cpu)
 
-    return _train_steps
+    @kernel
+    def _count_correct_rows(blas, part, parts, x, y, weights, biases, relu, outputs):
+        """How many rows of x the model predicts as y, counting thread part's share of parts of
+        the rows, in blocks of len(outputs[0]) rows."""
+        _ = kernels_digest
+        block, correct = outputs[0].shape[0], 0
+        first, last = part * x.shape[0] // parts, (part + 1) * x.shape[0] // parts
+        for start in range(first, last, block):
+            rows = min(block, last - start)
+            h = x[start : start + rows]
+            for layer in range(len(weights)):
+                out = outputs[layer][:rows]
+                _product(blas, h, False, weights[layer], True, out, 1.0, 0.0)  # out = h @ W.T
+                _add_bias_relu(out, biases[layer], relu[layer])
+                h = out
+            correct += _count_correct(h, y[start : start + rows])
+        return correct
+
+    return _train_steps, _count_correct_rows
 
 
 BLAS = numpy_blas()
 BLAS_THREADS = numpy_blas_threads()
 YIELD_CPU = _sched_yield()
-_train_steps = _loop_over(hashlib.sha256(pathlib.Path(numba_backend.__file__).read_bytes()).hexdigest())
+_train_steps, _count_correct_rows = _loop_over(
+    hashlib.sha256(pathlib.Path(numba_backend.__file__).read_bytes()).hexdigest()
+)
 
 
 def _serve(jobs, done):
-    """The loop's second thread: runs each (number, arguments) put in jobs, and puts (number,
-    None or the exception raised) in done, until None comes."""
+    """The loop's second thread: runs each (number, function, arguments) put in jobs, and puts
+    (number, its result, None) or (number, None, the exception raised) in done, until None comes."""
     while (job := jobs.get()) is not None:
-        number, args = job
+        number, function, args = job
         try:
-            _train_steps(*args)
-            done.put((number, None))
+            done.put((number, function(*args), None))
         except BaseException as exc:  # handed to the caller, which raises it
-            done.put((number, exc))
+            done.put((number, None, exc))
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """NumPy's OpenBLAS on one thread inside the block, as the loop's own threads need it."""
+    get_threads, set_threads = BLAS_THREADS
+    previous = get_threads()
+    set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(previous)
 
 
 class CompiledSteps:
@@ -373,6 +407,7 @@ class CompiledSteps:
         self.loss_parts = numpy.empty(self.parts)
         self.counter = numpy.zeros(1, numpy.int64)  # the barrier's
         self._queues, self._job = None, 0  # the second thread's, and the number of the last call
+        self._eval_outputs = None  # count_correct's, made at its first call
 
     def split_threads(self, threads):
         """Whether run(..., threads) runs the parts on threads of its own, one per part: when the
@@ -400,22 +435,40 @@ class CompiledSteps:
         part = lambda p: (BLAS, YIELD_CPU, self.counter, p, threads, self.parts, *args)  # noqa: E731
         if self.parts == 1 or count > SPLIT_PARTS:
             return _train_steps(*part(0))
-        get_threads, set_threads = BLAS_THREADS
-        previous = get_threads()
-        set_threads(1)
-        try:
+        with _one_blas_thread():
             if threads == 1:
                 return _train_steps(*part(0))
-            jobs, done = self._helper()
-            self._job += 1
-            jobs.put((self._job, part(1)))
-            _train_steps(*part(0))
-            while (reply := done.get())[0] != self._job:  # a reply to a call that Ctrl-C left
-                pass
-        finally:
-            set_threads(previous)
-        if reply[1] is not None:
-            raise reply[1]
+            self._on_two_threads(_train_steps, part)
+
+    def count_correct(self, x, y, threads=None):
+        """How many rows of x (device data, normalised) the model predicts as y, where run would
+        take its steps on two threads of its own (else None: the trainer's reference pass does
+        it): each thread half of the rows, with one BLAS thread, as BLAS stays beside the loop."""
+        takes = x.ndim == 2 and x.shape[1] == self.inputs.shape[1] and x.dtype == self.inputs.dtype
+        takes = takes and x.flags.c_contiguous and y.shape == x.shape[:1] and y.dtype.kind in "iu"
+        if not (takes and self.split_threads(threads)):  # the reference pass checks what it was given
+            return None
+        if self._eval_outputs is None:  # each thread's layer outputs for a block of rows
+            dtype, sizes = self.inputs.dtype, [W.shape[0] for W in self.model_arrays[0]]
+            block = numba_backend.NumbaBackend.eval_rows
+            self._eval_outputs = [tuple(numpy.empty((block, size), dtype) for size in sizes) for _ in range(2)]
+        weights, biases, relu = self.model_arrays[:3]
+        part = lambda p: (BLAS, p, SPLIT_PARTS, x, y, weights, biases, relu, self._eval_outputs[p])  # noqa: E731
+        with _one_blas_thread():
+            return sum(self._on_two_threads(_count_correct_rows, part))
+
+    def _on_two_threads(self, function, part):
+        """[function(*part(0)), function(*part(1))], the first on this thread, the second on the
+        loop's second thread (_helper)."""
+        jobs, done = self._helper()
+        self._job += 1
+        jobs.put((self._job, function, part(1)))
+        mine = function(*part(0))
+        while (reply := done.get())[0] != self._job:  # a reply to a call that Ctrl-C left
+            pass
+        if reply[2] is not None:
+            raise reply[2]
+        return [mine, reply[1]]
 
     def _helper(self):
         """(jobs, done): the queues of the loop's second thread, started at the first split call.

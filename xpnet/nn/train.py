@@ -412,13 +412,23 @@ class Trainer:
 
     def accuracy(self, x, y, batch_size=None):
         """The fraction of rows of device data x whose label y the model predicts (one read),
-        batch_size rows at a time (the backend's eval_rows when None)."""
+        batch_size rows at a time (the backend's eval_rows when None), or, batch_size None, by
+        the compiled loop's count where it has one (Numba's split steps: on their two threads)."""
+        counted = None if batch_size or self.compiled_steps is None else self._compiled_count(x, y)
+        if counted is not None:
+            return counted / len(y)
         batch_size = batch_size or self.backend.eval_rows
         correct = 0
         for start in range(0, len(y), batch_size):
             logits = self.model.forward(x[start : start + batch_size])
             correct = correct + self.backend.count_correct(logits, y[start : start + batch_size])
         return int(self.backend.to_numpy(correct)) / len(y)
+
+    def _compiled_count(self, x, y):
+        """The compiled loop's count of correct rows where it has one for the trainer's threads
+        (Numba's, on the threads of its split steps), else None."""
+        count_correct = getattr(self.compiled_steps, "count_correct", None)
+        return None if count_correct is None else count_correct(x, y, self.blas_threads)
 
     def fit(self, log=print, progress=False, after_epoch=None):
         """Train up to config.epochs and return the history, with the test accuracy.
