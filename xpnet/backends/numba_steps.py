@@ -36,7 +36,8 @@ by the batch size, whoever runs them: at a thread count of one they run one afte
 and give the same bits as two. The second thread is kept across calls (starting one per chunk
 of steps cost 5-6% of an epoch), and BLAS is held at one thread around the loop: a product on
 two threads anywhere in the process leaves OpenBLAS's second thread spinning on a core for about
-0.1 s after it, against the loop's threads.
+0.1 s after it, against the loop's threads; the trainer's validation pass beside split steps
+runs on the same two threads for that reason (count_correct).
 
 So a compiled step rounds differently from the reference step (the update in one rounding
 instead of two, products in another blocking): `xpnet verify` checks each op of a compiled
