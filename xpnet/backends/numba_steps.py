@@ -452,7 +452,8 @@ class CompiledSteps:
         if self._eval_outputs is None:  # each thread's layer outputs for a block of rows
             dtype, sizes = self.inputs.dtype, [W.shape[0] for W in self.model_arrays[0]]
             block = numba_backend.NumbaBackend.eval_rows
-            self._eval_outputs = [tuple(numpy.empty((block, size), dtype) for size in sizes) for _ in range(2)]
+            outputs = lambda: tuple(numpy.empty((block, size), dtype) for size in sizes)  # noqa: E731
+            self._eval_outputs = [outputs() for _ in range(SPLIT_PARTS)]
         weights, biases, relu = self.model_arrays[:3]
         part = lambda p: (BLAS, p, SPLIT_PARTS, x, y, weights, biases, relu, self._eval_outputs[p])  # noqa: E731
         with _one_blas_thread():
@@ -482,5 +483,8 @@ class CompiledSteps:
         return self._queues
 
     def prepare(self, losses):
-        """Compile the loop, or load it from the disk cache (a call of no steps), never inside a timed epoch."""
+        """Compile the loop, and the count where steps are split, or load them from the disk
+        cache (calls of no steps and no rows), never inside a timed epoch."""
         self.run(numpy.zeros(0, numpy.int64), 0, 0, numpy.zeros(0), losses, threads=1)
+        if self.parts == SPLIT_PARTS:  # its outputs' types are count_correct's: C arrays
+            _count_correct_rows(BLAS, 0, 1, self.inputs[:0], self.labels[:0], *self.model_arrays[:3], self.outputs)
