@@ -96,3 +96,23 @@ def test_a_stopped_run_saves_and_its_printed_command_resumes_it_exactly(
     assert resumed.epoch == 3 and resumed.dataset == "mnist"
     for a, b in zip(resumed.params, straight_run.params):
         numpy.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core here: numba's steps are not split")
+def test_numbas_split_steps_stop_on_ctrl_c_and_resume_on_either_thread_count(mnist_dir, tmp_path):
+    """Ctrl-C while numba's compiled loop runs its steps on two threads of its own (batch 512):
+    the run saves its last whole epoch, and resumed on one thread ends as a straight run on two."""
+    common = ["--backend", "numba", "--data-dir", str(mnist_dir)]
+    straight, stopped = tmp_path / "straight.npz", tmp_path / "stopped.npz"
+    command = [sys.executable, "-m", "xpnet", "train", *common, "--epochs", "3", "--threads", "2"]
+    result = subprocess.run([*command, "--save", str(straight)], capture_output=True, env=environment(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    long_run = [*common, "--epochs", "30", "--threads", "2", "--save", str(stopped)]  # the stop surely lands in it
+    returncode, stderr = train_until_epoch_1_then([signal.SIGINT], long_run, tmp_path)
+    assert returncode == 130 and "interrupted; saved the state after epoch" in stderr, stderr
+    assert load_checkpoint(stopped).epoch in (1, 2)
+    resume = [sys.executable, "-m", "xpnet", "train", *common, "--epochs", "3", "--resume", str(stopped)]
+    result = subprocess.run([*resume, "--threads", "1", "--save", str(stopped)], capture_output=True, env=environment())
+    assert result.returncode == 0, result.stderr
+    for a, b in zip(load_checkpoint(stopped).params, load_checkpoint(straight).params):
+        numpy.testing.assert_array_equal(a, b)
