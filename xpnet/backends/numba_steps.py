@@ -89,35 +89,36 @@ FEATURE_MAJOR_BELOW = 128
 SPLIT_FROM, SPLIT_PARTS = 128, 2
 
 
-def numpy_blas():
-    """NumPy's own sgemm, dgemm, sgemv, dgemv (ILP64 CBLAS), typed for ctypes; or None."""
-    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
-        try:
-            library = ctypes.CDLL(importlib.import_module(module).__file__)  # dlsym searches its BLAS too
-        except (ImportError, OSError):
-            continue
-        for pattern in ("scipy_cblas_{}64_", "cblas_{}64_"):
-            names = [pattern.format(name) for name in ("sgemm", "dgemm", "sgemv", "dgemv")]
-            if all(hasattr(library, name) for name in names):
-                return _typed(tuple(getattr(library, name) for name in names))
-    return None
-
-
-def numpy_blas_threads():
-    """(get, set) of the thread count of NumPy's own OpenBLAS, typed for ctypes; or None."""
+def _numpy_routines(patterns, verbs):
+    """The first group of routines named pattern.format(verb), for a pattern, found in NumPy's
+    own extension module (dlsym searches the BLAS it bundles too); or None."""
     for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
         try:
             library = ctypes.CDLL(importlib.import_module(module).__file__)
         except (ImportError, OSError):
             continue
-        for prefix in ("scipy_openblas", "openblas"):
-            names = [f"{prefix}_{verb}_num_threads64_" for verb in ("get", "set")]
+        for pattern in patterns:
+            names = [pattern.format(verb) for verb in verbs]
             if all(hasattr(library, name) for name in names):
-                get, set_ = (getattr(library, name) for name in names)
-                get.argtypes, get.restype = [], ctypes.c_int
-                set_.argtypes, set_.restype = [ctypes.c_int], None
-                return get, set_
+                return tuple(getattr(library, name) for name in names)
     return None
+
+
+def numpy_blas():
+    """NumPy's own sgemm, dgemm, sgemv, dgemv (ILP64 CBLAS), typed for ctypes; or None."""
+    routines = _numpy_routines(("scipy_cblas_{}64_", "cblas_{}64_"), ("sgemm", "dgemm", "sgemv", "dgemv"))
+    return None if routines is None else _typed(routines)
+
+
+def numpy_blas_threads():
+    """(get, set) of the thread count of NumPy's own OpenBLAS, typed for ctypes; or None."""
+    routines = _numpy_routines(("scipy_openblas_{}_num_threads64_", "openblas_{}_num_threads64_"), ("get", "set"))
+    if routines is None:
+        return None
+    get, set_ = routines
+    get.argtypes, get.restype = [], ctypes.c_int
+    set_.argtypes, set_.restype = [ctypes.c_int], None
+    return get, set_
 
 
 def _typed(routines):
@@ -171,6 +172,17 @@ def _product(blas, a, transpose_a, b, transpose_b, out, alpha, beta):
         sgemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a_data, lda, b_data, ldb, beta, c_data, ldc)
     else:
         dgemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a_data, lda, b_data, ldb, beta, c_data, ldc)
+
+
+@kernel
+def _forward(blas, x, weights, biases, relu, outputs, r0, r1):
+    """Rows r0:r1 of every layer's output (outputs[l]) from x, those rows of the first layer's
+    input: each layer's product, bias and ReLU."""
+    for layer in range(len(weights)):
+        out = outputs[layer][r0:r1]
+        _product(blas, x, False, weights[layer], True, out, 1.0, 0.0)  # out = x @ W.T
+        _add_bias_relu(out, biases[layer], relu[layer])
+        x = out
 
 
 @intrinsic
@@ -257,11 +269,7 @@ def _loop_over(kernels_digest):
                 y = labels[r0:r1]
                 for i in range(r1 - r0):
                     y[i] = y_all[indices[i]]
-                for layer in range(layers):
-                    out = outputs[layer][r0:r1]
-                    _product(blas, x, False, weights[layer], True, out, 1.0, 0.0)  # out = x @ W.T
-                    _add_bias_relu(out, biases[layer], relu[layer])
-                    x = out
+                _forward(blas, x, weights, biases, relu, outputs, r0, r1)
                 grad = grad_logits[r0:r1]
                 loss_parts[p] = _softmax_cross_entropy(outputs[layers - 1][r0:r1], y, grad, rows)
                 for layer in range(layers - 1, 0, -1):  # grad x of every layer but the first
@@ -316,13 +324,8 @@ def _loop_over(kernels_digest):
         first, last = part * x.shape[0] // parts, (part + 1) * x.shape[0] // parts
         for start in range(first, last, block):
             rows = min(block, last - start)
-            h = x[start : start + rows]
-            for layer in range(len(weights)):
-                out = outputs[layer][:rows]
-                _product(blas, h, False, weights[layer], True, out, 1.0, 0.0)  # out = h @ W.T
-                _add_bias_relu(out, biases[layer], relu[layer])
-                h = out
-            correct += _count_correct(h, y[start : start + rows])
+            _forward(blas, x[start : start + rows], weights, biases, relu, outputs, 0, rows)
+            correct += _count_correct(outputs[-1][:rows], y[start : start + rows])
         return correct
 
     return _train_steps, _count_correct_rows
