@@ -414,7 +414,7 @@ class Trainer:
         """The fraction of rows of device data x whose label y the model predicts (one read),
         batch_size rows at a time (the backend's eval_rows when None), or, batch_size None, by
         the compiled loop's count where it has one (Numba's split steps: on their two threads)."""
-        counted = None if batch_size or self.compiled_steps is None else self._compiled_count(x, y)
+        counted = None if batch_size else self._compiled_count(x, y)
         if counted is not None:
             return counted / len(y)
         batch_size = batch_size or self.backend.eval_rows
