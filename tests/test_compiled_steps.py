@@ -218,3 +218,42 @@ def test_split_steps_count_the_correct_rows_on_their_threads_as_the_reference_pa
     assert steps.count_correct(x.astype("float32"), y, 2) is None and steps.count_correct(x[:, :-1], y, 2) is None
     assert steps.count_correct(numpy.asfortranarray(x), y, 2) is None and steps.count_correct(x, y[:-1], 2) is None
     assert trainer.accuracy(x, y) * len(y) == reference
+
+
+@two_cores
+def test_the_second_thread_runs_on_across_calls_and_any_break_in_them_gives_the_same_bits():
+    """On two threads the second one's call goes on into the steps the next call from where the
+    last one ended posts to it. Whatever breaks that run of calls (a pause it leaves in, a count
+    of correct rows, a call on one thread, a new order) starts it afresh; the bits are those of
+    the whole epochs in one call each on one thread."""
+    import time
+
+    data = synthetic_splits(n_train=1300)
+    config = xpnet.TrainConfig(batch_size=numba_steps.SPLIT_FROM, hidden=(32,), lr=0.05, momentum=0.9)
+    whole, chunked = (xpnet.Trainer("numba", data, config, threads=2) for _ in range(2))
+    steps = chunked.compiled_steps
+    n = whole.steps_per_epoch  # 11: ten whole batches and one of 20 rows
+    rng = numpy.random.default_rng(1)
+    lrs = rng.uniform(0.01, 0.05, n)
+    losses = [numpy.empty(n, "float32") for _ in range(2)]
+    steps.prepare(losses[1])  # as Trainer.fit does: no compiling between the calls
+    for _ in range(2):  # two epochs, each its own order
+        order = rng.permutation(1300)
+        whole.compiled_steps.run(order, 0, n, lrs, losses[0], threads=1)
+        calls = steps._job
+        for first, size in ((0, 1), (1, 2), (3, 1)):
+            steps.run(order, first, size, lrs[first : first + size], losses[1], threads=2)
+        assert steps._job == calls + 1  # one call of the second thread took all three
+        deadline = time.perf_counter() + 5
+        while steps.sync[1] != numba_steps.LEFT and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        assert steps.sync[1] == numba_steps.LEFT  # no more steps came: it went back to Python
+        steps.run(order, 4, 2, lrs[4:6], losses[1], threads=2)
+        steps.count_correct(chunked.val_x, chunked.val_y, threads=2)
+        steps.run(order, 6, 1, lrs[6:7], losses[1], threads=2)
+        steps.run(order, 7, 1, lrs[7:8], losses[1], threads=1)
+        steps.run(order, 8, 3, lrs[8:], losses[1], threads=2)
+        assert steps._job == calls + 5
+        numpy.testing.assert_array_equal(*losses)
+        for got, expected in zip(chunked.model.parameters(), whole.model.parameters()):
+            numpy.testing.assert_array_equal(got.value, expected.value)

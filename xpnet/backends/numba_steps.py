@@ -34,10 +34,12 @@ threads (bench/README.md): 1.06x at batch 128, 1.10x at 512, 1.09x at 2048 in a 
 barriers cost more than the split buys (24-29% slower at batch 1 and 16). The parts are fixed
 by the batch size, whoever runs them: at a thread count of one they run one after the other,
 and give the same bits as two. The second thread is kept across calls (starting one per chunk
-of steps cost 5-6% of an epoch), and BLAS is held at one thread around the loop: a product on
-two threads anywhere in the process leaves OpenBLAS's second thread spinning on a core for about
-0.1 s after it, against the loop's threads; the trainer's validation pass beside split steps
-runs on the same two threads for that reason (count_correct).
+of steps cost 5-6% of an epoch), and its call runs on into the next chunk's steps, posted to it
+through an atomic word while it waits (handing each chunk over through Python cost another 2-6%).
+BLAS is held at one thread around the loop: a product on two threads anywhere in the process
+leaves OpenBLAS's second thread spinning on a core for about 0.1 s after it, against the loop's
+threads; the trainer's validation pass beside split steps runs on the same two threads for that
+reason (count_correct).
 
 So a compiled step rounds differently from the reference step (the update in one rounding
 instead of two, products in another blocking): `xpnet verify` checks each op of a compiled
@@ -205,6 +207,18 @@ def _atomic_load(typingctx, array, index):
     return types.int64(array, index), codegen
 
 
+@intrinsic
+def _compare_and_swap(typingctx, array, index, expected, value):
+    """Whether array[index] held expected, and then value in its place, as one atomic step."""
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature, args)
+        old, new = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (2, 3))
+        return builder.extract_value(builder.cmpxchg(pointer, old, new, "seq_cst", "seq_cst"), 1)
+
+    return types.boolean(array, index, expected, value), codegen
+
+
 def _element_pointer(context, builder, signature, args):
     array = context.make_array(signature.args[0])(context, builder, args[0])
     return cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1]])
@@ -217,22 +231,53 @@ def _sched_yield():
     return routine
 
 
-# A wait at the barrier spins this many rounds (about a millisecond) before it yields the core
-# each round: with a core each, a wait is microseconds; yielding after a microsecond lost a third
-# of the speed at batch 128, and never yielding would starve a thread left without a core.
+# A wait at the barrier spins this many rounds (0.09 ms on the 2-core machine) before it yields
+# the core each round: with a core each, a wait is microseconds; yielding after a microsecond lost
+# a third of the speed at batch 128, and never yielding would starve a thread left without a core.
 SPIN_ROUNDS = 1_000_000
 
 
 @kernel
-def _barrier(counter, threads, generation, yield_cpu):
-    """Wait until each of `threads` threads has called this `generation` times (counter[0]
-    counts the calls)."""
-    _atomic_add(counter, 0, 1)
+def _barrier(sync, threads, generation, yield_cpu):
+    """Wait until each of `threads` threads has called this `generation` times (sync[0] counts
+    the calls)."""
+    _atomic_add(sync, 0, 1)
     rounds = 0
-    while _atomic_load(counter, 0) < threads * generation:
+    while _atomic_load(sync, 0) < threads * generation:
         rounds += 1
         if rounds > SPIN_ROUNDS:
             yield_cpu()
+
+
+# sync[1] once the second thread has gone back to Python: no more steps may be posted to it.
+LEFT = -1
+# How long the second thread waits for more steps: SPIN_ROUNDS reads (0.1 ms on the 2-core
+# machine: the trainer's Python between two calls, 50 us, fits in it), then as many reads with
+# the core yielded after each (4 ms where nothing else wants the core; where something does,
+# it runs meanwhile), for a pause of the caller's (a garbage collection, say).
+WAIT_ROUNDS = 10_000
+
+
+@kernel
+def _posted_after(sync, end, yield_cpu):
+    """The end of the steps posted after `end` (sync[1], moved on by _move_end), as the second
+    thread waits for them; LEFT, marked in sync[1], if none came."""
+    for rounds in range(SPIN_ROUNDS + WAIT_ROUNDS):
+        posted = _atomic_load(sync, 1)
+        if posted != end:
+            return posted
+        if rounds >= SPIN_ROUNDS:
+            yield_cpu()
+    if _compare_and_swap(sync, 1, end, LEFT):
+        return LEFT
+    return _atomic_load(sync, 1)
+
+
+@kernel
+def _move_end(sync, end, new_end):
+    """Whether sync[1] held end, now new_end: the steps to new_end posted to the second thread
+    waiting after step end - 1 (_posted_after), or LEFT to send it away; False once it has left."""
+    return _compare_and_swap(sync, 1, end, new_end)
 
 
 def _loop_over(kernels_digest):
@@ -243,22 +288,30 @@ def _loop_over(kernels_digest):
     rather than loading a copy built from the old kernels."""
 
     @kernel
-    def _train_steps(blas, yield_cpu, counter, part, threads, parts, x_all, y_all, order, first, n, batch_size,
+    def _train_steps(blas, yield_cpu, sync, part, threads, parts, x_all, y_all, order, first, n, span, batch_size,
                      weights, biases, relu, grad_weights, grad_biases, velocity_weights, velocity_biases, momentum,
                      nesterov, weight_decay, lrs, inputs, outputs, grads_z, grads_x, grad_logits, labels, bias_parts,
                      loss_parts, losses):  # fmt: skip
         """Steps first .. first + n - 1 of the epoch whose row order is `order`, as thread `part`
-        of `threads`, each step's work cut in `parts` (thread t takes parts t, t + threads, ...).
-        For each of its parts of the batch's rows: the gather into `inputs`, every layer forward
-        (layer l's output in outputs[l]), the part's share of the loss (loss_parts[p]) and every
-        layer's backward pass (its bias-gradient column sums in bias_parts[l][p]). Then, once
-        every thread is there, for each of its parts of every layer's rows of W and b: the
-        update from the whole batch's gradient; part 0 stores the loss (losses[k])."""
+        of `threads`, each step's work cut in `parts` (thread t takes parts t, t + threads, ...);
+        lrs[k] is step k's learning rate. For each of its parts of the batch's rows: the gather
+        into `inputs`, every layer forward (layer l's output in outputs[l]), the part's share of
+        the loss (loss_parts[p]) and every layer's backward pass (its bias-gradient column sums in
+        bias_parts[l][p]). Then, once every thread is there, for each of its parts of every
+        layer's rows of W and b: the update from the whole batch's gradient; part 0 stores the
+        loss (losses[k]). On two threads, the second one then takes the steps posted to it
+        (_move_end) until none come, and `span` is the first step of its call: the barriers count
+        from there."""
         _ = kernels_digest  # a closure cell, so in Numba's cache key (_loop_over)
         layers = len(weights)
-        generation = 0
-        for s in range(n):
-            k = first + s
+        k, end = first, first + n
+        while True:
+            if k == end:
+                if part == 0 or threads == 1:
+                    return
+                end = _posted_after(sync, end, yield_cpu)
+                if end == LEFT:
+                    return
             start = k * batch_size
             rows = min(batch_size, order.shape[0] - start)
             for p in range(part, parts, threads):
@@ -280,9 +333,8 @@ def _loop_over(kernels_digest):
                     _product(blas, grad_z, False, weights[layer], False, grad, 1.0, 0.0)  # with this step's W
                 _mask_and_sum_rows(grad, outputs[0][r0:r1], relu[0], grads_z[0][r0:r1], bias_parts[0][p])
             if threads > 1:  # every row's gradients are in before any W changes
-                generation += 1
-                _barrier(counter, threads, generation, yield_cpu)
-            lr = lrs[s]
+                _barrier(sync, threads, 2 * (k - span) + 1, yield_cpu)
+            lr = lrs[k]
             for p in range(part, parts, threads):
                 if p == 0:
                     loss = loss_parts[0]
@@ -312,8 +364,8 @@ def _loop_over(kernels_digest):
                     _sgd_update(biases[layer][w0:w1], grad_b[w0:w1], lr, velocity_biases[layer][w0:w1], momentum,
                                 nesterov, weight_decay)  # fmt: skip
             if threads > 1:  # every W is updated before the next step's forward reads it
-                generation += 1
-                _barrier(counter, threads, generation, yield_cpu)
+                _barrier(sync, threads, 2 * (k - span) + 2, yield_cpu)
+            k += 1
 
     @kernel
     def _count_correct_rows(blas, part, parts, x, y, weights, biases, relu, outputs):
@@ -409,8 +461,12 @@ class CompiledSteps:
         # Each part's column sums of each layer's output gradient and its share of the loss.
         self.bias_parts = tuple(numpy.empty((self.parts, size), dtype) for size in model.sizes[1:])
         self.loss_parts = numpy.empty(self.parts)
-        self.counter = numpy.zeros(1, numpy.int64)  # the barrier's
+        self.rates = numpy.zeros(-(-len(train_y) // batch_size))  # each step's learning rate
+        # The barriers' count of arrivals, and the end of the steps posted to the second thread.
+        self.sync = numpy.zeros(2, numpy.int64)
         self._queues, self._job = None, 0  # the second thread's, and the number of the last call
+        # While the second thread's call runs steps (run): its job number, order, first step, and the end posted.
+        self._span = None
         self._eval_outputs = None  # count_correct's, made at its first call
 
     def split_threads(self, threads):
@@ -428,21 +484,51 @@ class CompiledSteps:
         """The steps with `threads` the trainer's thread count. Split steps run on two threads
         when it is two (this one and a second kept for it, _helper) and on this one after the
         other when it is one, BLAS on one thread either way, so the bits are the same at both
-        counts; at more, after each other on BLAS's threads. Unsplit, on this thread with BLAS's."""
+        counts; at more, after each other on BLAS's threads. Unsplit, on this thread with BLAS's.
+
+        On two threads the second one's call goes on past these steps, waiting a few milliseconds
+        for more (_posted_after): the next call with the same order from where this one ended
+        posts them to it (_posted) instead of handing it a new call through Python, which cost
+        2-6% of an epoch on the 2-core machine (the trainer makes about twenty calls an epoch)."""
         count = threads or usable_cores()
-        threads = SPLIT_PARTS if self.split_threads(count) else 1
-        x_all, y_all = self.data
-        buffers = (self.inputs, self.outputs, self.grads_z, self.grads_x, self.grad_logits, self.labels)
-        args = (x_all, y_all, order, first, n, self.batch_size, *self.model_arrays, lrs, *buffers)
-        args += (self.bias_parts, self.loss_parts, losses)
-        self.counter[0] = 0
-        part = lambda p: (BLAS, YIELD_CPU, self.counter, p, threads, self.parts, *args)  # noqa: E731
+        two = self.split_threads(count) and n > 0
+        self.rates[first : first + n] = lrs
+        posted = two and self._posted(order, first, n)
+        if not posted:
+            self._release()
+
+        def part(p, span):
+            buffers = (self.inputs, self.outputs, self.grads_z, self.grads_x, self.grad_logits, self.labels)
+            return (BLAS, YIELD_CPU, self.sync, p, 1 + two, self.parts, *self.data, order, first, n, span,
+                    self.batch_size, *self.model_arrays, self.rates, *buffers, self.bias_parts, self.loss_parts,
+                    losses)  # fmt: skip
+
         if self.parts == 1 or count > SPLIT_PARTS:
-            return _train_steps(*part(0))
+            return _train_steps(*part(0, first))
         with _one_blas_thread():
-            if threads == 1:
-                return _train_steps(*part(0))
-            self._on_two_threads(_train_steps, part)
+            if two and not posted:  # the second thread starts a call of its own
+                self.sync[:] = 0, first + n
+                self._job += 1
+                self._helper()[0].put((self._job, _train_steps, part(1, first)))
+                self._span = [self._job, order, first, first + n]
+            _train_steps(*part(0, self._span[2] if two else first))
+
+    def _posted(self, order, first, n):
+        """Whether the second thread, still in the call it started for this order, took steps
+        first .. first + n - 1 after the ones it ran (_move_end)."""
+        span = self._span
+        if span is None or span[1] is not order or span[3] != first or not _move_end(self.sync, first, first + n):
+            return False
+        span[3] = first + n
+        return True
+
+    def _release(self):
+        """Make the second thread leave the call it runs steps in, if any, and wait until it has."""
+        if self._span is not None:
+            job, end = self._span[0], self._span[3]
+            _move_end(self.sync, end, LEFT)
+            self._span = None
+            self._reply(job)
 
     def count_correct(self, x, y, threads=None):
         """How many rows of x (device data, normalised) the model predicts as y, where run would
@@ -459,21 +545,24 @@ class CompiledSteps:
             self._eval_outputs = [outputs() for _ in range(SPLIT_PARTS)]
         weights, biases, relu = self.model_arrays[:3]
         part = lambda p: (BLAS, p, SPLIT_PARTS, x, y, weights, biases, relu, self._eval_outputs[p])  # noqa: E731
+        self._release()
         with _one_blas_thread():
             return sum(self._on_two_threads(_count_correct_rows, part))
 
     def _on_two_threads(self, function, part):
         """[function(*part(0)), function(*part(1))], the first on this thread, the second on the
         loop's second thread (_helper)."""
-        jobs, done = self._helper()
         self._job += 1
-        jobs.put((self._job, function, part(1)))
-        mine = function(*part(0))
-        while (reply := done.get())[0] != self._job:  # a reply to a call that Ctrl-C left
+        self._helper()[0].put((self._job, function, part(1)))
+        return [function(*part(0)), self._reply(self._job)]
+
+    def _reply(self, job):
+        """What the second thread's call `job` returned (raised, if it raised)."""
+        while (reply := self._helper()[1].get())[0] != job:  # a reply to a call that Ctrl-C left
             pass
         if reply[2] is not None:
             raise reply[2]
-        return [mine, reply[1]]
+        return reply[1]
 
     def _helper(self):
         """(jobs, done): the queues of the loop's second thread, started at the first split call.
@@ -486,8 +575,9 @@ class CompiledSteps:
         return self._queues
 
     def prepare(self, losses):
-        """Compile the loop, and the count where steps are split, or load them from the disk
-        cache (calls of no steps and no rows), never inside a timed epoch."""
+        """Compile the loop, and where steps are split the count and the post of steps, or load
+        them from the disk cache (calls of no steps and no rows), never inside a timed epoch."""
         self.run(numpy.zeros(0, numpy.int64), 0, 0, numpy.zeros(0), losses, threads=1)
         if self.parts == SPLIT_PARTS:  # its outputs' types are count_correct's: C arrays
             _count_correct_rows(BLAS, 0, 1, self.inputs[:0], self.labels[:0], *self.model_arrays[:3], self.outputs)
+            _move_end(numpy.zeros(2, numpy.int64), 1, 1)  # sync[1] holds 0, not 1: nothing moves
