@@ -508,9 +508,7 @@ class CompiledSteps:
         with _one_blas_thread():
             if two and not posted:  # the second thread starts a call of its own
                 self.sync[:] = 0, first + n
-                self._job += 1
-                self._helper()[0].put((self._job, _train_steps, part(1, first)))
-                self._span = [self._job, order, first, first + n]
+                self._span = [self._submit(_train_steps, part(1, first)), order, first, first + n]
             _train_steps(*part(0, self._span[2] if two else first))
 
     def _posted(self, order, first, n):
@@ -552,9 +550,14 @@ class CompiledSteps:
     def _on_two_threads(self, function, part):
         """[function(*part(0)), function(*part(1))], the first on this thread, the second on the
         loop's second thread (_helper)."""
+        job = self._submit(function, part(1))
+        return [function(*part(0)), self._reply(job)]
+
+    def _submit(self, function, args):
+        """Hand function(*args) to the loop's second thread (_helper); returns the call's number."""
         self._job += 1
-        self._helper()[0].put((self._job, function, part(1)))
-        return [function(*part(0)), self._reply(self._job)]
+        self._helper()[0].put((self._job, function, args))
+        return self._job
 
     def _reply(self, job):
         """What the second thread's call `job` returned (raised, if it raised)."""
