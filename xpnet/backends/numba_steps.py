@@ -60,6 +60,7 @@ trainer's order, a permutation of the rows.
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import importlib
 import pathlib
@@ -414,6 +415,17 @@ def _one_blas_thread():
         set_threads(previous)
 
 
+@dataclasses.dataclass
+class _Span:
+    """The second thread's call that runs steps: its number, the order, its first step (where the
+    barriers count from) and the end of the steps posted to it so far."""
+
+    job: int
+    order: numpy.ndarray
+    first: int
+    end: int
+
+
 class CompiledSteps:
     """A trainer's steps as one compiled call: run(order, first, n, lrs, losses, threads) takes
     steps first .. first + n - 1 of the epoch with that row order, updating the model's
@@ -465,8 +477,7 @@ class CompiledSteps:
         # The barriers' count of arrivals, and the end of the steps posted to the second thread.
         self.sync = numpy.zeros(2, numpy.int64)
         self._queues, self._job = None, 0  # the second thread's, and the number of the last call
-        # While the second thread's call runs steps (run): its job number, order, first step, and the end posted.
-        self._span = None
+        self._span = None  # a _Span while the second thread's call runs steps (run)
         self._eval_outputs = None  # count_correct's, made at its first call
 
     def split_threads(self, threads):
@@ -508,23 +519,23 @@ class CompiledSteps:
         with _one_blas_thread():
             if two and not posted:  # the second thread starts a call of its own
                 self.sync[:] = 0, first + n
-                self._span = [self._submit(_train_steps, part(1, first)), order, first, first + n]
-            _train_steps(*part(0, self._span[2] if two else first))
+                self._span = _Span(self._submit(_train_steps, part(1, first)), order, first, first + n)
+            _train_steps(*part(0, self._span.first if two else first))
 
     def _posted(self, order, first, n):
         """Whether the second thread, still in the call it started for this order, took steps
         first .. first + n - 1 after the ones it ran (_move_end)."""
         span = self._span
-        if span is None or span[1] is not order or span[3] != first or not _move_end(self.sync, first, first + n):
+        if span is None or span.order is not order or span.end != first or not _move_end(self.sync, first, first + n):
             return False
-        span[3] = first + n
+        span.end = first + n
         return True
 
     def _release(self):
         """Make the second thread leave the call it runs steps in, if any, and wait until it has."""
         if self._span is not None:
-            job, end = self._span[0], self._span[3]
-            _move_end(self.sync, end, LEFT)
+            job = self._span.job
+            _move_end(self.sync, self._span.end, LEFT)
             self._span = None
             self._reply(job)
 
