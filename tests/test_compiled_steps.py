@@ -144,8 +144,9 @@ print(sum(loop.stats.cache_hits.values()), sum(loop.stats.cache_misses.values())
 
 
 def test_the_loop_loads_from_the_disk_cache_and_compiles_afresh_when_the_kernels_change(tmp_path):
-    """_loop_over's digest stands for numba_backend.py, whose kernels the loop inlines: the same
-    digest loads the cached loop, another one compiles it again (as an edit of that file would)."""
+    """_loop_over's digest stands for numba_backend.py and numba_sync.py, whose kernels the loop
+    inlines: the same digest loads the cached loop, another one compiles it again (as an edit of
+    either file would)."""
 
     def hits_and_misses(kernels_digest):
         env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}

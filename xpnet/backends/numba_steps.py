@@ -50,8 +50,9 @@ trainer runs the reference loop.
 
 The loop is cached on disk like the kernels (about 0.02 s to load against 1.5 s to compile on
 the 2-core machine, every run after the first): the BLAS routines are its arguments, so the
-cached code calls this process's, and a digest of numba_backend.py is in its cache key
-(_loop_over), since it inlines that file's kernels.
+cached code calls this process's, and a digest of numba_backend.py and numba_sync.py is in its
+cache key (_loop_over), since it inlines those files' kernels. The threads' atomics, barrier and
+hand-over of steps are in numba_sync.py.
 
 What the loop trusts, since nothing inside it checks: CompiledSteps makes every buffer from
 the model's own sizes, checks the labels once against the classes, and is handed the
@@ -69,11 +70,8 @@ import threading
 import weakref
 
 import numpy
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
-from xpnet.backends import numba_backend
+from xpnet.backends import numba_backend, numba_sync
 from xpnet.backends.numba_backend import (
     _add_bias_relu,
     _count_correct,
@@ -83,6 +81,7 @@ from xpnet.backends.numba_backend import (
     _take_rows,
     kernel,
 )
+from xpnet.backends.numba_sync import LEFT, barrier, move_end, posted_after, sched_yield
 from xpnet.threads import usable_cores
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
@@ -188,105 +187,12 @@ def _forward(blas, x, weights, biases, relu, outputs, r0, r1):
         x = out
 
 
-@intrinsic
-def _atomic_add(typingctx, array, index, value):
-    """array[index] += value as one atomic step (sequentially consistent: a full fence)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.atomic_rmw("add", _element_pointer(context, builder, signature, args), args[2], "seq_cst")
-
-    return types.int64(array, index, value), codegen
-
-
-@intrinsic
-def _atomic_load(typingctx, array, index):
-    """array[index], read afresh from memory on every call (an acquire load)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.load_atomic(_element_pointer(context, builder, signature, args), "acquire", 8)
-
-    return types.int64(array, index), codegen
-
-
-@intrinsic
-def _compare_and_swap(typingctx, array, index, expected, value):
-    """Whether array[index] held expected, and then value in its place, as one atomic step."""
-
-    def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature, args)
-        old, new = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (2, 3))
-        return builder.extract_value(builder.cmpxchg(pointer, old, new, "seq_cst", "seq_cst"), 1)
-
-    return types.boolean(array, index, expected, value), codegen
-
-
-def _element_pointer(context, builder, signature, args):
-    array = context.make_array(signature.args[0])(context, builder, args[0])
-    return cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1]])
-
-
-def _sched_yield():
-    """libc's sched_yield, typed for ctypes: how a waiting thread gives up its core."""
-    routine = ctypes.CDLL(None).sched_yield
-    routine.argtypes, routine.restype = [], ctypes.c_int
-    return routine
-
-
-# A wait at the barrier spins this many rounds (0.09 ms on the 2-core machine) before it yields
-# the core each round: with a core each, a wait is microseconds; yielding after a microsecond lost
-# a third of the speed at batch 128, and never yielding would starve a thread left without a core.
-SPIN_ROUNDS = 1_000_000
-
-
-@kernel
-def _barrier(sync, threads, generation, yield_cpu):
-    """Wait until each of `threads` threads has called this `generation` times (sync[0] counts
-    the calls)."""
-    _atomic_add(sync, 0, 1)
-    rounds = 0
-    while _atomic_load(sync, 0) < threads * generation:
-        rounds += 1
-        if rounds > SPIN_ROUNDS:
-            yield_cpu()
-
-
-# sync[1] once the second thread has gone back to Python: no more steps may be posted to it.
-LEFT = -1
-# How long the second thread waits for more steps: SPIN_ROUNDS reads (0.1 ms on the 2-core
-# machine: the trainer's Python between two calls, 50 us, fits in it), then as many reads with
-# the core yielded after each (4 ms where nothing else wants the core; where something does,
-# it runs meanwhile), for a pause of the caller's (a garbage collection, say).
-WAIT_ROUNDS = 10_000
-
-
-@kernel
-def _posted_after(sync, end, yield_cpu):
-    """The end of the steps posted after `end` (sync[1], moved on by _move_end), as the second
-    thread waits for them; LEFT, marked in sync[1], if none came."""
-    for rounds in range(SPIN_ROUNDS + WAIT_ROUNDS):
-        posted = _atomic_load(sync, 1)
-        if posted != end:
-            return posted
-        if rounds >= SPIN_ROUNDS:
-            yield_cpu()
-    if _compare_and_swap(sync, 1, end, LEFT):
-        return LEFT
-    return _atomic_load(sync, 1)
-
-
-@kernel
-def _move_end(sync, end, new_end):
-    """Whether sync[1] held end, now new_end: the steps to new_end posted to the second thread
-    waiting after step end - 1 (_posted_after), or LEFT to send it away; False once it has left."""
-    return _compare_and_swap(sync, 1, end, new_end)
-
-
 def _loop_over(kernels_digest):
     """The compiled loop and its count of correct rows (_train_steps, _count_correct_rows), as
-    closures over a digest of numba_backend.py. Numba keys a function's
-    disk cache by its own file and the values of its closure, not by the files of what it calls:
-    an edit of the kernels the loop inlines changes the digest, so the loop compiles afresh
-    rather than loading a copy built from the old kernels."""
+    closures over a digest of numba_backend.py and numba_sync.py (_sources_digest). Numba keys a
+    function's disk cache by its own file and the values of its closure, not by the files of what
+    it calls: an edit of the kernels the loop inlines changes the digest, so the loop compiles
+    afresh rather than loading a copy built from the old kernels."""
 
     @kernel
     def _train_steps(blas, yield_cpu, sync, part, threads, parts, x_all, y_all, order, first, n, span, batch_size,
@@ -301,7 +207,7 @@ def _loop_over(kernels_digest):
         bias_parts[l][p]). Then, once every thread is there, for each of its parts of every
         layer's rows of W and b: the update from the whole batch's gradient; part 0 stores the
         loss (losses[k]). On two threads, the second one then takes the steps posted to it
-        (_move_end) until none come, and `span` is the first step of its call: the barriers count
+        (move_end) until none come, and `span` is the first step of its call: the barriers count
         from there."""
         _ = kernels_digest  # a closure cell, so in Numba's cache key (_loop_over)
         layers = len(weights)
@@ -310,7 +216,7 @@ def _loop_over(kernels_digest):
             if k == end:
                 if part == 0 or threads == 1:
                     return
-                end = _posted_after(sync, end, yield_cpu)
+                end = posted_after(sync, end, yield_cpu)
                 if end == LEFT:
                     return
             start = k * batch_size
@@ -334,7 +240,7 @@ def _loop_over(kernels_digest):
                     _product(blas, grad_z, False, weights[layer], False, grad, 1.0, 0.0)  # with this step's W
                 _mask_and_sum_rows(grad, outputs[0][r0:r1], relu[0], grads_z[0][r0:r1], bias_parts[0][p])
             if threads > 1:  # every row's gradients are in before any W changes
-                _barrier(sync, threads, 2 * (k - span) + 1, yield_cpu)
+                barrier(sync, threads, 2 * (k - span) + 1, yield_cpu)
             lr = lrs[k]
             for p in range(part, parts, threads):
                 if p == 0:
@@ -365,7 +271,7 @@ def _loop_over(kernels_digest):
                     _sgd_update(biases[layer][w0:w1], grad_b[w0:w1], lr, velocity_biases[layer][w0:w1], momentum,
                                 nesterov, weight_decay)  # fmt: skip
             if threads > 1:  # every W is updated before the next step's forward reads it
-                _barrier(sync, threads, 2 * (k - span) + 2, yield_cpu)
+                barrier(sync, threads, 2 * (k - span) + 2, yield_cpu)
             k += 1
 
     @kernel
@@ -386,10 +292,18 @@ def _loop_over(kernels_digest):
 
 BLAS = numpy_blas()
 BLAS_THREADS = numpy_blas_threads()
-YIELD_CPU = _sched_yield()
-_train_steps, _count_correct_rows = _loop_over(
-    hashlib.sha256(pathlib.Path(numba_backend.__file__).read_bytes()).hexdigest()
-)
+YIELD_CPU = sched_yield()
+
+
+def _sources_digest(*modules):
+    """A SHA-256 of the modules' source files, one after the other."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(pathlib.Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+_train_steps, _count_correct_rows = _loop_over(_sources_digest(numba_backend, numba_sync))
 
 
 def _serve(jobs, done):
@@ -498,7 +412,7 @@ class CompiledSteps:
         counts; at more, after each other on BLAS's threads. Unsplit, on this thread with BLAS's.
 
         On two threads the second one's call goes on past these steps, waiting a few milliseconds
-        for more (_posted_after): the next call with the same order from where this one ended
+        for more (posted_after): the next call with the same order from where this one ended
         posts them to it (_posted) instead of handing it a new call through Python, which cost
         2-6% of an epoch on the 2-core machine (the trainer makes about twenty calls an epoch)."""
         count = threads or usable_cores()
@@ -524,9 +438,9 @@ class CompiledSteps:
 
     def _posted(self, order, first, n):
         """Whether the second thread, still in the call it started for this order, took steps
-        first .. first + n - 1 after the ones it ran (_move_end)."""
+        first .. first + n - 1 after the ones it ran (move_end)."""
         span = self._span
-        if span is None or span.order is not order or span.end != first or not _move_end(self.sync, first, first + n):
+        if span is None or span.order is not order or span.end != first or not move_end(self.sync, first, first + n):
             return False
         span.end = first + n
         return True
@@ -535,7 +449,7 @@ class CompiledSteps:
         """Make the second thread leave the call it runs steps in, if any, and wait until it has."""
         if self._span is not None:
             job = self._span.job
-            _move_end(self.sync, self._span.end, LEFT)
+            move_end(self.sync, self._span.end, LEFT)
             self._span = None
             self._reply(job)
 
@@ -594,4 +508,4 @@ class CompiledSteps:
         self.run(numpy.zeros(0, numpy.int64), 0, 0, numpy.zeros(0), losses, threads=1)
         if self.parts == SPLIT_PARTS:  # its outputs' types are count_correct's: C arrays
             _count_correct_rows(BLAS, 0, 1, self.inputs[:0], self.labels[:0], *self.model_arrays[:3], self.outputs)
-            _move_end(numpy.zeros(2, numpy.int64), 1, 1)  # sync[1] holds 0, not 1: nothing moves
+            move_end(numpy.zeros(2, numpy.int64), 1, 1)  # sync[1] holds 0, not 1: nothing moves
