@@ -5,8 +5,10 @@ in float64 for every optimiser option."""
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy
 import pytest
@@ -222,13 +224,56 @@ def test_split_steps_count_the_correct_rows_on_their_threads_as_the_reference_pa
 
 
 @two_cores
+def test_ctrl_c_once_the_second_thread_has_its_steps_comes_after_this_threads_call_for_them(monkeypatch):
+    """Ctrl-C between handing the second thread its steps (a call of its own, or steps posted to
+    the one it runs) and this thread's call for them would leave the second thread waiting at
+    their first barrier for ever: it is held until the call is done, then raised, the steps taken
+    with the bits of an uninterrupted run, and the second thread free."""
+    data = synthetic_splits(n_train=1300)
+    config = xpnet.TrainConfig(batch_size=numba_steps.SPLIT_FROM, hidden=(32,), lr=0.05)
+    whole, interrupted = (xpnet.Trainer("numba", data, config, threads=2) for _ in range(2))
+    steps = interrupted.compiled_steps
+    lrs, order = numpy.full(3, 0.05), numpy.random.default_rng(1).permutation(1300)
+    losses = [numpy.zeros(3, "float32") for _ in range(2)]
+    steps.prepare(losses[1])
+    whole.compiled_steps.run(order, 0, 3, lrs, losses[0], threads=1)
+
+    span, move_end = numba_steps._Span, numba_steps.move_end
+
+    def span_then_ctrl_c(*args):  # the second thread has just been handed a call
+        handed = span(*args)
+        signal.raise_signal(signal.SIGINT)
+        return handed
+
+    def post_then_ctrl_c(sync, end, new_end):  # or steps posted to its running call
+        moved = move_end(sync, end, new_end)
+        if new_end != numba_steps.LEFT:
+            signal.raise_signal(signal.SIGINT)
+        return moved
+
+    monkeypatch.setattr(numba_steps, "_Span", span_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        steps.run(order, 0, 1, lrs[:1], losses[1], threads=2)
+    assert losses[1][0] == losses[0][0]  # this thread's call ran: the step was taken
+    monkeypatch.setattr(numba_steps, "move_end", post_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        steps.run(order, 1, 2, lrs[1:], losses[1], threads=2)
+    monkeypatch.undo()
+    numpy.testing.assert_array_equal(*losses)
+    for got, expected in zip(interrupted.model.parameters(), whole.model.parameters()):
+        numpy.testing.assert_array_equal(got.value, expected.value)
+    deadline = time.perf_counter() + 5
+    while steps.sync[1] != numba_steps.LEFT and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert steps.sync[1] == numba_steps.LEFT  # the second thread went back to Python
+
+
+@two_cores
 def test_the_second_thread_runs_on_across_calls_and_any_break_in_them_gives_the_same_bits():
     """On two threads the second one's call goes on into the steps the next call from where the
     last one ended posts to it. Whatever breaks that run of calls (a pause it leaves in, a count
     of correct rows, a call on one thread, a new order) starts it afresh; the bits are those of
     the whole epochs in one call each on one thread."""
-    import time
-
     data = synthetic_splits(n_train=1300)
     config = xpnet.TrainConfig(batch_size=numba_steps.SPLIT_FROM, hidden=(32,), lr=0.05, momentum=0.9)
     whole, chunked = (xpnet.Trainer("numba", data, config, threads=2) for _ in range(2))

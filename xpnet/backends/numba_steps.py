@@ -66,6 +66,7 @@ import hashlib
 import importlib
 import pathlib
 import queue
+import signal
 import threading
 import weakref
 
@@ -329,6 +330,24 @@ def _one_blas_thread():
         set_threads(previous)
 
 
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C held back inside the block and delivered at its end, where the main thread runs
+    it (only the main thread is sent KeyboardInterrupt: elsewhere there is nothing to hold)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield  # None: a handler not set from Python, which cannot be put back
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
+
+
 @dataclasses.dataclass
 class _Span:
     """The second thread's call that runs steps: its number, the order, its first step (where the
@@ -418,9 +437,6 @@ class CompiledSteps:
         count = threads or usable_cores()
         two = self.split_threads(count) and n > 0
         self.rates[first : first + n] = lrs
-        posted = two and self._posted(order, first, n)
-        if not posted:
-            self._release()
 
         def part(p, span):
             buffers = (self.inputs, self.outputs, self.grads_z, self.grads_x, self.grad_logits, self.labels)
@@ -429,8 +445,14 @@ class CompiledSteps:
                     losses)  # fmt: skip
 
         if self.parts == 1 or count > SPLIT_PARTS:
+            self._release()
             return _train_steps(*part(0, first))
-        with _one_blas_thread():
+        # Once the second thread has steps, this one must run its call for them too, or the
+        # second would wait at their first barrier for ever: Ctrl-C waits until it has.
+        with _one_blas_thread(), _interrupts_held():
+            posted = two and self._posted(order, first, n)
+            if not posted:
+                self._release()
             if two and not posted:  # the second thread starts a call of its own
                 self.sync[:] = 0, first + n
                 self._span = _Span(self._submit(_train_steps, part(1, first)), order, first, first + n)
