@@ -427,8 +427,8 @@ class Trainer:
     def _compiled_count(self, x, y):
         """The compiled loop's count of correct rows where it has one for the trainer's threads
         (Numba's, on the threads of its split steps), else None."""
-        count_correct = getattr(self.compiled_steps, "count_correct", None)
-        return None if count_correct is None else count_correct(x, y, self.blas_threads)
+        steps = self.compiled_steps
+        return None if steps is None else steps.count_correct(x, y, self.blas_threads)
 
     def fit(self, log=print, progress=False, after_epoch=None):
         """Train up to config.epochs and return the history, with the test accuracy.
