@@ -448,7 +448,8 @@ class CompiledSteps:
             self._release()
             return _train_steps(*part(0, first))
         # Once the second thread has steps, this one must run its call for them too, or the
-        # second would wait at their first barrier for ever: Ctrl-C waits until it has.
+        # second would wait at their first barrier for ever: Ctrl-C waits until it has (holding
+        # it costs 8 us a call, 0.2% of an epoch at batch 2048 on the 2-core machine).
         with _one_blas_thread(), _interrupts_held():
             posted = two and self._posted(order, first, n)
             if not posted:
