@@ -164,3 +164,16 @@ def test_a_failing_peer_loses_its_row_not_the_run_and_a_failing_backend_raises()
     ]
     with pytest.raises(RuntimeError, match="overwritten"):
         measure([Contender("cupy", fails, lambda: None, n_samples=100)], 16, (200,), "float32", repeats=1)
+
+
+def test_measure_runs_each_contender_one_untimed_epoch_then_one_a_round():
+    """The epoch that checks a contender runs is its warm-up: a peer's epoch can take seconds
+    (torch.compile at batch 1: 15 s), so it does not run a second one before the rounds."""
+    epochs = {"backend": 0, "peer": 0}
+
+    def contender(name, peer):
+        count = lambda: epochs.__setitem__(name, epochs[name] + 1)  # noqa: E731
+        return Contender(name, count, lambda: None, 100, host_arrays=False, peer=peer)
+
+    measure([contender("backend", False), contender("peer", True)], 16, (200,), "float32", repeats=3, log=print)
+    assert epochs == {"backend": 1 + 3, "peer": 1 + 3}

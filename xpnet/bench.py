@@ -80,12 +80,13 @@ def epoch_allocation_peak(contender):
         tracemalloc.stop()
 
 
-def time_interleaved(contenders, repeats):
-    """Seconds per epoch of each contender: one warm-up epoch each, then `repeats` rounds
-    that time every contender once in turn, so drift of a shared machine hits all alike.
-    Each clock read follows a synchronize, so queued GPU work is counted. A contender that
-    follows one with settle_seconds, or has warm_up_seconds, first runs untimed for at least that long."""
-    for contender in contenders:
+def time_interleaved(contenders, repeats, warm_up=True):
+    """Seconds per epoch of each contender: one warm-up epoch each (unless warm_up is False: the
+    caller ran them), then `repeats` rounds that time every contender once in turn, so drift of
+    a shared machine hits all alike. Each clock read follows a synchronize, so queued GPU work is
+    counted. A contender that follows one with settle_seconds, or has warm_up_seconds, first runs
+    untimed for at least that long."""
+    for contender in contenders if warm_up else ():
         contender.run_epoch()
         contender.synchronize()
     seconds = {id(c): [] for c in contenders}
@@ -115,7 +116,8 @@ def _lead_in(contender, seconds):
 
 
 def runs(contender, log):
-    """Whether one untimed epoch of the contender runs; a peer's error is told, others' raised."""
+    """Whether one untimed epoch of the contender (its warm-up) runs; a peer's error is told,
+    others' raised."""
     try:
         contender.run_epoch()
         contender.synchronize()
@@ -129,8 +131,8 @@ def runs(contender, log):
 
 def measure(contenders, batch_size, hidden, dtype, repeats, log=print):
     results = []
-    contenders = [c for c in contenders if not c.peer or runs(c, log)]
-    for contender, epoch_seconds in zip(contenders, time_interleaved(contenders, repeats)):
+    contenders = [c for c in contenders if runs(c, log)]  # a peer that fails loses its row
+    for contender, epoch_seconds in zip(contenders, time_interleaved(contenders, repeats, warm_up=False)):
         if contender.host_arrays:
             contender.extra["epoch_alloc_mib"] = epoch_allocation_peak(contender) / 2**20
         rates = [contender.n_samples / s for s in epoch_seconds]
