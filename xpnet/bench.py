@@ -86,9 +86,10 @@ def time_interleaved(contenders, repeats, warm_up=True):
     a shared machine hits all alike. Each clock read follows a synchronize, so queued GPU work is
     counted. A contender that follows one with settle_seconds, or has warm_up_seconds, first runs
     untimed for at least that long."""
-    for contender in contenders if warm_up else ():
-        contender.run_epoch()
-        contender.synchronize()
+    if warm_up:
+        for contender in contenders:
+            contender.run_epoch()
+            contender.synchronize()
     seconds = {id(c): [] for c in contenders}
     previous = contenders[-1]
     for _ in range(repeats):
