@@ -223,12 +223,22 @@ def test_split_steps_count_the_correct_rows_on_their_threads_as_the_reference_pa
     assert trainer.accuracy(x, y) * len(y) == reference
 
 
+def wait_until_left(steps):
+    """Whether the loop's second thread goes back to Python within 5 s (it waits milliseconds)."""
+    deadline = time.perf_counter() + 5
+    while steps.sync[1] != numba_steps.LEFT and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    return steps.sync[1] == numba_steps.LEFT
+
+
 @two_cores
-def test_ctrl_c_once_the_second_thread_has_its_steps_comes_after_this_threads_call_for_them(monkeypatch):
-    """Ctrl-C between handing the second thread its steps (a call of its own, or steps posted to
-    the one it runs) and this thread's call for them would leave the second thread waiting at
-    their first barrier for ever: it is held until the call is done, then raised, the steps taken
-    with the bits of an uninterrupted run, and the second thread free."""
+def test_ctrl_c_before_or_after_this_threads_call_leaves_the_second_thread_free_and_the_bits_unchanged(monkeypatch):
+    """The second thread takes steps only once this thread's compiled call has posted them, so a
+    Ctrl-C before that call (just after the second thread was handed a new call, or where steps
+    would go to the call it runs on in) takes no step and strands nothing: the second thread
+    goes back to Python by itself, and a call cut off from this thread's record of it takes
+    none of the next call's steps. After the call, the steps are taken. Either way the run then
+    goes on with the bits of an uninterrupted one."""
     data = synthetic_splits(n_train=1300)
     config = xpnet.TrainConfig(batch_size=numba_steps.SPLIT_FROM, hidden=(32,), lr=0.05)
     whole, interrupted = (xpnet.Trainer("numba", data, config, threads=2) for _ in range(2))
@@ -237,35 +247,76 @@ def test_ctrl_c_once_the_second_thread_has_its_steps_comes_after_this_threads_ca
     losses = [numpy.zeros(3, "float32") for _ in range(2)]
     steps.prepare(losses[1])
     whole.compiled_steps.run(order, 0, 3, lrs, losses[0], threads=1)
+    span, train_steps = numba_steps._Span, numba_steps._train_steps
 
-    span, move_end = numba_steps._Span, numba_steps.move_end
-
-    def span_then_ctrl_c(*args):  # the second thread has just been handed a call
+    def span_then_ctrl_c(*args):  # the second thread has just been handed a new call
         handed = span(*args)
         signal.raise_signal(signal.SIGINT)
         return handed
 
-    def post_then_ctrl_c(sync, end, new_end):  # or steps posted to its running call
-        moved = move_end(sync, end, new_end)
-        if new_end != numba_steps.LEFT:
-            signal.raise_signal(signal.SIGINT)
-        return moved
+    def ctrl_c_around_this_threads_call(before):
+        def call(*args):
+            if args[3] == 0 and before:
+                signal.raise_signal(signal.SIGINT)
+            taken = train_steps(*args)
+            if args[3] == 0:
+                signal.raise_signal(signal.SIGINT)
+            return taken
+
+        return call
 
     monkeypatch.setattr(numba_steps, "_Span", span_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):  # in another epoch, whose order is another
+        steps.run(order[::-1].copy(), 0, 1, lrs[:1], losses[1], threads=2)
+    assert losses[1][0] == 0  # no step taken; the second thread's call, cut off, waits for one
+    cut_off = steps.sync
+    monkeypatch.setattr(numba_steps, "_Span", span)
+    monkeypatch.setattr(numba_steps, "_train_steps", ctrl_c_around_this_threads_call(before=False))
     with pytest.raises(KeyboardInterrupt):
         steps.run(order, 0, 1, lrs[:1], losses[1], threads=2)
-    assert losses[1][0] == losses[0][0]  # this thread's call ran: the step was taken
-    monkeypatch.setattr(numba_steps, "move_end", post_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        steps.run(order, 1, 2, lrs[1:], losses[1], threads=2)
+    assert losses[1][0] == losses[0][0]  # the step was taken
+    monkeypatch.setattr(numba_steps, "_train_steps", ctrl_c_around_this_threads_call(before=True))
+    with pytest.raises(KeyboardInterrupt):  # the second thread runs on, waiting for step 1
+        steps.run(order, 1, 1, lrs[1:2], losses[1], threads=2)
+    assert losses[1][1] == 0 and wait_until_left(steps)
     monkeypatch.undo()
+    steps.run(order, 1, 2, lrs[1:], losses[1], threads=2)
     numpy.testing.assert_array_equal(*losses)
     for got, expected in zip(interrupted.model.parameters(), whole.model.parameters()):
         numpy.testing.assert_array_equal(got.value, expected.value)
-    deadline = time.perf_counter() + 5
-    while steps.sync[1] != numba_steps.LEFT and time.perf_counter() < deadline:
-        time.sleep(0.01)
-    assert steps.sync[1] == numba_steps.LEFT  # the second thread went back to Python
+    assert cut_off[1] == numba_steps.LEFT and wait_until_left(steps)
+
+
+@two_cores
+def test_steps_posted_once_the_second_thread_has_left_start_it_afresh(monkeypatch):
+    """Where this thread comes to post its steps only after the second thread stopped waiting for
+    them (held up past WAIT_ROUNDS), its call takes no step and run hands the second thread a new
+    call: the steps are taken once, with the bits of one thread."""
+    data = synthetic_splits(n_train=1300)
+    config = xpnet.TrainConfig(batch_size=numba_steps.SPLIT_FROM, hidden=(32,), lr=0.05)
+    whole, late = (xpnet.Trainer("numba", data, config, threads=2) for _ in range(2))
+    steps = late.compiled_steps
+    lrs, order = numpy.full(2, 0.05), numpy.random.default_rng(1).permutation(1300)
+    losses = [numpy.zeros(2, "float32") for _ in range(2)]
+    steps.prepare(losses[1])
+    whole.compiled_steps.run(order, 0, 2, lrs, losses[0], threads=1)
+    train_steps, taken = numba_steps._train_steps, []
+
+    def after_the_second_thread_left(*args):  # this thread's first call, held up
+        if args[3] == 0 and not taken:
+            assert wait_until_left(steps)
+        result = train_steps(*args)
+        if args[3] == 0:
+            taken.append(result)
+        return result
+
+    monkeypatch.setattr(numba_steps, "_train_steps", after_the_second_thread_left)
+    calls = steps._job
+    steps.run(order, 0, 2, lrs, losses[1], threads=2)
+    assert taken == [False, True] and steps._job == calls + 2
+    numpy.testing.assert_array_equal(*losses)
+    for got, expected in zip(late.model.parameters(), whole.model.parameters()):
+        numpy.testing.assert_array_equal(got.value, expected.value)
 
 
 @two_cores
@@ -291,10 +342,7 @@ def test_the_second_thread_runs_on_across_calls_and_any_break_in_them_gives_the_
         for first, size in ((0, 1), (1, 2), (3, 1)):
             steps.run(order, first, size, lrs[first : first + size], losses[1], threads=2)
         ran_on.append(steps._job == calls + 1)  # one call of the second thread took all three
-        deadline = time.perf_counter() + 5
-        while steps.sync[1] != numba_steps.LEFT and time.perf_counter() < deadline:
-            time.sleep(0.01)
-        assert steps.sync[1] == numba_steps.LEFT  # no more steps came: it went back to Python
+        assert wait_until_left(steps)  # no more steps came
         calls = steps._job
         steps.run(order, 4, 2, lrs[4:6], losses[1], threads=2)
         steps.count_correct(chunked.val_x, chunked.val_y, threads=2)

@@ -36,6 +36,8 @@ by the batch size, whoever runs them: at a thread count of one they run one afte
 and give the same bits as two. The second thread is kept across calls (starting one per chunk
 of steps cost 5-6% of an epoch), and its call runs on into the next chunk's steps, posted to it
 through an atomic word while it waits (handing each chunk over through Python cost another 2-6%).
+The caller's own compiled call makes the post, so no Ctrl-C can fall between the two threads'
+shares of a step.
 BLAS is held at one thread around the loop: a product on two threads anywhere in the process
 leaves OpenBLAS's second thread spinning on a core for about 0.1 s after it, against the loop's
 threads; the trainer's validation pass beside split steps runs on the same two threads for that
@@ -66,7 +68,6 @@ import hashlib
 import importlib
 import pathlib
 import queue
-import signal
 import threading
 import weakref
 
@@ -207,19 +208,22 @@ def _loop_over(kernels_digest):
         the loss (loss_parts[p]) and every layer's backward pass (its bias-gradient column sums in
         bias_parts[l][p]). Then, once every thread is there, for each of its parts of every
         layer's rows of W and b: the update from the whole batch's gradient; part 0 stores the
-        loss (losses[k]). On two threads, the second one then takes the steps posted to it
-        (move_end) until none come, and `span` is the first step of its call: the barriers count
-        from there."""
+        loss (losses[k]). On two threads, part 0 first posts its steps to the second thread
+        (move_end; False, and no step taken, if that thread has left), which takes the steps
+        posted to it until none come; `span` is the first step of the second thread's call: the
+        barriers count from there. Returns True once the steps are taken."""
         _ = kernels_digest  # a closure cell, so in Numba's cache key (_loop_over)
         layers = len(weights)
         k, end = first, first + n
+        if part == 0 and threads > 1 and not move_end(sync, first, end):
+            return False  # the second thread had gone back to Python: nothing posted, nothing run
         while True:
             if k == end:
                 if part == 0 or threads == 1:
-                    return
+                    return True
                 end = posted_after(sync, end, yield_cpu)
                 if end == LEFT:
-                    return
+                    return True
             start = k * batch_size
             rows = min(batch_size, order.shape[0] - start)
             for p in range(part, parts, threads):
@@ -330,33 +334,14 @@ def _one_blas_thread():
         set_threads(previous)
 
 
-@contextlib.contextmanager
-def _interrupts_held():
-    """Ctrl-C held back inside the block and delivered at its end, where the main thread runs
-    it (only the main thread is sent KeyboardInterrupt: elsewhere there is nothing to hold)."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield  # None: a handler not set from Python, which cannot be put back
-        return
-    held = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            signal.raise_signal(signal.SIGINT)
-
-
 @dataclasses.dataclass
 class _Span:
-    """The second thread's call that runs steps: its number, the order, its first step (where the
-    barriers count from) and the end of the steps posted to it so far."""
+    """The second thread's call that runs steps: its number, the order and its first step (where
+    the barriers count from)."""
 
     job: int
     order: numpy.ndarray
     first: int
-    end: int
 
 
 class CompiledSteps:
@@ -407,7 +392,8 @@ class CompiledSteps:
         self.bias_parts = tuple(numpy.empty((self.parts, size), dtype) for size in model.sizes[1:])
         self.loss_parts = numpy.empty(self.parts)
         self.rates = numpy.zeros(-(-len(train_y) // batch_size))  # each step's learning rate
-        # The barriers' count of arrivals, and the end of the steps posted to the second thread.
+        # The barriers' count of arrivals, and the end of the steps posted to the second thread
+        # (a new pair for each call of the second thread that runs steps: run).
         self.sync = numpy.zeros(2, numpy.int64)
         self._queues, self._job = None, 0  # the second thread's, and the number of the last call
         self._span = None  # a _Span while the second thread's call runs steps (run)
@@ -431,48 +417,47 @@ class CompiledSteps:
         counts; at more, after each other on BLAS's threads. Unsplit, on this thread with BLAS's.
 
         On two threads the second one's call goes on past these steps, waiting a few milliseconds
-        for more (posted_after): the next call with the same order from where this one ended
-        posts them to it (_posted) instead of handing it a new call through Python, which cost
-        2-6% of an epoch on the 2-core machine (the trainer makes about twenty calls an epoch)."""
+        for more (posted_after), and this thread's call for the next steps with the same order,
+        from where these ended, posts them to it (move_end) instead of handing it a new call
+        through Python, which cost 2-6% of an epoch on the 2-core machine (the trainer makes
+        about twenty calls an epoch). A new call of the second thread starts with no steps and
+        waits for this thread's post too. Posting from inside the compiled call leaves no Python,
+        and so no Ctrl-C, between handing the second thread steps and this thread's share of
+        them, without which the second would wait at their first barrier for ever: a Ctrl-C
+        anywhere in here at worst leaves the second thread waiting a few milliseconds for steps
+        that never come, and it goes back to Python by itself."""
         count = threads or usable_cores()
         two = self.split_threads(count) and n > 0
         self.rates[first : first + n] = lrs
 
-        def part(p, span):
+        def part(p, span, steps):
             buffers = (self.inputs, self.outputs, self.grads_z, self.grads_x, self.grad_logits, self.labels)
-            return (BLAS, YIELD_CPU, self.sync, p, 1 + two, self.parts, *self.data, order, first, n, span,
+            return (BLAS, YIELD_CPU, self.sync, p, 1 + two, self.parts, *self.data, order, first, steps, span,
                     self.batch_size, *self.model_arrays, self.rates, *buffers, self.bias_parts, self.loss_parts,
                     losses)  # fmt: skip
 
         if self.parts == 1 or count > SPLIT_PARTS:
             self._release()
-            return _train_steps(*part(0, first))
-        # Once the second thread has steps, this one must run its call for them too, or the
-        # second would wait at their first barrier for ever: Ctrl-C waits until it has (holding
-        # it costs 8 us a call, 0.2% of an epoch at batch 2048 on the 2-core machine).
-        with _one_blas_thread(), _interrupts_held():
-            if not (two and self._posted(order, first, n)):
-                self._release()
-                if two:  # the second thread starts a call of its own
-                    self.sync[:] = 0, first + n
-                    self._span = _Span(self._submit(_train_steps, part(1, first)), order, first, first + n)
-            _train_steps(*part(0, self._span.first if two else first))
-
-    def _posted(self, order, first, n):
-        """Whether the second thread, still in the call it started for this order, took steps
-        first .. first + n - 1 after the ones it ran (move_end)."""
-        span = self._span
-        if span is None or span.order is not order or span.end != first or not move_end(self.sync, first, first + n):
-            return False
-        span.end = first + n
-        return True
+            _train_steps(*part(0, first, n))
+            return
+        with _one_blas_thread():
+            while True:
+                span = self._span
+                if not (two and span is not None and span.order is order and self.sync[1] == first):
+                    self._release()
+                    if two:  # a pair of its own: a call cut off from its _Span by Ctrl-C takes no other's steps
+                        self.sync = numpy.array([0, first], numpy.int64)
+                        span = self._span = _Span(self._submit(_train_steps, part(1, first, 0)), order, first)
+                if _train_steps(*part(0, span.first if two else first, n)):
+                    return
+                # Not posted: the second thread, kept waiting past WAIT_ROUNDS (this thread held
+                # up elsewhere), had gone back to Python. The next round starts it afresh.
 
     def _release(self):
         """Make the second thread leave the call it runs steps in, if any, and wait until it has."""
         if self._span is not None:
-            job = self._span.job
-            move_end(self.sync, self._span.end, LEFT)
-            self._span = None
+            job, self._span = self._span.job, None
+            move_end(self.sync, self.sync[1], LEFT)  # False only where it has just left by itself
             self._reply(job)
 
     def count_correct(self, x, y, threads=None):
