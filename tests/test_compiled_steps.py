@@ -110,12 +110,42 @@ class Progress:
         self.updates.append(n)
 
 
-def test_a_compiled_epoch_runs_in_chunks_that_move_the_progress_bar():
+@pytest.mark.parametrize(
+    "step_seconds, host, chunks",
+    [
+        (10e-3, True, [5] * 20),
+        (2.5e-3, True, [5] + [8] * 11 + [7]),
+        (1e-3, True, [5] + [16] * 5 + [15]),
+        (1e-3, False, [5] * 20),
+    ],
+)
+def test_a_compiled_epoch_runs_in_chunks_that_move_the_progress_bar_and_grow_where_steps_are_quick(
+    monkeypatch, step_seconds, host, chunks
+):
+    """A twentieth of the epoch at first (Ctrl-C waits no longer than a chunk); then, on the host,
+    as many steps as fit in CHUNK_SECONDS (20 ms) at the pace of the last chunk, a sixth
+    (FEWEST_CHUNKS) of the epoch at most, never fewer. Not on a GPU (no host BLAS to limit),
+    where each chunk length is a graph to capture. Steps cost step_seconds of a fake clock."""
+    from types import SimpleNamespace
+
+    from xpnet.nn import train
+
     trainer = xpnet.Trainer("numba", synthetic_splits(n_train=4000), xpnet.TrainConfig(batch_size=40))
+    clock, run = [0.0], trainer.compiled_steps.run
+    if not host:
+        trainer._blas = None
+
+    def run_on_the_clock(order, first, n, *args):
+        clock[0] += n * step_seconds
+        return run(order, first, n, *args)
+
+    monkeypatch.setattr(train, "CHUNK_SECONDS", 0.02)
+    monkeypatch.setattr(train, "FEWEST_CHUNKS", 6)
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(trainer.compiled_steps, "run", run_on_the_clock)
     progress = Progress()
     trainer.run_steps(progress=progress)
-    assert sum(progress.updates) == trainer.steps_per_epoch == 100
-    assert len(progress.updates) == 20  # a twentieth of the epoch at a time: Ctrl-C waits no longer
+    assert trainer.steps_per_epoch == 100 and progress.updates == chunks
 
 
 @pytest.mark.parametrize("backend", ["numpy", EmulatedCupyBackend.name], indirect=True)

@@ -419,8 +419,8 @@ class CompiledSteps:
         On two threads the second one's call goes on past these steps, waiting a few milliseconds
         for more (posted_after), and this thread's call for the next steps with the same order,
         from where these ended, posts them to it (move_end) instead of handing it a new call
-        through Python, which cost 2-6% of an epoch on the 2-core machine (the trainer makes
-        about twenty calls an epoch). A new call of the second thread starts with no steps and
+        through Python, which cost 2-6% of an epoch on the 2-core machine (the trainer then made
+        twenty calls an epoch). A new call of the second thread starts with no steps and
         waits for this thread's post too. Posting from inside the compiled call leaves no Python,
         and so no Ctrl-C, between handing the second thread steps and this thread's share of
         them, without which the second would wait at their first barrier for ever: a Ctrl-C

@@ -33,6 +33,13 @@ from xpnet.threads import AUTO, blas_controller, blas_threads, check_threads, th
 # does not see load that arrives later in the epoch: on a 16-core machine with the test suite
 # starting beside it, a first epoch that kept its 8 threads ran 15x slower than the later ones.
 RECHECK_SLOWDOWN = 2.0
+# A host's compiled chunks grow to this long (Trainer._grow_chunks): on the 2-core machine each
+# return to Python between them cost 55-145 us at batch 2048, more than its code alone (the
+# steps leave the caches cold), where a twentieth of an epoch is one 3.5 ms step; grown, an
+# epoch at batch 128 to 2048 ran about 1% faster (interleaved pairs, bench/README.md).
+CHUNK_SECONDS = 0.02
+# ... up to a sixth of an epoch: auto checks the load only with more than five chunks to come.
+FEWEST_CHUNKS = 6
 
 
 def seed_lr(batch_size=512):
@@ -162,8 +169,9 @@ class Trainer:
         self.val_x, self.val_y = self._to_device(data.validation)
         self.test_x, self.test_y = self._to_device(data.test)
         self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
-        # A twentieth of an epoch: how far the compiled loop runs between returns to Python (so
-        # the progress bar moves and Ctrl-C is answered), and the unit of the thread probes.
+        # How far the compiled loop runs between returns to Python (so the progress bar moves
+        # and Ctrl-C is answered), and the unit of the thread probes: a twentieth of an epoch,
+        # grown on the host where that takes less than CHUNK_SECONDS (_grow_chunks).
         self.chunk_steps = max(1, self.steps_per_epoch // 20)
         self.optimizer = SGD(
             backend,
@@ -333,13 +341,26 @@ class Trainer:
         """The steps in chunks of chunk_steps: Python, and so Ctrl-C, runs only between calls."""
         optimizer = self.optimizer
         lrs = numpy.array([optimizer.lr_at(optimizer.steps_taken + s) for s in range(n)], numpy.float64)
-        for offset in range(0, n, self.chunk_steps):
+        offset = 0
+        while offset < n:
             size = min(self.chunk_steps, n - offset)
             rates = lrs[offset : offset + size]
+            start = time.perf_counter()
             self.compiled_steps.run(self._order, first + offset, size, rates, self.step_losses, self.blas_threads)
+            self._grow_chunks(size, time.perf_counter() - start)
             optimizer.steps_taken += size
+            offset += size
             if progress is not None:
                 progress.update(size)
+
+    def _grow_chunks(self, size, seconds):
+        """Longer chunks where `size` compiled steps on the host took less than CHUNK_SECONDS: as
+        many steps as fit in it at that pace, a sixth of an epoch at most. Never shorter, and
+        never on a GPU, where each chunk length is a CUDA graph of its own to capture."""
+        if self._blas is not None:
+            most = max(1, self.steps_per_epoch // FEWEST_CHUNKS)
+            fit = most if seconds <= 0 else int(size * CHUNK_SECONDS / seconds)
+            self.chunk_steps = max(self.chunk_steps, min(most, fit))
 
     def _complete_epoch(self):
         n = len(self.train_y)
