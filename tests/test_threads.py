@@ -64,6 +64,15 @@ def test_a_trainer_with_a_count_trains_under_it(monkeypatch):
     assert seen == [{1}] and trainer.blas_threads == 1
 
 
+def test_each_epochs_line_names_its_thread_count():
+    lines = []
+    config = xpnet.TrainConfig(batch_size=64, epochs=1)
+    xpnet.Trainer("numpy", synthetic_splits(n_train=128), config, threads=1).fit(log=lines.append)
+    assert lines[-2].startswith("Epoch 1 - ") and lines[-2].endswith(" samples/s, 1 thread)")
+    xpnet.Trainer("numpy", synthetic_splits(n_train=128), config).fit(log=lines.append)  # no limit: no count
+    assert lines[-2].startswith("Epoch 1 - ") and lines[-2].endswith(" samples/s)")
+
+
 def test_the_cli_follows_the_load_and_the_library_leaves_blas_its_own_count():
     """xpnet train and bench default to auto; a Trainer to no limit, so a script's runs repeat
     bit for bit unless it asks for auto (OpenBLAS's last bits depend on the thread count).

@@ -486,11 +486,11 @@ class Trainer:
         with bar:
             self.train_epoch(progress=bar)
         self.last_whole_epoch = self.state()  # what Ctrl-C saves from here on: it resumes exactly
-        stats = self.history.epochs[-1]
+        stats, count = self.history.epochs[-1], self.blas_threads
+        threads = f", {count} thread{'s' * (count != 1)}" if self.threads is not None and self._blas is not None else ""
         log(
             f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
-            f"  ({duration_text(stats.seconds)}, {stats.samples_per_second:,.0f} samples/s"
-            + (f", {self.blas_threads} threads)" if self.threads is not None and self._blas is not None else ")")
+            f"  ({duration_text(stats.seconds)}, {stats.samples_per_second:,.0f} samples/s{threads})"
         )
         if after_epoch is not None:
             after_epoch(self)
