@@ -253,6 +253,25 @@ def test_split_steps_count_the_correct_rows_on_their_threads_as_the_reference_pa
     assert trainer.accuracy(x, y) * len(y) == reference
 
 
+def split_pair_and_one_threads_steps(n):
+    """Two trainers whose steps split on two threads, an order and n steps' rates, the losses of
+    each, and the first trainer's n steps taken on one thread: the bits the other must give."""
+    data = synthetic_splits(n_train=1300)
+    config = xpnet.TrainConfig(batch_size=numba_steps.SPLIT_FROM, hidden=(32,), lr=0.05)
+    whole, other = (xpnet.Trainer("numba", data, config, threads=2) for _ in range(2))
+    lrs, order = numpy.full(n, 0.05), numpy.random.default_rng(1).permutation(1300)
+    losses = [numpy.zeros(n, "float32") for _ in range(2)]
+    other.compiled_steps.prepare(losses[1])
+    whole.compiled_steps.run(order, 0, n, lrs, losses[0], threads=1)
+    return whole, other, order, lrs, losses
+
+
+def assert_same_bits(losses, trainer, reference):
+    numpy.testing.assert_array_equal(*losses)
+    for got, expected in zip(trainer.model.parameters(), reference.model.parameters()):
+        numpy.testing.assert_array_equal(got.value, expected.value)
+
+
 def wait_until_left(steps):
     """Whether the loop's second thread goes back to Python within 5 s (it waits milliseconds)."""
     deadline = time.perf_counter() + 5
@@ -269,14 +288,8 @@ def test_ctrl_c_before_or_after_this_threads_call_leaves_the_second_thread_free_
     goes back to Python by itself, and a call cut off from this thread's record of it takes
     none of the next call's steps. After the call, the steps are taken. Either way the run then
     goes on with the bits of an uninterrupted one."""
-    data = synthetic_splits(n_train=1300)
-    config = xpnet.TrainConfig(batch_size=numba_steps.SPLIT_FROM, hidden=(32,), lr=0.05)
-    whole, interrupted = (xpnet.Trainer("numba", data, config, threads=2) for _ in range(2))
+    whole, interrupted, order, lrs, losses = split_pair_and_one_threads_steps(3)
     steps = interrupted.compiled_steps
-    lrs, order = numpy.full(3, 0.05), numpy.random.default_rng(1).permutation(1300)
-    losses = [numpy.zeros(3, "float32") for _ in range(2)]
-    steps.prepare(losses[1])
-    whole.compiled_steps.run(order, 0, 3, lrs, losses[0], threads=1)
     span, train_steps = numba_steps._Span, numba_steps._train_steps
 
     def span_then_ctrl_c(*args):  # the second thread has just been handed a new call
@@ -311,9 +324,7 @@ def test_ctrl_c_before_or_after_this_threads_call_leaves_the_second_thread_free_
     assert losses[1][1] == 0 and wait_until_left(steps)
     monkeypatch.undo()
     steps.run(order, 1, 2, lrs[1:], losses[1], threads=2)
-    numpy.testing.assert_array_equal(*losses)
-    for got, expected in zip(interrupted.model.parameters(), whole.model.parameters()):
-        numpy.testing.assert_array_equal(got.value, expected.value)
+    assert_same_bits(losses, interrupted, whole)
     assert cut_off[1] == numba_steps.LEFT and wait_until_left(steps)
 
 
@@ -322,14 +333,8 @@ def test_steps_posted_once_the_second_thread_has_left_start_it_afresh(monkeypatc
     """Where this thread comes to post its steps only after the second thread stopped waiting for
     them (held up past WAIT_ROUNDS), its call takes no step and run hands the second thread a new
     call: the steps are taken once, with the bits of one thread."""
-    data = synthetic_splits(n_train=1300)
-    config = xpnet.TrainConfig(batch_size=numba_steps.SPLIT_FROM, hidden=(32,), lr=0.05)
-    whole, late = (xpnet.Trainer("numba", data, config, threads=2) for _ in range(2))
+    whole, late, order, lrs, losses = split_pair_and_one_threads_steps(2)
     steps = late.compiled_steps
-    lrs, order = numpy.full(2, 0.05), numpy.random.default_rng(1).permutation(1300)
-    losses = [numpy.zeros(2, "float32") for _ in range(2)]
-    steps.prepare(losses[1])
-    whole.compiled_steps.run(order, 0, 2, lrs, losses[0], threads=1)
     train_steps, taken = numba_steps._train_steps, []
 
     def after_the_second_thread_left(*args):  # this thread's first call, held up
@@ -344,9 +349,7 @@ def test_steps_posted_once_the_second_thread_has_left_start_it_afresh(monkeypatc
     calls = steps._job
     steps.run(order, 0, 2, lrs, losses[1], threads=2)
     assert taken == [False, True] and steps._job == calls + 2
-    numpy.testing.assert_array_equal(*losses)
-    for got, expected in zip(late.model.parameters(), whole.model.parameters()):
-        numpy.testing.assert_array_equal(got.value, expected.value)
+    assert_same_bits(losses, late, whole)
 
 
 @two_cores
@@ -380,9 +383,7 @@ def test_the_second_thread_runs_on_across_calls_and_any_break_in_them_gives_the_
         steps.run(order, 7, 1, lrs[7:8], losses[1], threads=1)
         steps.run(order, 8, 3, lrs[8:], losses[1], threads=2)
         assert steps._job == calls + 4  # each break started it afresh: after the pause, the count, one thread
-        numpy.testing.assert_array_equal(*losses)
-        for got, expected in zip(chunked.model.parameters(), whole.model.parameters()):
-            numpy.testing.assert_array_equal(got.value, expected.value)
+        assert_same_bits(losses, chunked, whole)
     # Back to back, the calls take microseconds between them, the wait milliseconds; a machine
     # that stalls this process longer than that in both epochs would be the only miss.
     assert any(ran_on)
