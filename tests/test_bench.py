@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import xpnet.bench
 from xpnet.backends.numpy_backend import NumpyBackend
 from xpnet.bench import (
     OPENBLAS_SETTLE_SECONDS,
@@ -59,6 +60,29 @@ def test_after_a_contender_whose_threads_keep_spinning_the_next_runs_untimed_fir
     quiet_timed = ["clock", "quiet", "clock"]
     assert events == warm_up + spinning_timed + quiet_lead_in + quiet_timed
     assert seconds == [[pytest.approx(0.1)], [pytest.approx(0.1)]]
+
+
+def test_a_gpu_contender_runs_untimed_before_each_of_its_timings():
+    """A GPU idles at low clocks while the CPU rows run, and one epoch is too short to ramp them:
+    each GPU timing follows GPU_WARM_UP_SECONDS of its own untimed epochs; a CPU one's does not."""
+    events, now = [], [0.0]
+    cpu = Contender("numba-like", lambda: events.append("cpu"), lambda: None, 1)
+    gpu = Contender("cupy-like", lambda: events.append("gpu"), lambda: None, 1, gpu=True)
+
+    def clock():  # each read of the clock: 0.1 s later
+        now[0] += 0.1
+        events.append("clock")
+        return now[0]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time, "perf_counter", clock)
+        patch.setattr(xpnet.bench, "GPU_WARM_UP_SECONDS", 0.25)
+        time_interleaved([cpu, gpu], repeats=2)
+    warm_up = ["cpu", "gpu"]
+    cpu_timed = ["clock", "cpu", "clock"]
+    gpu_lead_in = ["clock", "clock", "gpu", "clock", "gpu", "clock"]  # 0.1 s, 0.2 s run; at 0.3 s it stops
+    gpu_timed = ["clock", "gpu", "clock"]
+    assert events == warm_up + (cpu_timed + gpu_lead_in + gpu_timed) * 2
 
 
 def test_contenders_on_numpys_blas_are_followed_by_a_settling_lead_in():

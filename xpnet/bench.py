@@ -62,9 +62,9 @@ class Contender:
     # How long its own thread pool keeps spinning after its work, slowing whatever runs next:
     # the next contender runs that long untimed before its clock starts.
     settle_seconds: float = 0.0
-    # How long it runs untimed before each timing to bring its device's clocks up: a GPU idles
-    # at low clocks while CPU contenders run, and one GPU epoch is too short to ramp them.
-    warm_up_seconds: float = 0.0
+    # Its work runs on a GPU, which idles at low clocks while CPU contenders run: one GPU epoch is
+    # too short to ramp them, so it first runs GPU_WARM_UP_SECONDS untimed before each timing.
+    gpu: bool = False
     # A peer's failure (a library version that breaks its recipe) drops its row, not the run's.
     peer: bool = False
 
@@ -84,8 +84,8 @@ def time_interleaved(contenders, repeats, warm_up=True):
     """Seconds per epoch of each contender: one warm-up epoch each (unless warm_up is False: the
     caller ran them), then `repeats` rounds that time every contender once in turn, so drift of
     a shared machine hits all alike. Each clock read follows a synchronize, so queued GPU work is
-    counted. A contender that follows one with settle_seconds, or has warm_up_seconds, first runs
-    untimed for at least that long."""
+    counted. A contender that follows one with settle_seconds, or runs on a GPU, first runs untimed
+    for at least that long (GPU_WARM_UP_SECONDS on a GPU)."""
     if warm_up:
         for contender in contenders:
             contender.run_epoch()
@@ -94,7 +94,7 @@ def time_interleaved(contenders, repeats, warm_up=True):
     previous = contenders[-1]
     for _ in range(repeats):
         for contender in contenders:
-            _lead_in(contender, max(previous.settle_seconds, contender.warm_up_seconds))
+            _lead_in(contender, max(previous.settle_seconds, GPU_WARM_UP_SECONDS if contender.gpu else 0.0))
             contender.synchronize()
             start = time.perf_counter()
             contender.run_epoch()
@@ -174,7 +174,7 @@ def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", split
         extra={"compiled": trainer.compiled_steps is not None},
         host_arrays=host,
         settle_seconds=OPENBLAS_SETTLE_SECONDS if host else 0.0,
-        warm_up_seconds=0.0 if host else GPU_WARM_UP_SECONDS,
+        gpu=not host,
     )
 
 

@@ -8,7 +8,7 @@ a peer that is not installed is left out.
 
 import numpy
 
-from xpnet.bench import GPU_WARM_UP_SECONDS, N_SAMPLES, Contender, seed_lr
+from xpnet.bench import N_SAMPLES, Contender, seed_lr
 
 # Their thread pools keep spinning after their work. Measured on the 2-core machine, a floor
 # epoch at batch 128 started right after JAX's epoch ran at half speed (136k against 268k
@@ -59,7 +59,7 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
         extra={"torch": torch.__version__, "threads": torch.get_num_threads()},
         settle_seconds=TORCH_SETTLE_SECONDS if device == "cpu" else 0.0,
         peer=True,
-        warm_up_seconds=0.0 if device == "cpu" else GPU_WARM_UP_SECONDS,
+        gpu=device != "cpu",
     )
 
 
@@ -138,7 +138,7 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
 
         return Contender(
             name, epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__}, peer=True,
-            settle_seconds=JAX_SETTLE_SECONDS, warm_up_seconds=0.0 if device == "cpu" else GPU_WARM_UP_SECONDS,
+            settle_seconds=JAX_SETTLE_SECONDS, gpu=device != "cpu",
         )  # fmt: skip
 
     return [
