@@ -83,6 +83,20 @@ def test_the_warm_up_before_a_capture_leaves_the_model_as_it_was():
         numpy.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) here to run the CuPy backend's kernels on the CPU")
+def test_quick_graph_chunks_keep_their_length():
+    """The trainer lengthens quick chunks on the host; each length here would be one more graph to
+    capture (seconds on a GPU, and memory), so a 100-step epoch stays in chunks of its twentieth."""
+    backend = EmulatedCupyBackend()
+    trainer = Trainer(backend, synthetic_splits(n_train=4000), TrainConfig(batch_size=40), compiled=False)
+    trainer.compiled_steps = ReplayedGraphSteps(
+        backend, trainer.model, trainer.optimizer, trainer.train_x, trainer.train_y, 40
+    )
+    trainer.compiled_steps.prepare(trainer.step_losses)
+    trainer.run_steps()
+    assert set(trainer.compiled_steps.graphs) == {(40,) * 5}
+
+
 def real_cupy():
     try:
         return get_backend("cupy")

@@ -66,7 +66,8 @@ class Backend:
         """A backend's way to take many training steps in one call, or None: the trainer then
         runs the reference loop, the layers calling these ops a step at a time. What it returns
         has run(order, first, n, lrs, losses, threads), count_correct(x, y, threads) (None where
-        the trainer's reference pass counts) and prepare(losses); see numba_steps.CompiledSteps
+        the trainer's reference pass counts), prepare(losses) and chunks_may_grow (whether the
+        trainer may change how many steps it passes a call); see numba_steps.CompiledSteps
         (Numba: the loop compiled) and cupy_graphs.GraphSteps (CuPy: the steps as CUDA graphs).
         """
         return None

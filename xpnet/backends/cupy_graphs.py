@@ -144,6 +144,8 @@ class GraphSteps:
     first .. first + n - 1 of the epoch with that row order, as numba_steps.CompiledSteps does,
     and holds the model's arrays likewise: whoever changes a parameter writes into it."""
 
+    chunks_may_grow = False  # each chunk length is a CUDA graph of its own to capture
+
     def __init__(self, backend, model, optimizer, train_x, train_y, batch_size):
         cupy = backend.xp
         self.cupy, self.backend, self.model, self.optimizer = cupy, backend, model, optimizer

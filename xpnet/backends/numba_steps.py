@@ -353,6 +353,10 @@ class CompiledSteps:
     None keeps layer outputs feature-major below FEATURE_MAJOR_BELOW rows; True or False forces
     a layout. From SPLIT_FROM rows a step's work is cut in two parts (split; see run)."""
 
+    # Any number of steps a call, the same bits however an epoch is cut: the trainer may lengthen
+    # its chunks to spend less time in Python between them.
+    chunks_may_grow = True
+
     def __init__(self, backend, model, optimizer, train_x, train_y, batch_size, feature_major=None):
         layers = model.net.layers
         dtype = model.dtype

@@ -356,8 +356,8 @@ class Trainer:
     def _grow_chunks(self, size, seconds):
         """Longer chunks where `size` compiled steps on the host took less than CHUNK_SECONDS: as
         many steps as fit in it at that pace, a sixth of an epoch at most. Never shorter, and
-        never on a GPU, where each chunk length is a CUDA graph of its own to capture."""
-        if self._blas is not None:
+        not where the compiled steps fix their chunks (CUDA graphs, one captured per length)."""
+        if self.compiled_steps.chunks_may_grow:
             most = max(1, self.steps_per_epoch // FEWEST_CHUNKS)
             fit = most if seconds <= 0 else int(size * CHUNK_SECONDS / seconds)
             self.chunk_steps = max(self.chunk_steps, min(most, fit))
