@@ -67,6 +67,15 @@ def test_predict_takes_uint8_and_float_images_of_the_same_digits_alike(backend, 
     assert model.predict(digits[0]) == predicted[0] and isinstance(model.predict(digits[0]), int)
 
 
+def test_an_empty_batch_gets_empty_answers(backend, model_path):
+    """As NumPy answers an empty array, and without a kernel launched on no rows."""
+    model = xpnet.load_model(model_path, backend)
+    for empty in (numpy.zeros((0, 28, 28), numpy.uint8), numpy.zeros((0, 784))):
+        labels, probabilities = model.predict(empty), model.predict_proba(empty)
+        assert labels.shape == (0,) and labels.dtype == numpy.int64
+        assert probabilities.shape == (0, 10) and probabilities.dtype == numpy.float64
+
+
 @pytest.mark.parametrize(
     "images, message",
     [

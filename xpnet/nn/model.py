@@ -48,7 +48,7 @@ class MLP:
 
     def normalize(self, host_images):
         """Flattened float pixels, (pixels - mean) / std, on the host in the model's dtype."""
-        flat = host_images.reshape(len(host_images), -1).astype(self.dtype)
+        flat = host_images.reshape(len(host_images), self.sizes[0]).astype(self.dtype)
         flat -= self.dtype.type(self.mean)
         flat /= self.dtype.type(self.std)
         return flat
@@ -99,11 +99,13 @@ class MLP:
         time (the backend's eval_rows when None)."""
         batch_size = batch_size or self.backend.eval_rows
         host, single = self.pixels(images)
+        if not len(host):  # no kernel is asked to run on no rows
+            return numpy.empty((0, self.sizes[-1]), self.dtype)
         x = self.backend.asarray(self.normalize(host))
         logits = numpy.concatenate(
             [
                 self.backend.to_numpy(self.forward(x[start : start + batch_size]))
-                for start in range(0, max(len(x), 1), batch_size)
+                for start in range(0, len(x), batch_size)
             ]
         )
         return logits[0] if single else logits
