@@ -1,6 +1,7 @@
 """xpnet as a library: the README's example as written, the public names, the trainer's step
 API and exact resume from any step, and predict's contract for the images it takes."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -126,6 +127,20 @@ def test_a_run_saved_mid_epoch_resumes_bit_for_bit(name, tmp_path):
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         numpy.testing.assert_array_equal(a.value, b.value)
     assert [e.loss for e in resumed.history.epochs] == [e.loss for e in straight.history.epochs]
+
+
+def test_a_resume_refuses_settings_that_differ_from_the_checkpoints(tmp_path):
+    """Only the epochs come from the config: a setting asked for that the checkpoint's run does not
+    have is an error, not silently dropped (as `xpnet train --resume` refuses a setting's flag)."""
+    data = synthetic_splits(n_train=1000)
+    xpnet.Trainer("numpy", data, CONFIG).save(tmp_path / "run.npz")
+    checkpoint = xpnet.load_checkpoint(tmp_path / "run.npz")
+    clashes = "config sets lr=0.1 (the checkpoint's: 0.05), hidden=(100,) (the checkpoint's: (200,));"
+    with pytest.raises(xpnet.ConfigError, match=re.escape(clashes)):
+        xpnet.Trainer("numpy", data, xpnet.TrainConfig(epochs=3, hidden=(100,), lr=0.1), checkpoint)
+    same = dataclasses.replace(CONFIG, epochs=3)  # the checkpoint's own settings, or the defaults, are fine
+    for config in (same, xpnet.TrainConfig(epochs=3)):
+        assert xpnet.Trainer("numpy", data, config, checkpoint).config == same
 
 
 def test_a_state_saved_after_looking_at_the_next_batch_resumes_bit_for_bit(tmp_path):

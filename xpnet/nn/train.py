@@ -90,6 +90,24 @@ class TrainConfig:
             )
 
 
+def resumed_config(config, saved):
+    """The checkpoint's settings (saved) with config's epochs. A setting config changes from the
+    default that differs from the checkpoint's is refused, as `xpnet train --resume` refuses a
+    setting's flag: the run would otherwise go on with other settings than the ones asked for."""
+    default = TrainConfig()
+    clashes = [
+        f"{name}={getattr(config, name)!r} (the checkpoint's: {getattr(saved, name)!r})"
+        for name in (f.name for f in dataclasses.fields(TrainConfig) if f.name != "epochs")
+        if getattr(default, name) != getattr(config, name) != getattr(saved, name)
+    ]
+    if clashes:
+        raise ConfigError(
+            f"a resumed run keeps its checkpoint's settings, but config sets {', '.join(clashes)}; "
+            "pass TrainConfig(epochs=...) alone with a checkpoint"
+        )
+    return dataclasses.replace(saved, epochs=config.epochs)
+
+
 @dataclass
 class EpochStats:
     """One epoch's record: its mean training loss, validation accuracy, time and throughput."""
@@ -126,7 +144,8 @@ class Trainer:
 
     backend is a Backend or its name; data the splits of ``xpnet.load_dataset``; config a
     TrainConfig (the seed recipe when None). checkpoint, from ``load_checkpoint``, continues
-    that run with its own settings; only the number of epochs is taken from config. With
+    that run with its own settings; only the number of epochs is taken from config (a
+    setting it changes from the default that differs from the checkpoint's is a ConfigError). With
     compiled (the default), a backend that can take many steps in one call does (Numba's
     compiled loop, CuPy's CUDA graphs); with compiled=False every step runs the reference loop,
     the layers calling the backend's ops (use it to inspect the layers' gradients after a step:
@@ -146,7 +165,7 @@ class Trainer:
             backend = get_backend(backend)
         config = config or TrainConfig()
         if checkpoint is not None:
-            config = dataclasses.replace(checkpoint.train_config(TrainConfig), epochs=config.epochs)
+            config = resumed_config(config, checkpoint.train_config(TrainConfig))
         self.backend, self.config = backend, config
         self.threads = check_threads(threads)
         self.blas_threads = usable_cores() if self.threads == AUTO else self.threads  # the limit in use
