@@ -187,6 +187,15 @@ def test_train_plot_and_no_progress_bar_off_a_terminal(small_data_dir, tmp_path)
         assert image.format == "PNG" and image.size[0] > 400
 
 
+@pytest.mark.parametrize("suffix, start", [("png", b"\x89PNG"), ("SVG", b"<?xml"), ("pdf", b"%PDF")])
+def test_a_plot_is_written_in_the_format_its_name_says(tmp_path, suffix, start):
+    from xpnet.plots import pyplot, save_figure
+
+    path = tmp_path / f"figure.{suffix}"
+    save_figure(pyplot().figure(), path)
+    assert path.read_bytes().startswith(start)
+
+
 def test_evaluate_plot_writes_a_confusion_matrix_png(checkpoint_on_numpy, mnist_dir, tmp_path):
     from PIL import Image
 

@@ -168,7 +168,9 @@ def add_train_parser(commands):
     train.add_argument("--save", default=None, help="write a checkpoint (.npz) here after the last epoch")
     train.add_argument("--save-every", type=positive_int, default=None, help="also every N epochs (needs --save)")
     train.add_argument("--resume", default=None, help="continue the run saved in this checkpoint, up to --epochs")
-    train.add_argument("--plot", default=None, help="write loss and accuracy per epoch as a PNG (needs matplotlib)")
+    train.add_argument(
+        "--plot", default=None, help="write loss and accuracy per epoch as a .png, .svg or .pdf (needs matplotlib)"
+    )
     train.add_argument(
         "--quiet", action="store_true", help="no progress bar (it is also off when stdout is not a terminal)"
     )
@@ -221,7 +223,9 @@ def add_bench_parser(commands):
     )
     bench.add_argument("--json", default=None, help="write the results as JSON (schema in bench/README.md)")
     bench.add_argument("--markdown", default=None, help="write the table as Markdown")
-    bench.add_argument("--plot", default=None, help="write a PNG of throughput against batch size (needs matplotlib)")
+    bench.add_argument(
+        "--plot", default=None, help="write throughput against batch size as a .png, .svg or .pdf (needs matplotlib)"
+    )
     bench.set_defaults(command_module="bench")
 
 
@@ -239,7 +243,9 @@ def add_checkpoint_parsers(commands):
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint of xpnet train --save or model.save")
     add_backend_flag(evaluate)
     add_data_flags(evaluate, None, "(default: the one the checkpoint was trained on, else mnist)")
-    evaluate.add_argument("--plot", default=None, help="write the confusion matrix as a PNG (needs matplotlib)")
+    evaluate.add_argument(
+        "--plot", default=None, help="write the confusion matrix as a .png, .svg or .pdf (needs matplotlib)"
+    )
     evaluate.set_defaults(command_module="evaluate")
 
     predict = commands.add_parser("predict", help="classify image files with a checkpoint")

@@ -1,4 +1,6 @@
-"""matplotlib, imported only when a plot is asked for, and PNGs written atomically."""
+"""matplotlib, imported only when a plot is asked for, and images written atomically."""
+
+import pathlib
 
 import numpy
 
@@ -19,12 +21,27 @@ def pyplot():
     return plt
 
 
+# What a plot may be written as, named by the file's suffix: matplotlib writes these three on its
+# own (others need a LaTeX install or Pillow's plugins, and would fail only after the work).
+IMAGE_FORMATS = ("png", "svg", "pdf")
+
+
+def image_format(path, flag="--plot"):
+    """The format path's suffix names, so that curves.svg is an SVG, not PNG bytes under that
+    name; an XpnetError saying what to write if it names none of IMAGE_FORMATS."""
+    suffix = pathlib.Path(path).suffix.lower()
+    if suffix.lstrip(".") not in IMAGE_FORMATS:
+        what = f"cannot write a {suffix} image" if suffix else "the name has no suffix to take the image format from"
+        raise XpnetError(f"{flag} {path}: {what}; end the name in .png, .svg or .pdf")
+    return suffix.lstrip(".")
+
+
 def save_figure(figure, path):
-    """Write figure as a PNG to path, atomically."""
+    """Write figure to path, atomically, in the format its suffix names (image_format)."""
     try:
         figure.tight_layout()
         with atomic_path(path) as temporary:
-            figure.savefig(temporary, format="png", dpi=110)
+            figure.savefig(temporary, format=image_format(path), dpi=110)
     finally:
         pyplot().close(figure)
 

@@ -4,15 +4,17 @@ from xpnet.atomic import check_writable
 
 
 def check_outputs(args, *flags):
-    """Before any work starts: each output path given by these flags can be written, and
-    matplotlib is installed when --plot is given. A typo then costs seconds, not a training run."""
+    """Before any work starts: each output path given by these flags can be written, and with
+    --plot matplotlib is installed and writes the format the path's suffix names. A typo then
+    costs seconds, not a training run."""
     for flag in flags:
         path = getattr(args, flag.lstrip("-").replace("-", "_"))
         if path:
             check_writable(path, flag)
     if "--plot" in flags and args.plot:
-        from xpnet.plots import pyplot
+        from xpnet.plots import image_format, pyplot
 
+        image_format(args.plot)
         pyplot()
 
 
