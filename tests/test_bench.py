@@ -39,20 +39,27 @@ def test_every_clock_read_follows_a_synchronize():
     assert timed == ["sync", "clock", "epoch", "sync", "clock"] * 2
 
 
-def test_after_a_contender_whose_threads_keep_spinning_the_next_runs_untimed_first():
-    """A peer's thread pool slows whatever runs right after it (JAX's: a floor epoch at half
-    speed), so the next contender runs untimed for settle_seconds before its clock starts."""
-    events, now = [], [0.0]
-    spinning = Contender("jax-like", lambda: events.append("spinning"), lambda: None, 1, settle_seconds=0.25)
-    quiet = Contender("numba-like", lambda: events.append("quiet"), lambda: None, 1)
+def tenths_clock(events):
+    """A stand-in for time.perf_counter: each read is 0.1 s after the last, and logged in events."""
+    now = [0.0]
 
-    def clock():  # each read of the clock: 0.1 s later
+    def clock():
         now[0] += 0.1
         events.append("clock")
         return now[0]
 
+    return clock
+
+
+def test_after_a_contender_whose_threads_keep_spinning_the_next_runs_untimed_first():
+    """A peer's thread pool slows whatever runs right after it (JAX's: a floor epoch at half
+    speed), so the next contender runs untimed for settle_seconds before its clock starts."""
+    events = []
+    spinning = Contender("jax-like", lambda: events.append("spinning"), lambda: None, 1, settle_seconds=0.25)
+    quiet = Contender("numba-like", lambda: events.append("quiet"), lambda: None, 1)
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(time, "perf_counter", clock)
+        patch.setattr(time, "perf_counter", tenths_clock(events))
         seconds = time_interleaved([spinning, quiet], repeats=1)
     warm_up = ["spinning", "quiet"]
     spinning_timed = ["clock", "spinning", "clock"]  # it follows quiet: no lead-in
@@ -65,17 +72,12 @@ def test_after_a_contender_whose_threads_keep_spinning_the_next_runs_untimed_fir
 def test_a_gpu_contender_runs_untimed_before_each_of_its_timings():
     """A GPU idles at low clocks while the CPU rows run, and one epoch is too short to ramp them:
     each GPU timing follows GPU_WARM_UP_SECONDS of its own untimed epochs; a CPU one's does not."""
-    events, now = [], [0.0]
+    events = []
     cpu = Contender("numba-like", lambda: events.append("cpu"), lambda: None, 1)
     gpu = Contender("cupy-like", lambda: events.append("gpu"), lambda: None, 1, gpu=True)
 
-    def clock():  # each read of the clock: 0.1 s later
-        now[0] += 0.1
-        events.append("clock")
-        return now[0]
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(time, "perf_counter", clock)
+        patch.setattr(time, "perf_counter", tenths_clock(events))
         patch.setattr(xpnet.bench, "GPU_WARM_UP_SECONDS", 0.25)
         time_interleaved([cpu, gpu], repeats=2)
     warm_up = ["cpu", "gpu"]
