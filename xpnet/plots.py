@@ -21,8 +21,9 @@ def pyplot():
     return plt
 
 
-# What a plot may be written as, named by the file's suffix: matplotlib writes these three on its
-# own (others need a LaTeX install or Pillow's plugins, and would fail only after the work).
+# What a plot may be written as, named by the file's suffix: three that any matplotlib writes and
+# any viewer opens. Some others matplotlib lists need a LaTeX install (pgf) or a Pillow plugin
+# (avif), and would fail only once the work is done.
 IMAGE_FORMATS = ("png", "svg", "pdf")
 
 
