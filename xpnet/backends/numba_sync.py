@@ -5,6 +5,7 @@ loop's cache key (_loop_over), as it does for the kernels of numba_backend.py.
 """
 
 import ctypes
+import sys
 
 from numba import types
 from numba.core import cgutils
@@ -51,8 +52,12 @@ def _element_pointer(context, builder, signature, args):
 
 
 def sched_yield():
-    """libc's sched_yield, typed for ctypes: how a waiting thread gives up its core."""
-    routine = ctypes.CDLL(None).sched_yield
+    """How a waiting thread gives up its core, typed for ctypes: libc's sched_yield, or Windows'
+    SwitchToThread (there is no libc to open there)."""
+    if sys.platform == "win32":
+        routine = ctypes.WinDLL("kernel32").SwitchToThread
+    else:
+        routine = ctypes.CDLL(None).sched_yield
     routine.argtypes, routine.restype = [], ctypes.c_int
     return routine
 
