@@ -3,6 +3,7 @@
 import gzip
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -165,6 +166,25 @@ def test_a_download_killed_midway_leaves_no_file_and_the_next_run_completes(serv
     assert not (tmp_path / f"{TRAIN_IMAGES.name}.gz").exists()
     ensure_dataset(tiny(f"{server}/ok"), tmp_path, verify_existing=True)
     assert_complete(tmp_path)  # the killed run's temporary file is cleaned up too
+
+
+def test_stale_parts_go_only_where_their_process_can_be_probed(tmp_path, monkeypatch):
+    """A part whose process has exited is removed, one whose process runs is kept; on Windows,
+    where os.kill(pid, 0) would terminate the process, none is probed and all are kept."""
+    from xpnet.data import download
+
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    parts = {pid: tmp_path / f".train.{pid}.part.gz" for pid in (int(exited.stdout), os.getpid())}
+    for part in parts.values():
+        part.touch()
+    download._remove_stale_parts(tmp_path, "train")
+    assert [pid for pid, part in parts.items() if part.exists()] == [os.getpid()]
+
+    parts[int(exited.stdout)].touch()
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(os, "kill", lambda *args: pytest.fail("os.kill on Windows terminates the process"))
+    download._remove_stale_parts(tmp_path, "train")
+    assert all(part.exists() for part in parts.values())
 
 
 def test_two_processes_downloading_at_once_end_with_one_correct_copy(server, tmp_path):

@@ -74,11 +74,25 @@ def _remove_stale_parts(directory, name):
     """Temporary files left by a download that was killed (its process is gone)."""
     for part in Path(directory).glob(f".{name}.*.part.gz"):
         try:
-            os.kill(int(part.name.split(".")[-3]), 0)
-        except (ValueError, ProcessLookupError):
+            pid = int(part.name.split(".")[-3])
+        except ValueError:
+            pid = None
+        if pid is None or not _process_alive(pid):
             part.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # another user's live process
+
+
+def _process_alive(pid):
+    """Whether process pid may still run. On Windows, always: os.kill(pid, 0) there terminates the
+    process instead of probing it, and a stale hidden file is better than that."""
+    if sys.platform == "win32":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    return True
 
 
 def download_file(expected, directory, mirrors, timeout=TIMEOUT, deadline=DEADLINE):
