@@ -16,6 +16,7 @@ import pytest
 import xpnet
 from tests.cuda_host import EmulatedCupyBackend
 from xpnet.backends import numba_steps
+from xpnet.backends.numba_backend import _take_normalized_rows
 from xpnet.data.synthetic import synthetic_splits
 from xpnet.verify import check_compiled_step
 
@@ -100,6 +101,40 @@ def test_the_compiled_loop_gives_the_same_bits_every_time(batch):
     numpy.testing.assert_array_equal(*(run.run_steps() for run in runs))
     for got, expected in zip(*(run.model.parameters() for run in runs)):
         numpy.testing.assert_array_equal(got.value, expected.value)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_gather_from_uint8_pixels_gives_mlp_normalizes_bits_for_every_pixel_value(dtype):
+    model = xpnet.MLP(xpnet.get_backend("numpy"), [784, 10], dtype=dtype, mean=33.39513, std=78.6662)
+    pixels = numpy.random.default_rng(0).integers(0, 256, (40, 784), dtype=numpy.uint8)
+    pixels[:, :256] = numpy.arange(256)
+    rows, out = numpy.random.default_rng(1).permutation(40), numpy.empty((40, 784), dtype)
+    scalar = model.dtype.type
+    _take_normalized_rows(pixels, rows, scalar(model.mean), scalar(model.std), out)
+    numpy.testing.assert_array_equal(out, model.normalize(pixels[rows]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch", [7, 128])
+def test_the_loop_trains_from_the_uint8_images_as_from_the_normalised_rows(dtype, batch):
+    """The trainer hands the loop the images as loaded, which it normalises as it gathers them (a
+    quarter of the bytes to fetch): the bits of the loop gathering the trainer's normalised rows."""
+    data = synthetic_splits(n_train=300)
+    config = xpnet.TrainConfig(batch_size=batch, hidden=(32, 16), lr=0.05, dtype=dtype)
+    from_pixels = xpnet.Trainer("numba", data, config)
+    from_rows = with_layout(xpnet.Trainer("numba", data, config), None)  # made without the images
+    assert from_pixels.compiled_steps.source[0].dtype == numpy.uint8
+    assert from_rows.compiled_steps.source[0] is from_rows.train_x
+    numpy.testing.assert_array_equal(from_pixels.run_steps(), from_rows.run_steps())
+    for got, expected in zip(from_pixels.model.parameters(), from_rows.model.parameters()):
+        numpy.testing.assert_array_equal(got.value, expected.value)
+
+
+def test_images_that_do_not_match_the_rows_are_refused():
+    trainer = xpnet.Trainer("numba", synthetic_splits(n_train=300), xpnet.TrainConfig(batch_size=7))
+    args = (trainer.backend, trainer.model, trainer.optimizer, trainer.train_x, trainer.train_y, 7)
+    with pytest.raises(xpnet.ArgumentError, match=r"train_images hold \(299, 784\) pixels where train_x has"):
+        numba_steps.CompiledSteps(*args, train_images=numpy.zeros((299, 28, 28), numpy.uint8))
 
 
 class Progress:

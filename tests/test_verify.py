@@ -31,8 +31,10 @@ class WrongCompiledPath(NumbaBackend):
 
     name = "wrong-compiled-path"
 
-    def compile_steps(self, model, optimizer, train_x, train_y, batch_size):
-        return CompiledStepsWithAWrongRate(self, model, optimizer, train_x, train_y, batch_size)
+    def compile_steps(self, model, optimizer, train_x, train_y, batch_size, train_images=None):
+        return CompiledStepsWithAWrongRate(
+            self, model, optimizer, train_x, train_y, batch_size, train_images=train_images
+        )
 
 
 class SlightlyWrongLearningRate(NumpyBackend):

@@ -62,9 +62,11 @@ class Backend:
         """Compile whatever this backend compiles for dtype; returns the seconds it took."""
         return 0.0
 
-    def compile_steps(self, model, optimizer, train_x, train_y, batch_size):
+    def compile_steps(self, model, optimizer, train_x, train_y, batch_size, train_images=None):
         """A backend's way to take many training steps in one call, or None: the trainer then
-        runs the reference loop, the layers calling these ops a step at a time. What it returns
+        runs the reference loop, the layers calling these ops a step at a time. train_images are
+        the training images as loaded, host arrays that train_x normalises, which it may gather
+        from instead (Numba's loop does, from uint8 pixels: a quarter of the bytes). What it returns
         has run(order, first, n, lrs, losses, threads), count_correct(x, y, threads) (None where
         the trainer's reference pass counts), prepare(losses) and chunks_may_grow (whether the
         trainer may change how many steps it passes a call); see numba_steps.CompiledSteps

@@ -231,8 +231,9 @@ class CupyBackend(Backend):
         self.synchronize()
         return time.perf_counter() - start
 
-    def compile_steps(self, model, optimizer, train_x, train_y, batch_size):
-        """Chunks of steps captured as CUDA graphs (cupy_graphs.GraphSteps). Real CuPy only: the
+    def compile_steps(self, model, optimizer, train_x, train_y, batch_size, train_images=None):
+        """Chunks of steps captured as CUDA graphs (cupy_graphs.GraphSteps), which gather from
+        train_x, on the device (train_images are on the host). Real CuPy only: the
         tests' CPU emulation of CuPy has no streams to capture, and runs the reference loop."""
         if getattr(self.xp, "__name__", None) != "cupy":
             return None

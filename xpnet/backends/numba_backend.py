@@ -24,7 +24,10 @@ import time
 import warnings
 
 import numpy
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from xpnet.backends.base import Backend
 
@@ -117,6 +120,48 @@ def _take_rows(source, indices, out):
             out[i, j] = source[row, j]
 
 
+# How far ahead _take_normalized_rows asks for its rows: a row's memory latency, not its size, is
+# most of a gather of random rows, so 8 rows' misses are under way at once (4 to 16 measured alike).
+PREFETCH_ROWS_AHEAD = 8
+
+
+@intrinsic
+def _prefetch(typingctx, array, row, column):
+    """Ask the CPU to bring array[row, column]'s cache line in (LLVM's prefetch: read, into every
+    level): a hint, so it neither waits nor faults."""
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        data = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, data, args[1:], wraparound=False)
+        byte_pointer = ir.IntType(8).as_pointer()
+        flag = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, flag, flag, flag]), "llvm.prefetch.p0i8"
+        )
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), flag(0), flag(3), flag(1)])
+        return context.get_dummy_value()
+
+    return types.void(array, row, column), codegen
+
+
+@kernel
+def _take_normalized_rows(pixels, indices, mean, std, out):
+    """out[i] = (pixels[indices[i]] - mean) / std, in the dtype of mean and std: from uint8 pixels
+    with the model's mean and std, MLP.normalize's operations, so its bits. Each row's cache lines
+    are asked for PREFETCH_ROWS_AHEAD rows before it is read."""
+    n, columns = indices.size, pixels.shape[1]
+    line = max(1, 64 // pixels.itemsize)  # elements a cache line holds
+    for i in range(n):
+        if i + PREFETCH_ROWS_AHEAD < n:
+            ahead = indices[i + PREFETCH_ROWS_AHEAD]
+            for j in range(0, columns, line):
+                _prefetch(pixels, ahead, j)
+        row = indices[i]
+        for j in range(columns):
+            out[i, j] = (pixels[row, j] - mean) / std
+
+
 @kernel
 def _count_correct(logits, labels):
     correct = 0
@@ -163,12 +208,14 @@ class NumbaBackend(Backend):
         self.take_rows(labels, labels)
         return time.perf_counter() - start
 
-    def compile_steps(self, model, optimizer, train_x, train_y, batch_size):
+    def compile_steps(self, model, optimizer, train_x, train_y, batch_size, train_images=None):
         from xpnet.backends import numba_steps
 
         if numba_steps.BLAS is None:  # NumPy's BLAS not found: the reference loop it is
             return None
-        return numba_steps.CompiledSteps(self, model, optimizer, train_x, train_y, batch_size)
+        return numba_steps.CompiledSteps(
+            self, model, optimizer, train_x, train_y, batch_size, train_images=train_images
+        )
 
     def _outside(self, values, stop):
         return _outside(values, stop)  # one pass, no temporaries: 0.2 us for a batch's labels, against 1.7

@@ -3,9 +3,16 @@
 The reference path runs a step as about fifteen backend calls from the layers, each a trip
 through Python and its argument checks; at batch 1 that is most of a step. Here the whole
 loop (gather, forward, loss, backward, update, the step's loss stored) is one @njit function
-built from the backend's own kernels (_take_rows, _add_bias_relu, _softmax_cross_entropy,
-_mask_and_sum_rows, _sgd_update) and from the model's structure: any depth, both dtypes, every
-optimiser option. The math is not written a second time.
+built from the backend's own kernels (_take_normalized_rows, _add_bias_relu,
+_softmax_cross_entropy, _mask_and_sum_rows, _sgd_update) and from the model's structure: any
+depth, both dtypes, every optimiser option. The math is not written a second time.
+
+The batch is gathered from the training images as loaded, uint8 pixels normalised on the way with
+MLP.normalize's operations (so its bits), each row's cache lines asked for eight rows ahead: a
+random 784-byte row instead of a 3,136-byte float32 one, and its memory latency overlapped with
+the rows before it. An epoch's gather alone (both threads, batch 2048) took 2.2-2.9 ms against
+6.0-6.3 ms from the normalised floats; in the loop, 4-6% more samples/s at 2048, 2-4% at 128 and
+512, measured interleaved in one process (bench/README.md, "The gather from the 8-bit pixels").
 
 The products call the BLAS NumPy itself uses (its bundled ILP64 OpenBLAS) through ctypes:
 numba's own np.dot (through SciPy's OpenBLAS) was 5-15% slower at batch 128 and 512. Owning
@@ -80,10 +87,11 @@ from xpnet.backends.numba_backend import (
     _mask_and_sum_rows,
     _sgd_update,
     _softmax_cross_entropy,
-    _take_rows,
+    _take_normalized_rows,
     kernel,
 )
 from xpnet.backends.numba_sync import LEFT, barrier, move_end, posted_after, sched_yield
+from xpnet.errors import ArgumentError
 from xpnet.threads import usable_cores
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
@@ -197,15 +205,17 @@ def _loop_over(kernels_digest):
     afresh rather than loading a copy built from the old kernels."""
 
     @kernel
-    def _train_steps(blas, yield_cpu, sync, part, threads, parts, x_all, y_all, order, first, n, span, batch_size,
-                     weights, biases, relu, grad_weights, grad_biases, velocity_weights, velocity_biases, momentum,
-                     nesterov, weight_decay, lrs, inputs, outputs, grads_z, grads_x, grad_logits, labels, bias_parts,
-                     loss_parts, losses):  # fmt: skip
-        """Steps first .. first + n - 1 of the epoch whose row order is `order`, as thread `part`
-        of `threads`, each step's work cut in `parts` (thread t takes parts t, t + threads, ...);
-        lrs[k] is step k's learning rate. For each of its parts of the batch's rows: the gather
-        into `inputs`, every layer forward (layer l's output in outputs[l]), the part's share of
-        the loss (loss_parts[p]) and every layer's backward pass (its bias-gradient column sums in
+    def _train_steps(blas, yield_cpu, sync, part, threads, parts, x_all, y_all, mean, std, order, first, n, span,
+                     batch_size,
+                     weights, biases, relu, grad_weights, grad_biases, velocity_weights, velocity_biases,
+                     momentum, nesterov, weight_decay, lrs, inputs, outputs, grads_z, grads_x, grad_logits, labels,
+                     bias_parts, loss_parts, losses):  # fmt: skip
+        """Steps first .. first + n - 1 of the epoch whose row order is `order`, as thread
+        `part` of `threads`, each step's work cut in `parts` (thread t takes parts t, t +
+        threads, ...); lrs[k] is step k's learning rate. For each of its parts of the batch's
+        rows: the gather into `inputs` of (x_all's row - mean) / std (CompiledSteps._source),
+        every layer forward (layer l's output in outputs[l]), the part's share of the loss
+        (loss_parts[p]) and every layer's backward pass (its bias-gradient column sums in
         bias_parts[l][p]). Then, once every thread is there, for each of its parts of every
         layer's rows of W and b: the update from the whole batch's gradient; part 0 stores the
         loss (losses[k]). On two threads, part 0 first posts its steps to the second thread
@@ -230,7 +240,7 @@ def _loop_over(kernels_digest):
                 r0, r1 = p * rows // parts, (p + 1) * rows // parts
                 indices = order[start + r0 : start + r1]
                 x = inputs[r0:r1]
-                _take_rows(x_all, indices, x)
+                _take_normalized_rows(x_all, indices, mean, std, x)
                 y = labels[r0:r1]
                 for i in range(r1 - r0):
                     y[i] = y_all[indices[i]]
@@ -357,11 +367,11 @@ class CompiledSteps:
     # its chunks to spend less time in Python between them.
     chunks_may_grow = True
 
-    def __init__(self, backend, model, optimizer, train_x, train_y, batch_size, feature_major=None):
+    def __init__(self, backend, model, optimizer, train_x, train_y, batch_size, feature_major=None, train_images=None):
         layers = model.net.layers
         dtype = model.dtype
         backend._check_range("labels", train_y, model.sizes[-1])
-        self.data = (train_x, train_y)
+        self.source = self._source(model, train_x, train_y, train_images)
         self.batch_size = batch_size
         params = optimizer.parameters
         velocities = [v if v is not None else p.value for p, v in zip(params, optimizer.velocities)]  # unread at 0
@@ -403,6 +413,20 @@ class CompiledSteps:
         self._span = None  # a _Span while the second thread's call runs steps (run)
         self._eval_outputs = None  # count_correct's, made at its first call
 
+    @staticmethod
+    def _source(model, train_x, train_y, train_images):
+        """What the loop gathers a batch from, (rows, labels, mean, std), each row normalised on the
+        way as (row - mean) / std in the model's dtype: uint8 images as loaded, with the model's
+        mean and std (MLP.normalize's operations, so its bits), are a quarter of the bytes of
+        train_x to fetch from memory; other images, train_x as it is (mean 0, std 1)."""
+        scalar = model.dtype.type
+        if train_images is None or train_images.dtype != numpy.uint8:
+            return train_x, train_y, scalar(0), scalar(1)
+        pixels = numpy.ascontiguousarray(train_images).reshape(len(train_images), -1)
+        if pixels.shape != train_x.shape:
+            raise ArgumentError(f"train_images hold {pixels.shape} pixels where train_x has {train_x.shape} rows")
+        return pixels, train_y, scalar(model.mean), scalar(model.std)
+
     def split_threads(self, threads):
         """Whether run(..., threads) runs the parts on threads of its own, one per part: when the
         step is split and the count (None: the usable cores) is two."""
@@ -436,7 +460,7 @@ class CompiledSteps:
 
         def part(p, span, steps):
             buffers = (self.inputs, self.outputs, self.grads_z, self.grads_x, self.grad_logits, self.labels)
-            return (BLAS, YIELD_CPU, self.sync, p, 1 + two, self.parts, *self.data, order, first, steps, span,
+            return (BLAS, YIELD_CPU, self.sync, p, 1 + two, self.parts, *self.source, order, first, steps, span,
                     self.batch_size, *self.model_arrays, self.rates, *buffers, self.bias_parts, self.loss_parts,
                     losses)  # fmt: skip
 

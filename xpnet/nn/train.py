@@ -206,7 +206,7 @@ class Trainer:
         self.compiled_steps = None
         if compiled:
             self.compiled_steps = backend.compile_steps(
-                self.model, self.optimizer, self.train_x, self.train_y, config.batch_size
+                self.model, self.optimizer, self.train_x, self.train_y, config.batch_size, data.train.images
             )
         # Only host BLAS needs the limit: a GPU backend uses none. Made once, since finding the
         # libraries each time would cost 1-2 ms an epoch (xpnet/threads.py), and made last, after
