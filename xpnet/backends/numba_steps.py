@@ -206,8 +206,7 @@ def _loop_over(kernels_digest):
 
     @kernel
     def _train_steps(blas, yield_cpu, sync, part, threads, parts, x_all, y_all, mean, std, order, first, n, span,
-                     batch_size,
-                     weights, biases, relu, grad_weights, grad_biases, velocity_weights, velocity_biases,
+                     batch_size, weights, biases, relu, grad_weights, grad_biases, velocity_weights, velocity_biases,
                      momentum, nesterov, weight_decay, lrs, inputs, outputs, grads_z, grads_x, grad_logits, labels,
                      bias_parts, loss_parts, losses):  # fmt: skip
         """Steps first .. first + n - 1 of the epoch whose row order is `order`, as thread
