@@ -123,6 +123,10 @@ def add_dtype_flag(parser):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="floating-point type")
 
 
+def add_plot_flag(parser, what):
+    parser.add_argument("--plot", default=None, help=f"write {what} as a .png, .svg or .pdf (needs matplotlib)")
+
+
 def add_data_flags(parser, default="mnist", help="(default: mnist)"):
     """--dataset and --data-dir; commands that read a checkpoint default to its dataset (None here)."""
     from xpnet.data.datasets import DATASETS
@@ -168,9 +172,7 @@ def add_train_parser(commands):
     train.add_argument("--save", default=None, help="write a checkpoint (.npz) here after the last epoch")
     train.add_argument("--save-every", type=positive_int, default=None, help="also every N epochs (needs --save)")
     train.add_argument("--resume", default=None, help="continue the run saved in this checkpoint, up to --epochs")
-    train.add_argument(
-        "--plot", default=None, help="write loss and accuracy per epoch as a .png, .svg or .pdf (needs matplotlib)"
-    )
+    add_plot_flag(train, "loss and accuracy per epoch")
     train.add_argument(
         "--quiet", action="store_true", help="no progress bar (it is also off when stdout is not a terminal)"
     )
@@ -223,9 +225,7 @@ def add_bench_parser(commands):
     )
     bench.add_argument("--json", default=None, help="write the results as JSON (schema in bench/README.md)")
     bench.add_argument("--markdown", default=None, help="write the table as Markdown")
-    bench.add_argument(
-        "--plot", default=None, help="write throughput against batch size as a .png, .svg or .pdf (needs matplotlib)"
-    )
+    add_plot_flag(bench, "throughput against batch size")
     bench.set_defaults(command_module="bench")
 
 
@@ -243,9 +243,7 @@ def add_checkpoint_parsers(commands):
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint of xpnet train --save or model.save")
     add_backend_flag(evaluate)
     add_data_flags(evaluate, None, "(default: the one the checkpoint was trained on, else mnist)")
-    evaluate.add_argument(
-        "--plot", default=None, help="write the confusion matrix as a .png, .svg or .pdf (needs matplotlib)"
-    )
+    add_plot_flag(evaluate, "the confusion matrix")
     evaluate.set_defaults(command_module="evaluate")
 
     predict = commands.add_parser("predict", help="classify image files with a checkpoint")
