@@ -81,14 +81,14 @@ def op_calls(backend, batch_size, dtype):
     return {
         "take_rows (images)": lambda: backend.take_rows(images, rows, out=x),
         "take_rows (labels)": lambda: backend.take_rows(labels, rows, out=y),
-        "linear_forward 784->200, relu": lambda: backend.linear_forward(x, W1, b1, relu=True, out=h),
+        "linear_forward 784->200, relu": lambda: backend.linear_forward(x, W1, b1, "relu", out=h),
         "linear_forward 200->10": lambda: backend.linear_forward(h, W2, b2, out=logits),
         "softmax_cross_entropy": lambda: backend.softmax_cross_entropy(logits, y, grad_out=grad_logits),
         "linear_backward 200<-10, grad x": lambda: backend.linear_backward(
             h, W2, grad_logits, grad_W2, grad_b2, grad_x=grad_h
         ),
         "linear_backward 784<-200, relu mask": lambda: backend.linear_backward(
-            x, W1, grad_h, grad_W1, grad_b1, relu_output=h, grad_z=grad_z
+            x, W1, grad_h, grad_W1, grad_b1, activation="relu", output=h, grad_z=grad_z
         ),
         "sgd_update x4": lambda: [
             backend.sgd_update(p, g, lr) for p, g in ((W1, grad_W1), (b1, grad_b1), (W2, grad_W2), (b2, grad_b2))

@@ -34,7 +34,7 @@ def setup_ops(backend, batch, dtype):
     rng = numpy.random.default_rng(0)
     put = lambda shape: backend.asarray(rng.standard_normal(shape).astype(dtype))
     x, W, b = put((batch, 784)), put((200, 784)), put(200)
-    y = backend.linear_forward(x, W, b, relu=True)
+    y = backend.linear_forward(x, W, b, "relu")
     labels = backend.asarray(rng.integers(0, 10, batch))
     grad_W, grad_b, grad_z = (
         backend.empty((200, 784), dtype),
@@ -43,8 +43,10 @@ def setup_ops(backend, batch, dtype):
     )
     logits, grad_y = put((batch, 10)), put((batch, 200))
     return {
-        "linear_forward": lambda: backend.linear_forward(x, W, b, relu=True, out=y),
-        "linear_backward": lambda: backend.linear_backward(x, W, grad_y, grad_W, grad_b, relu_output=y, grad_z=grad_z),
+        "linear_forward": lambda: backend.linear_forward(x, W, b, "relu", out=y),
+        "linear_backward": lambda: backend.linear_backward(
+            x, W, grad_y, grad_W, grad_b, activation="relu", output=y, grad_z=grad_z
+        ),
         "relu": lambda: backend.relu(grad_y, out=grad_y),
         "relu_backward": lambda: backend.relu_backward(y, grad_y, out=grad_y),
         "softmax_cross_entropy": lambda: backend.softmax_cross_entropy(logits, labels),

@@ -5,7 +5,7 @@ parallel gather and SGD update swapped in (samples/s, median of 5 interleaved ep
 Numba's threads meet OpenBLAS's. Run: python bench/threads.py
 
 The serial kernels are the backend's own; the parallel ones are written here only to be
-measured (xpnet/backends/numba_backend.py says what was chosen and why).
+measured (xpnet/backends/numba_kernels.py says what was chosen and why).
 """
 
 import statistics
@@ -14,7 +14,8 @@ import time
 import numpy
 from numba import njit, prange
 
-from xpnet.backends.numba_backend import NumbaBackend, _mask_and_sum_rows, _sgd_update, _take_rows
+from xpnet.backends.numba_backend import NumbaBackend
+from xpnet.backends.numba_kernels import RELU, activation_grad_and_sum_rows, sgd_update, take_rows
 from xpnet.bench import backend_contender, time_interleaved
 
 
@@ -76,13 +77,13 @@ def main():
     grad_z, grad_b = numpy.empty((512, 200), numpy.float32), numpy.empty(200, numpy.float32)
     flat_W, flat_grad = W.reshape(-1), grad_W.reshape(-1)
     cases = {
-        "gather 512 x 784": (lambda: _take_rows(data, rows, batch), lambda: take_rows_parallel(data, rows, batch)),
+        "gather 512 x 784": (lambda: take_rows(data, rows, batch), lambda: take_rows_parallel(data, rows, batch)),
         "SGD update 200 x 784": (
-            lambda: _sgd_update(flat_W, flat_grad, 1e-12, flat_W, 0.0, False, 0.0),
+            lambda: sgd_update(flat_W, flat_grad, 1e-12, flat_W, 0.0, False, 0.0),
             lambda: sgd_parallel(flat_W, flat_grad, 1e-12),
         ),
         "ReLU mask + bias-grad sum 512 x 200": (
-            lambda: _mask_and_sum_rows(grad_y, relu_output, True, grad_z, grad_b),
+            lambda: activation_grad_and_sum_rows(grad_y, relu_output, RELU, grad_z, grad_b),
             lambda: mask_and_sum_columns_parallel(grad_y, relu_output, grad_z, grad_b),
         ),
     }

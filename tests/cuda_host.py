@@ -22,12 +22,14 @@ import functools
 import shutil
 import subprocess
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
 
 from xpnet.backends.cupy_backend import CupyBackend
+from xpnet.backends.cupy_graphs import GraphSteps
 
 CXX = shutil.which("g++") or shutil.which("c++")
 
@@ -100,6 +102,8 @@ C_TYPES = {
     "long long": numpy.int64,
 }
 C_NAMES = {(KINDS[numpy.dtype(t).kind], numpy.dtype(t).itemsize): name for name, t in C_TYPES.items()}
+# An ElementwiseKernel parameter's type, named as NumPy names it (CuPy's way), as a C type.
+ELEMENTWISE_C_TYPES = {"bool": "bool", "int32": "int"}
 
 
 @functools.cache
@@ -226,7 +230,7 @@ class RawModule:
 
 
 def parse_params(params):
-    """'T b, bool relu' -> [('T', 'b'), ('bool', 'relu')]."""
+    """'T b, int32 activation' -> [('T', 'b'), ('int32', 'activation')]."""
     return [tuple(p.split()) for p in params.split(",")]
 
 
@@ -237,7 +241,7 @@ def elementwise_as_cuda(name, spec, c_type):
     arguments, declarations = [], []
     for const, params in (("const ", inputs), ("", outputs)):
         for type_name, var in parse_params(params):
-            param_type = c_type if type_name == "T" else type_name
+            param_type = c_type if type_name == "T" else ELEMENTWISE_C_TYPES[type_name]
             arguments.append(f"{const}{param_type}* {var}_")
             declarations.append(f"{const}{param_type}& {var} = {var}_[i];")
     return (
@@ -269,15 +273,15 @@ class ElementwiseKernel:
         if len(bound) != 1:
             raise TypeError(f"{self.name}: type T is bound to {sorted(map(str, bound))}")
         dtype = bound.pop()
-        types = [dtype if t == "T" else numpy.dtype(C_TYPES[t]) for t, _ in self.params]
+        param_types = [dtype if t == "T" else numpy.dtype(t) for t, _ in self.params]
         shape = numpy.broadcast_shapes(*(numpy.shape(a) for a in args))
         outputs = args[self.n_inputs :]
-        for out, out_type in zip(outputs, types[self.n_inputs :]):
+        for out, out_type in zip(outputs, param_types[self.n_inputs :]):
             if not (isinstance(out, numpy.ndarray) and out.shape == shape and out.dtype == out_type):
                 raise TypeError(f"{self.name}: each output must be a {out_type} array of shape {shape}")
         inputs = [
             numpy.ascontiguousarray(numpy.broadcast_to(numpy.asarray(a, t), shape))
-            for a, t in zip(args[: self.n_inputs], types)
+            for a, t in zip(args[: self.n_inputs], param_types)
         ]
         # CuPy indexes every argument through its strides; the emulation's kernels index
         # linearly, so strided outputs are worked on in contiguous copies and written back.
@@ -369,6 +373,13 @@ class EmulatedCupy:
         return numpy.take(a, indices, axis=axis, out=out, mode="wrap")
 
     @staticmethod
+    def ascontiguousarray(a, dtype=None):
+        """The array itself where it is contiguous already (and of dtype), as CuPy gives it."""
+        if isinstance(a, DeviceArray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype):
+            return a
+        return numpy.ascontiguousarray(a, dtype=dtype).view(DeviceArray)
+
+    @staticmethod
     def asnumpy(array):
         """A host copy, as CuPy's is."""
         DeviceArray.host_reads += 1
@@ -384,10 +395,24 @@ class EmulatedCupy:
 EMULATED_CUPY = EmulatedCupy()
 
 
+class ReplayedGraphSteps(GraphSteps):
+    """GraphSteps with capture emulated: the emulation runs each op as it is called, so it cannot
+    record launches without running them; a "graph" replays the chunk's Python instead. Its
+    plumbing (buffers, the rows and rates copied in before a replay, the losses copied out, the
+    warm-up step it undoes) is the real one."""
+
+    def _record(self, chunk):
+        return types.SimpleNamespace(launch=chunk)
+
+    def capturable_ops(self):
+        return self.backend
+
+
 class EmulatedCupyBackend(CupyBackend):
-    """CupyBackend, unchanged, with the emulation as its xp."""
+    """CupyBackend, unchanged, with the emulation as its xp, and its graphs replayed."""
 
     name = "cupy-emulated"
+    _graph_steps = ReplayedGraphSteps
 
     def __init__(self):
         super().__init__(EMULATED_CUPY)

@@ -180,7 +180,7 @@ def test_run_steps_stays_within_the_epoch_and_completes_it():
         ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
         ({"nesterov": True}, "Nesterov momentum needs a momentum above 0"),
         ({"weight_decay": -1e-3}, "weight decay must be a finite number >= 0"),
-        ({"schedule": "linear"}, "unknown learning-rate schedule 'linear'"),
+        ({"schedule": "linear"}, "schedule must be 'constant' or 'cosine', got 'linear'"),
     ],
 )
 def test_train_config_refuses_settings_it_cannot_train_with(settings, message):

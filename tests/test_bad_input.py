@@ -57,12 +57,14 @@ def base_checkpoint(tmp_path_factory):
 
 
 def edited(base, directory, files):
-    """A copy of the base checkpoint with metadata fields, config settings and arrays replaced."""
+    """A copy of the base checkpoint with metadata fields, the architecture's, the optimiser's,
+    config settings and arrays replaced."""
     with numpy.load(base) as archive:
         contents = {key: archive[key] for key in archive.files}
     document = json.loads(contents.pop("metadata").tobytes())
     document.update(files.get("metadata", {}))
-    document["config"] = {**document["config"], **files.get("config", {})}
+    for part in ("architecture", "optimizer", "config"):
+        document[part] = {**document[part], **files.get(part, {})}
     contents.update(files.get("arrays", {}))
     contents["metadata"] = numpy.frombuffer(json.dumps(document).encode(), numpy.uint8)
     path = directory / "edited.npz"
@@ -124,23 +126,35 @@ CASES = [
     # Checkpoints edited or broken by hand.
     *[
         case("checkpoint", f"{key}={value!r}", "evaluate --checkpoint {edited} {data}", 2,
-             "not a usable xpnet checkpoint", key, metadata={key: value})
+             "not a usable xpnet checkpoint", key, architecture={key: value})
         for key, value in [
             ("sizes", "abc"), ("sizes", [784]), ("sizes", [784, 0, 10]), ("sizes", [784, True, 10]),
             ("mean", "x"), ("std", 0), ("std", -1.0), ("dtype", "bogus"), ("dtype", "int8"), ("dtype", "float16"),
-            ("epoch", "3"), ("epoch", -1), ("epoch_step", 1.5), ("optimizer_steps", -5), ("rng_state", {"x": 1}),
+            ("activation", "swish"),
+        ]
+    ],
+    *[
+        case("checkpoint", f"{key}={value!r}", "evaluate --checkpoint {edited} {data}", 2,
+             "not a usable xpnet checkpoint", key, metadata={key: value})
+        for key, value in [
+            ("epoch", "3"), ("epoch", -1), ("epoch_step", 1.5), ("rng_state", {"x": 1}),
             ("history", [1]), ("history", [{"epoch": 1}]), ("epoch_losses", ["nan"]), ("dataset", 7),
         ]
     ],
+    case("checkpoint", "optimizer-steps=-5", "evaluate --checkpoint {edited} {data}", 2,
+         "not a usable xpnet checkpoint", "optimizer_steps", optimizer={"steps": -5}),
+    case("checkpoint", "optimizer-name", "evaluate --checkpoint {edited} {data}", 2,
+         "not a usable xpnet checkpoint", "the optimiser must be 'sgd'", optimizer={"name": "adam"}),
     *[
         case("checkpoint", f"config-{key}={value!r}", "train --resume {edited} {data}", 2,
              "not a usable xpnet checkpoint", message, config={key: value})
         for key, value, message in [
             ("batch_size", 0, "batch_size must be an integer >= 1"),
             ("lr", -1.0, "learning rate must be a finite number above 0"),
-            ("schedule", "linear", "unknown learning-rate schedule"),
-            ("colour", "red", "config must hold exactly the settings of TrainConfig"),
-            ("hidden", 200, "config must hold exactly"),
+            ("schedule", "linear", "schedule must be 'constant' or 'cosine', got 'linear'"),
+            ("colour", "red", "unknown settings colour"),
+            ("hidden", 200, "hidden must be a tuple of integers, got 200"),
+            ("nesterov", "no", "nesterov must be True or False, got 'no'"),
         ]
     ],
     *[

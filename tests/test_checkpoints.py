@@ -223,3 +223,88 @@ def test_ctrl_c_between_epochs_still_saves_the_last_whole_one():
     with pytest.raises(TrainingInterrupted) as info:
         trainer.fit(log=log)
     assert info.value.checkpoint.epoch == 2 and info.value.checkpoint.epoch_step == 0
+
+
+def save_in_format_1(checkpoint, path):
+    """A checkpoint laid out as xpnet wrote it before format 2 (xpnet-checkpoint/1): sizes, dtype,
+    mean and std at the top of the metadata, the run's settings as they were then, SGD's step
+    count as optimizer_steps and its velocities as velocity.N arrays."""
+    import json
+
+    old_settings = ("epochs", "batch_size", "lr", "hidden", "seed", "dtype", "momentum", "nesterov")
+    old_settings += ("weight_decay", "schedule")
+    config = None if checkpoint.config is None else {name: checkpoint.config[name] for name in old_settings}
+    metadata = {
+        "format": "xpnet-checkpoint/1",
+        **{key: getattr(checkpoint, key) for key in ("sizes", "dtype", "mean", "std")},
+        "config": config,
+        **{key: getattr(checkpoint, key) for key in ("epoch", "epoch_step", "epoch_losses", "optimizer_steps")},
+        **{key: getattr(checkpoint, key) for key in ("rng_state", "history", "dataset")},
+    }
+    arrays = {f"param.{i}": a for i, a in enumerate(checkpoint.params)}
+    arrays.update({f"velocity.{i}": v for i, v in enumerate(checkpoint.optimizer_state.get("velocity", []))})
+    arrays["metadata"] = numpy.frombuffer(json.dumps(metadata).encode(), dtype=numpy.uint8)
+    numpy.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_a_checkpoint_in_the_format_before_loads_predicts_and_resumes_bit_for_bit(tmp_path, name):
+    """A run saved mid-epoch in format 1 (by the code before settings were declared once): it
+    loads as SGD with ReLU, its model predicts as the run's did, and it resumes to the bits of
+    the uninterrupted run."""
+    from xpnet.nn.model import MLP, load_model
+
+    data = synthetic_splits(n_train=1000)
+    config = TrainConfig(epochs=2, batch_size=64, lr=0.05, momentum=0.9, nesterov=True, schedule="cosine")
+    straight = Trainer(get_backend(name), data, config)
+    straight.fit(log=quiet)
+    first = Trainer(get_backend(name), data, config)
+    first.run_steps()
+    first.run_steps(5)
+    save_in_format_1(first.state(), tmp_path / "old.npz")
+    old = load_checkpoint(tmp_path / "old.npz")
+    assert (old.optimizer, old.activation, old.epoch, old.epoch_step) == ("sgd", "relu", 1, 5)
+    assert sorted(old.optimizer_state) == ["velocity"] and old.train_config() == config
+    images = data.test.images
+    expected = MLP.from_checkpoint(first.state(), name).predict_logits(images)
+    numpy.testing.assert_array_equal(load_model(tmp_path / "old.npz", name).predict_logits(images), expected)
+    resumed = Trainer(get_backend(name), data, TrainConfig(epochs=2), old)
+    resumed.fit(log=quiet)
+    for got, want in zip(resumed.model.parameters(), straight.model.parameters()):
+        numpy.testing.assert_array_equal(resumed.backend.to_numpy(got.value), straight.backend.to_numpy(want.value))
+    assert [e.loss for e in resumed.history.epochs] == [e.loss for e in straight.history.epochs]
+
+
+def test_a_model_saved_on_its_own_in_the_format_before_predicts(tmp_path):
+    from xpnet.nn.checkpoint import Checkpoint
+    from xpnet.nn.model import MLP, load_model
+
+    model = MLP(get_backend("numpy"), [784, 16, 10], seed=3, mean=33.3, std=78.6)
+    params = [p.value.copy() for p in model.parameters()]
+    save_in_format_1(Checkpoint(params=params, **model.architecture()), tmp_path / "model.npz")
+    images = synthetic_splits(n_train=10).test.images
+    numpy.testing.assert_array_equal(
+        load_model(tmp_path / "model.npz").predict_logits(images), model.predict_logits(images)
+    )
+    with pytest.raises(DataError, match="holds a model but no training run"):
+        load_checkpoint(tmp_path / "model.npz").train_config()
+
+
+def test_a_checkpoint_without_a_setting_added_since_takes_its_default(tmp_path):
+    """Every setting of today was in format 1, so a later one is stood for by deleting one from
+    the file: it loads, and the run resumes with the declared default."""
+    import json
+
+    trainer = Trainer(get_backend("numpy"), synthetic_splits(n_train=256), TrainConfig(epochs=2, batch_size=64))
+    trainer.run_steps(2)
+    trainer.save(tmp_path / "run.npz")
+    with numpy.load(tmp_path / "run.npz") as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    metadata = json.loads(arrays["metadata"].tobytes())
+    del metadata["config"]["schedule"]
+    arrays["metadata"] = numpy.frombuffer(json.dumps(metadata).encode(), dtype=numpy.uint8)
+    numpy.savez(tmp_path / "older.npz", **arrays)
+    checkpoint = load_checkpoint(tmp_path / "older.npz")
+    assert "schedule" not in checkpoint.config and checkpoint.train_config().schedule == "constant"
+    resumed = Trainer(get_backend("numpy"), synthetic_splits(n_train=256), TrainConfig(epochs=2), checkpoint)
+    assert resumed.epoch_step == 2 and numpy.isfinite(resumed.run_steps()).all()

@@ -14,8 +14,9 @@ def run_xpnet(*args, env=None):
     "args, message",
     [
         (["train", "--backend", "tensorflow"], "unknown backend 'tensorflow': choose one of numpy, numba, cupy"),
-        (["train", "--epochs", "-1"], "must be at least 1"),
-        (["train", "--batch-size", "0"], "must be at least 1"),
+        (["train", "--epochs", "-1"], "epochs must be an integer >= 1, got -1"),
+        (["train", "--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+        (["train", "--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
         (["train", "--lr", "nan"], "the learning rate must be a finite number above 0, got nan"),
         (["train", "--lr", "fast"], "expected a number, got 'fast'"),
         (["train", "--momentum", "2"], "momentum must be in [0, 1), got 2.0"),

@@ -34,12 +34,17 @@ def arrays(backend, dtype, seed=0, batch=6, n_in=5, n_out=4):
 def every_op(backend, a):
     """Each op called once on the arrays a; the names of the arrays each one takes as inputs."""
     yield "take_rows", ["x", "indices"], lambda: backend.take_rows(a["x"], a["indices"])
-    yield "linear_forward", ["x", "W", "b"], lambda: backend.linear_forward(a["x"], a["W"], a["b"], relu=True)
+    yield "linear_forward", ["x", "W", "b"], lambda: backend.linear_forward(a["x"], a["W"], a["b"], "relu")
     yield (
         "linear_backward",
         ["x", "W", "grad_y", "relu_output"],
         lambda: backend.linear_backward(
-            a["x"], a["W"], a["grad_y"], grad_x=backend.empty(a["x"].shape, a["x"].dtype), relu_output=a["relu_output"]
+            a["x"],
+            a["W"],
+            a["grad_y"],
+            grad_x=backend.empty(a["x"].shape, a["x"].dtype),
+            activation="relu",
+            output=a["relu_output"],
         ),
     )
     yield "relu", ["logits"], lambda: backend.relu(a["logits"])
@@ -119,11 +124,17 @@ def test_strided_inputs_and_outputs_of_the_fused_ops_give_the_contiguous_results
     strided = {k: backend.asarray(numpy.repeat(v, 2, axis=-1))[..., ::2] for k, v in host.items() if v.ndim == 2}
     for k in ("grad_y", "relu_output", "logits"):
         assert not strided[k].flags.c_contiguous
-    expected = backend.linear_backward(a["x"], a["W"], a["grad_y"], relu_output=a["relu_output"])
+    expected = backend.linear_backward(a["x"], a["W"], a["grad_y"], activation="relu", output=a["relu_output"])
     grad_z = backend.asarray(numpy.zeros((6, 8), dtype))[:, ::2]
     grad_b = backend.asarray(numpy.zeros(8, dtype))[::2]
     got = backend.linear_backward(
-        strided["x"], strided["W"], strided["grad_y"], grad_b=grad_b, relu_output=strided["relu_output"], grad_z=grad_z
+        strided["x"],
+        strided["W"],
+        strided["grad_y"],
+        grad_b=grad_b,
+        activation="relu",
+        output=strided["relu_output"],
+        grad_z=grad_z,
     )
     for e, g in zip(expected[:2], got[:2]):
         numpy.testing.assert_array_equal(backend.to_numpy(g), backend.to_numpy(e))

@@ -1,10 +1,9 @@
 """The CuPy backend's compiled path (xpnet/backends/cupy_graphs.py): chunks of training steps
 captured as CUDA graphs and replayed.
 
-On a GPU, the graphs against the op-by-op path. Everywhere, the path's plumbing (its buffers,
-the rows and learning rates copied in before a replay, the losses copied out, the warm-up
-step it undoes) on the CPU emulation of CuPy, where a "graph" replays the chunk's Python: the
-emulation runs each op as it is called, so it cannot record launches without running them.
+On a GPU, the graphs against the op-by-op path. Everywhere, the path's plumbing on the CPU
+emulation of CuPy, where a "graph" replays the chunk's Python (tests/cuda_host.py,
+ReplayedGraphSteps).
 """
 
 import ctypes
@@ -13,9 +12,10 @@ import types
 import numpy
 import pytest
 
-from tests.cuda_host import CXX, EmulatedCupyBackend
+from tests.cuda_host import CXX, EmulatedCupyBackend, ReplayedGraphSteps
 from xpnet.backends import get_backend
 from xpnet.backends.cupy_graphs import OP_N, CublasGemm, GraphSteps
+from xpnet.backends.steps import TrainingData
 from xpnet.data.synthetic import synthetic_splits
 from xpnet.errors import BackendUnavailable
 from xpnet.nn.train import TrainConfig, Trainer
@@ -29,32 +29,26 @@ CONFIG = TrainConfig(
 CHUNK_SHAPES = {(48, 48), (8,)}
 
 
-class ReplayedGraphSteps(GraphSteps):
-    """GraphSteps with capture emulated: a graph's launch runs the chunk's Python again."""
-
-    def _record(self, chunk):
-        return types.SimpleNamespace(launch=chunk)
-
-    def capturable_ops(self):
-        return self.backend
-
-
 def train_two_epochs(backend, steps_class=None):
     """A trainer after two epochs, its reference loop or steps_class's, and each epoch's losses."""
     trainer = Trainer(backend, synthetic_splits(n_train=200), CONFIG, compiled=False)
     if steps_class is not None:
-        trainer.compiled_steps = steps_class(
-            backend, trainer.model, trainer.optimizer, trainer.train_x, trainer.train_y, CONFIG.batch_size
-        )
+        trainer.compiled_steps = graph_steps(steps_class, trainer)
         trainer.compiled_steps.prepare(trainer.step_losses)
     trainer.chunk_steps = 2
     losses = [trainer.run_steps() for _ in range(2)]
     return trainer, losses
 
 
+def graph_steps(steps_class, trainer):
+    """The trainer's steps as steps_class's graphs."""
+    data = TrainingData(trainer.train_x, trainer.train_y, None)
+    return steps_class(trainer.backend, trainer.model, trainer.optimizer, data, trainer.config.batch_size)
+
+
 def state(trainer):
     """Host copies of the weights and the optimiser's velocities."""
-    arrays = [p.value for p in trainer.model.parameters()] + trainer.optimizer.velocities
+    arrays = [p.value for p in trainer.model.parameters()] + trainer.optimizer.state["velocity"]
     return [trainer.backend.to_numpy(array) for array in arrays]
 
 
@@ -73,7 +67,7 @@ def test_replayed_chunks_train_exactly_as_the_reference_loop():
 def test_the_warm_up_before_a_capture_leaves_the_model_as_it_was():
     backend = EmulatedCupyBackend()
     trainer = Trainer(backend, synthetic_splits(n_train=200), CONFIG, compiled=False)
-    steps = ReplayedGraphSteps(backend, trainer.model, trainer.optimizer, trainer.train_x, trainer.train_y, 48)
+    steps = graph_steps(ReplayedGraphSteps, trainer)
     trainer.run_steps(1)  # a velocity that is not zero, which a warm-up step would change
     before = state(trainer)
     steps._make_room((48, 48))
@@ -89,9 +83,7 @@ def test_quick_graph_chunks_keep_their_length():
     capture (seconds on a GPU, and memory), so a 100-step epoch stays in chunks of its twentieth."""
     backend = EmulatedCupyBackend()
     trainer = Trainer(backend, synthetic_splits(n_train=4000), TrainConfig(batch_size=40), compiled=False)
-    trainer.compiled_steps = ReplayedGraphSteps(
-        backend, trainer.model, trainer.optimizer, trainer.train_x, trainer.train_y, 40
-    )
+    trainer.compiled_steps = graph_steps(ReplayedGraphSteps, trainer)
     trainer.compiled_steps.prepare(trainer.step_losses)
     trainer.run_steps()
     assert set(trainer.compiled_steps.graphs) == {(40,) * 5}

@@ -11,17 +11,13 @@ from tests.cuda_host import elementwise_as_cuda
 from xpnet.backends import cupy_backend
 
 NVCC = shutil.which("nvcc")
-INSTANTIATIONS = """
-template __global__ void mask_and_sum_row_blocks<{T}>(const {T}*, const {T}*, bool, {T}*, {T}*, int, int, int);
-template __global__ void sum_rows<{T}>(const {T}*, {T}*, int, int);
-template __global__ void softmax_cross_entropy<{T}>(const {T}*, const long long*, {T}*, double*, int, int);
-"""
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here, so the CUDA sources cannot be compiled")
 def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path):
-    source = cupy_backend._MASK_AND_SUM_ROWS + cupy_backend._SOFTMAX_CROSS_ENTROPY + cupy_backend._CHECK_RANGE
-    source += "".join(INSTANTIATIONS.format(T=t) for t in ("float", "double"))
+    # Taking each kernel's address, by the name CuPy looks it up by, instantiates the templates.
+    addresses = ", ".join(f"(void*)&{name}" for name in cupy_backend.RAW_KERNELS)
+    source = cupy_backend.RAW_SOURCE + f"void* kernel_addresses[] = {{{addresses}}};\n"
     (tmp_path / "kernels.cu").write_text(source)
     result = subprocess.run(
         [NVCC, "-ptx", "-arch=sm_90", "--std=c++14", "kernels.cu", "-o", "kernels.ptx"],
@@ -32,14 +28,14 @@ def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "kernels.ptx").read_text()
-    assert ptx.count(".entry") == 7  # three kernels, each for float and double, and check_range
+    assert ptx.count(".entry") == len(cupy_backend.RAW_KERNELS) == 9  # four templates in two dtypes, check_range
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here, so the CUDA sources cannot be compiled")
 def test_elementwise_kernel_bodies_compile_for_both_dtypes(tmp_path):
     source = "".join(
         elementwise_as_cuda(f"{name}_{dtype}", spec, dtype)
-        for name, spec in (("add_bias_relu", cupy_backend._ADD_BIAS_RELU), ("sgd_update", cupy_backend._SGD_UPDATE))
+        for name, spec in cupy_backend.ELEMENTWISE_KERNELS.items()
         for dtype in ("float", "double")
     )
     (tmp_path / "elementwise.cu").write_text(source)

@@ -42,10 +42,10 @@ def away_from_zero(rng, shape, margin=0.1):
     return values * rng.choice([-1.0, 1.0], shape)
 
 
-@pytest.mark.parametrize("relu", [False, True])
-def test_linear_gradients(backend, relu):
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_linear_gradients(backend, activation):
     rng = numpy.random.default_rng(1)
-    layer = Linear(backend, 7, 5, rng, "float64", relu=relu)
+    layer = Linear(backend, 7, 5, rng, "float64", activation)
     layer.b.value[...] = backend.asarray(rng.uniform(-0.5, 0.5, 5))
     x = backend.asarray(rng.standard_normal((4, 7)))
     weights = rng.standard_normal((4, 5))  # loss = sum(y * weights), so dL/dy = weights
@@ -109,10 +109,10 @@ def test_two_hidden_layer_model_gradients(backend):
 
 
 def test_fused_relu_equals_linear_then_relu(backend):
-    """Linear(relu=True) is Linear followed by ReLU: same outputs, same gradients."""
+    """Linear(activation="relu") is Linear followed by ReLU: same outputs, same gradients."""
     x_host = numpy.random.default_rng(5).standard_normal((9, 7))
     grad_host = numpy.random.default_rng(6).standard_normal((9, 4))
-    fused = Linear(backend, 7, 4, numpy.random.default_rng(0), "float64", relu=True)
+    fused = Linear(backend, 7, 4, numpy.random.default_rng(0), "float64", "relu")
     plain = Linear(backend, 7, 4, numpy.random.default_rng(0), "float64")
     chain = Sequential([plain, ReLU(backend)])
     x = backend.asarray(x_host)

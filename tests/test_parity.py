@@ -55,12 +55,13 @@ def host(backend, array):
 
 
 # -- the reference, in float64 ----------------------------------------------------------------
-def reference_linear(x, W, b, relu):
+def reference_linear(x, W, b, activation):
     y = x @ W.T + b
-    return numpy.maximum(y, 0) if relu else y
+    return numpy.maximum(y, 0) if activation == "relu" else y
 
 
 def reference_linear_backward(x, W, grad_y, relu_output):
+    """The gradients of a layer whose ReLU gave relu_output (None: no activation)."""
     g = grad_y if relu_output is None else grad_y * (relu_output > 0)
     return [g.T @ x, g.sum(axis=0), g @ W]
 
@@ -76,35 +77,40 @@ def reference_softmax_cross_entropy(logits, labels):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("relu", [False, True])
-def test_linear_forward(backend, dtype, shape, relu):
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_linear_forward(backend, dtype, shape, activation):
     batch, n_in, n_out = shape
     rng = numpy.random.default_rng(sum(shape))
     x, W, b = draw(rng, (batch, n_in), dtype), draw(rng, (n_out, n_in), dtype), draw(rng, n_out, dtype)
-    got = backend.linear_forward(on(backend, x, dtype), on(backend, W, dtype), on(backend, b, dtype), relu)
-    ref = reference_linear(x, W, b, relu)
+    got = backend.linear_forward(on(backend, x, dtype), on(backend, W, dtype), on(backend, b, dtype), activation)
+    ref = reference_linear(x, W, b, activation)
     magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
     assert_within_bound(host(backend, got), ref, dtype, n_in + 1, magnitude)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("activation", ["identity", "relu"])
 @pytest.mark.parametrize("input_grad", [False, True])
-def test_linear_backward(backend, dtype, shape, relu, input_grad):
+def test_linear_backward(backend, dtype, shape, activation, input_grad):
     batch, n_in, n_out = shape
     rng = numpy.random.default_rng(sum(shape) + 1)
     x, W, grad_y = draw(rng, (batch, n_in), dtype), draw(rng, (n_out, n_in), dtype), draw(rng, (batch, n_out), dtype)
-    relu_output = numpy.maximum(draw(rng, (batch, n_out), dtype), 0) if relu else None
+    relu_output = numpy.maximum(draw(rng, (batch, n_out), dtype), 0) if activation == "relu" else None
 
     grad_x = backend.empty((batch, n_in), dtype) if input_grad else None
     out = None if relu_output is None else on(backend, relu_output, dtype)
     grads = backend.linear_backward(
-        on(backend, x, dtype), on(backend, W, dtype), on(backend, grad_y, dtype), grad_x=grad_x, relu_output=out
+        on(backend, x, dtype),
+        on(backend, W, dtype),
+        on(backend, grad_y, dtype),
+        grad_x=grad_x,
+        activation=activation,
+        output=out,
     )
     got = [host(backend, a) for a in grads if a is not None]
     ref = reference_linear_backward(x, W, grad_y, relu_output)
-    masked = numpy.abs(grad_y) * (relu_output > 0) if relu else numpy.abs(grad_y)
+    masked = numpy.abs(grad_y) * (relu_output > 0) if relu_output is not None else numpy.abs(grad_y)
     magnitudes = [masked.T @ numpy.abs(x), masked.sum(axis=0), masked @ numpy.abs(W)]
     lengths = [batch, batch, n_out]
     for g, r, m, k in zip(got, ref, magnitudes, lengths):
@@ -182,11 +188,11 @@ def test_linear_round_trip_any_shape(batch, n_in, n_out, seed):
     grad_y = draw(rng, (batch, n_out), "float32")
     for name in ["numpy", "numba"]:
         backend = get_backend(name)
-        y = backend.linear_forward(x.astype("float32"), W.astype("float32"), b.astype("float32"), relu=True)
-        ref_y = reference_linear(x, W, b, relu=True)
+        y = backend.linear_forward(x.astype("float32"), W.astype("float32"), b.astype("float32"), "relu")
+        ref_y = reference_linear(x, W, b, "relu")
         assert_within_bound(y, ref_y, "float32", n_in + 1, numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b))
         grad_W, _, _ = backend.linear_backward(
-            x.astype("float32"), W.astype("float32"), grad_y.astype("float32"), relu_output=y
+            x.astype("float32"), W.astype("float32"), grad_y.astype("float32"), activation="relu", output=y
         )
         masked = numpy.abs(grad_y) * (ref_y > 0)
         assert_within_bound(grad_W, (grad_y * (ref_y > 0)).T @ x, "float32", batch, masked.T @ numpy.abs(x))

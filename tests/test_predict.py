@@ -11,7 +11,7 @@ import pytest
 Image = pytest.importorskip("PIL.Image", reason="predict needs Pillow (the test extras install it)")
 
 from xpnet.data.images import mnist_like  # noqa: E402
-from xpnet.nn.checkpoint import load_model  # noqa: E402
+from xpnet.nn.model import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

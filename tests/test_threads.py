@@ -97,15 +97,13 @@ def test_the_cli_follows_the_load_and_the_library_leaves_blas_its_own_count():
 def test_an_epoch_on_a_device_backend_sets_no_blas_limit(monkeypatch):
     """A GPU backend uses no host BLAS, and a limit is not free; the emulated CuPy backend
     stands for one."""
-    from xpnet.nn import train
-
-    limits = []
+    limits, blas_threads = [], threads.blas_threads
 
     def recorded(count, controller=None):
         limits.append(count)
-        return threads.blas_threads(count, controller)
+        return blas_threads(count, controller)
 
-    monkeypatch.setattr(train, "blas_threads", recorded)
+    monkeypatch.setattr(threads, "blas_threads", recorded)
     for backend, limit in (("numpy", 1), (EmulatedCupyBackend(), None)):
         trainer = xpnet.Trainer(backend, synthetic_splits(n_train=128), xpnet.TrainConfig(batch_size=64), threads=1)
         limits.clear()
@@ -119,8 +117,6 @@ def test_auto_checks_the_load_again_when_it_arrives_mid_epoch(monkeypatch, slow_
     arrived). The load is checked at the epoch's start and, after the first chunk three times
     slower than the one after that check, again; the checks train like the other chunks."""
     from types import SimpleNamespace
-
-    from xpnet.nn import train
 
     trainer = xpnet.Trainer("numpy", synthetic_splits(n_train=2560), xpnet.TrainConfig(batch_size=64), threads="auto")
     assert (trainer.steps_per_epoch, trainer.chunk_steps) == (40, 2)
@@ -142,8 +138,8 @@ def test_auto_checks_the_load_again_when_it_arrives_mid_epoch(monkeypatch, slow_
         run(chunk), run(chunk)
         return 1, 1.0
 
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=tick))
-    monkeypatch.setattr(train, "threads_left", check)
+    monkeypatch.setattr(threads, "time", SimpleNamespace(perf_counter=tick))
+    monkeypatch.setattr(threads, "threads_left", check)
     monkeypatch.setattr(trainer, "run_steps", timed_run_steps)
     trainer.train_epoch()
     assert checks == checks_at

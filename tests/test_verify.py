@@ -14,14 +14,14 @@ class DropsOneReluGradient(NumbaBackend):
 
     name = "drops-one-relu-gradient"
 
-    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z):
-        if relu_output is not None:
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
+        if activation == "relu":
             grad_y = grad_y.copy()
-            grad_y[tuple(numpy.argwhere(relu_output > 0)[0])] = 0
-        super()._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z)
+            grad_y[tuple(numpy.argwhere(output > 0)[0])] = 0
+        super()._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z)
 
 
-class CompiledStepsWithAWrongRate(numba_steps.CompiledSteps):
+class CompiledLoopWithAWrongRate(numba_steps.CompiledLoop):
     def run(self, order, first, n, lrs, losses, threads=None):
         super().run(order, first, n, lrs * 1.001, losses, threads)
 
@@ -31,10 +31,8 @@ class WrongCompiledPath(NumbaBackend):
 
     name = "wrong-compiled-path"
 
-    def compile_steps(self, model, optimizer, train_x, train_y, batch_size, train_images=None):
-        return CompiledStepsWithAWrongRate(
-            self, model, optimizer, train_x, train_y, batch_size, train_images=train_images
-        )
+    def compile_steps(self, model, optimizer, data, batch_size):
+        return CompiledLoopWithAWrongRate(model, optimizer, data, batch_size)
 
 
 class SlightlyWrongLearningRate(NumpyBackend):

@@ -19,10 +19,10 @@ The pieces are public too: ``get_backend`` gives the array backend whose ops the
 from xpnet.backends import Backend, available_backends, get_backend
 from xpnet.data import Split, Splits, load_dataset
 from xpnet.errors import ArgumentError, BackendUnavailable, ConfigError, DataError, XpnetError
-from xpnet.nn.checkpoint import load_checkpoint, load_model
+from xpnet.nn.checkpoint import load_checkpoint
 from xpnet.nn.layers import Linear, ReLU, Sequential
 from xpnet.nn.loss import SoftmaxCrossEntropy, softmax
-from xpnet.nn.model import MLP, confusion_matrix
+from xpnet.nn.model import MLP, confusion_matrix, load_model
 from xpnet.nn.optim import SGD
 from xpnet.nn.train import Diverged, History, TrainConfig, Trainer, seed_lr
 

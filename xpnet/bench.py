@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy
 
-from xpnet.backends.numba_steps import FEATURE_MAJOR_BELOW
+from xpnet.backends.blas import FEATURE_MAJOR_BELOW
 from xpnet.data.synthetic import synthetic_splits
 from xpnet.nn.train import TrainConfig, Trainer, seed_lr
 
@@ -152,7 +152,7 @@ def measure(contenders, batch_size, hidden, dtype, repeats, log=print):
     return results
 
 
-def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None, compiled=True, threads=None):
+def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None, compiled=None, threads=None):
     """A backend's training epoch, with the trainer's BLAS thread policy; compiled=False times
     its reference loop even where it has a compiled one (the row named "<backend> (op by op)"),
     to show what compiling the loop buys."""
@@ -166,7 +166,7 @@ def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", split
         compile_seconds += time.perf_counter() - start
     host = backend.xp is numpy
     return Contender(
-        backend.name if compiled else f"{backend.name} (op by op)",
+        backend.name if compiled is not False else f"{backend.name} (op by op)",
         trainer.train_epoch,
         backend.synchronize,
         len(splits.train),

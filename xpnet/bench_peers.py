@@ -22,6 +22,8 @@ TORCH_SETTLE_SECONDS = 0.1
 # as CUDA graphs, what its documentation advises for small batches; on a CPU it has no graphs to
 # replay, so that peer runs on the GPU only.
 TORCH_COMPILE_MODES = {"torch": None, "torch-compile": "default", "torch-graphs": "reduce-overhead"}
+# The peers `xpnet bench --peers` can name: torch's modes and JAX.
+PEERS = (*TORCH_COMPILE_MODES, "jax")
 
 
 def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES, compile_mode=None):

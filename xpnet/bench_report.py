@@ -88,7 +88,7 @@ def torch_runs(torch_peers, devices, log=print):
 
 
 def collect(backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, log=print, threads=None):
-    """The results of every row. peers names those to time, from xpnet.cli.PEERS: "torch" (eager,
+    """The results of every row. peers names those to time, from xpnet.bench_peers.PEERS: "torch" (eager,
     on each device torch has), "torch-compile" (torch.compile, likewise), "torch-graphs" (its
     CUDA-graph mode, on a GPU only) and "jax"."""
     results = []

@@ -2,11 +2,13 @@
 Every user error is one line on stderr and exit 2."""
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
 
 from xpnet.backends import REGISTRY
+from xpnet.bench_peers import PEERS
 from xpnet.errors import UsageError, XpnetError
 
 
@@ -37,6 +39,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def integer(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def positive_int(text):
@@ -99,9 +108,6 @@ def name_list(text):
     return names
 
 
-PEERS = ("torch", "torch-compile", "torch-graphs", "jax")  # xpnet/bench_peers.py; torch-graphs: on a GPU only
-
-
 def peer_list(text):
     """--peers: some of PEERS, comma-separated."""
     names = comma_list(text)
@@ -139,36 +145,32 @@ def add_data_flags(parser, default="mnist", help="(default: mnist)"):
     )
 
 
-def add_train_parser(commands):
-    from xpnet.nn.optim import SCHEDULES
-    from xpnet.nn.train import TrainConfig
+def setting_flag(name):
+    """The CLI flag of a TrainConfig setting: --batch-size for batch_size."""
+    return "--" + name.replace("_", "-")
 
-    defaults = TrainConfig()
+
+def add_setting_flags(parser):
+    """A flag for each TrainConfig setting, derived from its declaration (xpnet/nn/config.py):
+    its type, default, help and choices. Whether a value is usable is TrainConfig's to say."""
+    from xpnet.nn.config import TrainConfig
+
+    for declared in dataclasses.fields(TrainConfig):
+        meta, options = declared.metadata, {"default": declared.default, "help": declared.metadata["help"]}
+        if declared.type is bool:
+            options["action"] = "store_true"
+        elif meta["choices"] is not None:
+            options["choices"] = list(meta["choices"])
+        else:
+            options["type"] = {int: integer, float: number, tuple: int_list, str: str}[declared.type]
+        parser.add_argument(setting_flag(declared.name), **options)
+
+
+def add_train_parser(commands):
     train = commands.add_parser("train", help="train an MLP and report validation and test accuracy")
     add_backend_flag(train)
-    add_dtype_flag(train)
     add_data_flags(train, None, "(default: the checkpoint's with --resume, else mnist)")
-    train.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="train up to this epoch")
-    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="samples per SGD step")
-    train.add_argument(
-        "--lr",
-        type=number,
-        default=defaults.lr,
-        help=f"learning rate on the mean loss (default {defaults.lr:g}: the seed's 1e-4 on the summed loss of 512)",
-    )
-    train.add_argument(
-        "--hidden",
-        type=int_list,
-        default=defaults.hidden,
-        help="hidden layer sizes, e.g. 200 or 512,256,128,64",
-    )
-    train.add_argument("--seed", type=int, default=defaults.seed, help="for the initial weights and the batch order")
-    train.add_argument("--momentum", type=number, default=defaults.momentum, help="in [0, 1), e.g. 0.9")
-    train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum > 0)")
-    train.add_argument("--weight-decay", type=number, default=defaults.weight_decay, help="L2 penalty, >= 0")
-    train.add_argument(
-        "--schedule", choices=list(SCHEDULES), default=defaults.schedule, help="learning-rate schedule over the run"
-    )
+    add_setting_flags(train)
     train.add_argument("--save", default=None, help="write a checkpoint (.npz) here after the last epoch")
     train.add_argument("--save-every", type=positive_int, default=None, help="also every N epochs (needs --save)")
     train.add_argument("--resume", default=None, help="continue the run saved in this checkpoint, up to --epochs")

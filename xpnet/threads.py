@@ -13,7 +13,7 @@ chunk, at the count it chose last) while reading the machine's busy CPU time (/p
 this process's own, and gives BLAS the cores nobody else is using, at least one, for the rest
 of the epoch and its validation. Alone it takes every core; beside a twin, each takes one.
 The trainer counts again within an epoch after a chunk of steps that ran twice as slowly as
-the first chunk after the last count (Trainer._auto_epoch): load that arrives mid-epoch.
+the first chunk after the last count (ThreadPolicy.run_epoch): load that arrives mid-epoch.
 The limit is set with threadpoolctl on every BLAS library loaded (NumPy's, and SciPy's when
 present; a trainer's, those loaded when it was made), not with environment variables a user
 must know.
@@ -35,6 +35,11 @@ from threadpoolctl import ThreadpoolController, threadpool_limits
 from xpnet.errors import ConfigError
 
 AUTO = "auto"
+# Under threads "auto", a chunk of steps this many times slower per step than the first chunk
+# after the last check of the load has the load re-checked. The check at each epoch's start
+# does not see load that arrives later in the epoch: on a 16-core machine with the test suite
+# starting beside it, a first epoch that kept its 8 threads ran 15x slower than the later ones.
+RECHECK_SLOWDOWN = 2.0
 
 
 def usable_cores():
@@ -118,3 +123,62 @@ def threads_left(run, chunk, most, current, seconds=0.1, limit=blas_threads):
     others = max(0.0, (busy_cpu_seconds() - busy) - (own_cpu_seconds() - own)) / wall
     cores = usable_cores()
     return max(1, min(cores, round(cores - others))), others
+
+
+class ThreadPolicy:
+    """A trainer's threads, epoch by epoch: threads is None (BLAS's own count), a count, or AUTO.
+    controller is blas_controller()'s handle on the host's BLAS (None for a GPU backend: no
+    limit is set); blas_threads maps the trainer's count to BLAS's limit (a compiled loop with
+    threads of its own wants BLAS on one)."""
+
+    def __init__(self, threads, controller, blas_threads=None):
+        self.threads = check_threads(threads)
+        self.count = usable_cores() if self.threads == AUTO else self.threads  # the count in use
+        self.controller = controller
+        self.blas_threads = blas_threads or (lambda count: count)
+
+    def limit(self, count=None):
+        """BLAS's limit for a block run at `count` threads (the count in use when None)."""
+        if self.controller is None:
+            return blas_threads(None)
+        return blas_threads(self.blas_threads(self.count if count is None else count), self.controller)
+
+    def run_epoch(self, run, steps_left, chunk_steps):
+        """The rest of an epoch: run(n) takes its next n steps; steps_left() and chunk_steps() say
+        how many are left and how many a chunk takes. Under AUTO with host BLAS, the load is checked
+        (threads_left, whose chunks are training steps like the others) at the start and again
+        after any chunk RECHECK_SLOWDOWN times slower per step than the first chunk after the last
+        check, while more than five chunks are left; otherwise one limit holds for the epoch."""
+        if self.threads != AUTO or self.controller is None:
+            with self.limit():
+                run(steps_left())
+            return
+        while True:
+            left, chunk = steps_left(), chunk_steps()
+            if left > 5 * chunk:
+                # As long as 0.1 s, all but the last chunk at most: /proc/stat counts in 10 ms
+                # ticks, and a quarter of a 100 ms epoch misread the load (one thread chosen,
+                # alone, in two epochs of seven at batch 2048 on a 2-core machine).
+                self.count, _ = threads_left(run, chunk, -(-left // chunk) - 1, self.count, limit=self.limit)
+            # One limit for all the chunks until the next check: OpenBLAS set back to more threads
+            # after each chunk cost the next one (measured: 17% of an epoch at batch 512).
+            with self.limit():
+                if self._run_while_steady(run, steps_left, chunk_steps):
+                    return
+
+    @staticmethod
+    def _run_while_steady(run, steps_left, chunk_steps):
+        """Chunks of steps until the epoch is done (True) or one runs RECHECK_SLOWDOWN times
+        slower per step than the first (False)."""
+        steady = None  # seconds a step in the first chunk
+        while True:
+            left = steps_left()
+            n = min(chunk_steps(), left)
+            start = time.perf_counter()
+            run(n)
+            if n == left:
+                return True
+            seconds = (time.perf_counter() - start) / n
+            steady = seconds if steady is None else steady
+            if seconds > RECHECK_SLOWDOWN * steady:
+                return False

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy
 
 from xpnet.backends import get_backend
-from xpnet.nn.train import TrainConfig, Trainer, seed_lr
+from xpnet.nn.config import TrainConfig, seed_lr
+from xpnet.nn.train import Trainer
 
 
 def error_bound(dtype, reduction_length, magnitude):
@@ -81,8 +82,8 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
     params = [(rounded(layer.W.value), rounded(layer.b.value)) for layer in layers]
     inputs, outputs, x = [], [], rounded(x)
     for i, (layer, (W, b)) in enumerate(zip(layers, params)):
-        y_ref = ref.linear_forward(x, W, b, layer.relu)
-        y = candidate.linear_forward(on_candidate(x), on_candidate(W), on_candidate(b), layer.relu)
+        y_ref = ref.linear_forward(x, W, b, layer.activation)
+        y = candidate.linear_forward(on_candidate(x), on_candidate(W), on_candidate(b), layer.activation)
         check(f"layer {i + 1} forward", y, y_ref, W.shape[1] + 1, numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b))
         inputs.append(x)
         outputs.append(rounded(y_ref))
@@ -97,11 +98,11 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
     grad_y = rounded(grad_ref)
     for i in reversed(range(len(layers))):
         (W, b), x_in = params[i], inputs[i]
-        relu_output = outputs[i] if layers[i].relu else None
-        grads_ref = _backward(ref, numpy.float64, x_in, W, grad_y, relu_output, need_x=i > 0)
-        candidate_relu = None if relu_output is None else on_candidate(relu_output)
-        grads = _backward(candidate, dtype, *map(on_candidate, (x_in, W, grad_y)), candidate_relu, need_x=i > 0)
-        masked = numpy.abs(grad_y) * (relu_output > 0) if relu_output is not None else numpy.abs(grad_y)
+        activation, output = layers[i].activation, outputs[i]
+        grads_ref = _backward(ref, numpy.float64, x_in, W, grad_y, output, activation, need_x=i > 0)
+        on = map(on_candidate, (x_in, W, grad_y, output))
+        grads = _backward(candidate, dtype, *on, activation=activation, need_x=i > 0)
+        masked = numpy.abs(activation_grad(activation, grad_y, output))
         magnitudes = [masked.T @ numpy.abs(x_in), masked.sum(axis=0), masked @ numpy.abs(W)]
         for label, got, expected, k, m in zip(
             ["grad W", "grad b", "grad x"], grads, grads_ref, [batch, batch, W.shape[0]], magnitudes
@@ -123,10 +124,16 @@ def loss_magnitude(logits, labels):
     return per_row.mean()
 
 
-def _backward(backend, dtype, x, W, grad_y, relu_output, need_x):
+def _backward(backend, dtype, x, W, grad_y, output, activation, need_x):
     grad_x = backend.empty(x.shape, dtype) if need_x else None
-    grads = backend.linear_backward(x, W, grad_y, grad_x=grad_x, relu_output=relu_output)
+    grads = backend.linear_backward(x, W, grad_y, grad_x=grad_x, activation=activation, output=output)
     return [g for g in grads if g is not None]
+
+
+def activation_grad(activation, grad_y, output):
+    """grad_y * f'(z) in float64, from the layer's output y = f(z): what a backward pass's
+    activation step gives, exactly (a mask)."""
+    return grad_y * (output > 0) if activation == "relu" else grad_y
 
 
 def verify(candidates, data, steps=5, dtype="float32", hidden=(200,), batch_size=512, seed=0, lr=None):
@@ -142,7 +149,7 @@ def verify(candidates, data, steps=5, dtype="float32", hidden=(200,), batch_size
         for candidate in candidates:
             checks.extend(check_step(step, candidate, dtype, reference.model, x, y, lr))
         for trainer in compiled:
-            checks.extend(check_compiled_step(step, trainer, reference.model, y, lr))
+            checks.extend(check_compiled_step(step, trainer, reference.model, y))
         reference.run_steps(1)
     return checks
 
@@ -154,12 +161,13 @@ def compiled_trainers(candidates, data, config):
     return [trainer for trainer in trainers if trainer.compiled_steps is not None]
 
 
-def check_compiled_step(step, trainer, reference_model, labels, lr):
-    """One compiled step from the reference's state, checked op by op from what its buffers hold
+def check_compiled_step(step, trainer, reference_model, labels):
+    """One compiled step from the reference's weights, checked op by op from what its buffers hold
     after it: each op's result against float64 arithmetic on the compiled step's own inputs to
-    that op, within the same one-op bounds as above. The compiled loop cannot be fed the
+    that op, within the same one-op bounds as above; the update by the trainer's own optimiser
+    (its options and velocity) at its scheduled rate. The compiled loop cannot be fed the
     reference's inputs op by op; checking each op on its own inputs bounds each op alike."""
-    backend, dtype, steps, checks = trainer.backend, trainer.model.dtype, trainer.compiled_steps, []
+    backend, dtype, checks, optimizer = trainer.backend, trainer.model.dtype, [], trainer.optimizer
     host = lambda array: numpy.asarray(backend.to_numpy(array), dtype=numpy.float64)  # noqa: E731
 
     def check(op, got, expected, reduction_length, magnitude):
@@ -169,42 +177,68 @@ def check_compiled_step(step, trainer, reference_model, labels, lr):
     for mine, theirs in zip(trainer.model.parameters(), reference_model.parameters()):
         mine.value[...] = backend.asarray(theirs.value, dtype)
         before.append(host(mine.value))
-    k = trainer.epoch_step
+    velocities = [host(v) for v in optimizer.state.get("velocity", [])]
+    k, lr = trainer.epoch_step, optimizer.current_lr()
     own_x = host(trainer.batch(k)[0])  # the rows of the trainer's own data (normalised in its dtype)
     trainer.run_steps(1)
+    buffers = trainer.compiled_steps.buffers
     after = [host(p.value) for p in trainer.model.parameters()]
     batch, layers = len(labels), trainer.model.net.layers
-    inputs = [host(steps.inputs[:batch]), *(host(out[:batch]) for out in steps.outputs)]
+    inputs = [host(buffers.inputs[:batch]), *(host(out[:batch]) for out in buffers.outputs)]
     check("gather", inputs[0], own_x, 0, 0.0)
     for i, layer in enumerate(layers):
         W, b, x = before[2 * i], before[2 * i + 1], inputs[i]
         expected = x @ W.T + b
         magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
-        check(f"layer {i + 1} forward", inputs[i + 1], numpy.maximum(expected, 0) if layer.relu else expected,
-              W.shape[1] + 1, magnitude)  # fmt: skip
+        expected = numpy.maximum(expected, 0) if layer.activation == "relu" else expected
+        check(f"layer {i + 1} forward", inputs[i + 1], expected, W.shape[1] + 1, magnitude)
 
     logits, classes = inputs[-1], inputs[-1].shape[1]
     loss_ref, grad_ref = reference_model.backend.softmax_cross_entropy(logits, labels)
     loss = host(trainer.step_losses[k : k + 1])[0]
     check("softmax cross-entropy loss", loss, loss_ref, batch + classes + 3, loss_magnitude(logits, labels))
-    grad_y = host(steps.grad_logits[:batch])
+    grad_y = host(buffers.grads_y[-1][:batch])
     check("softmax cross-entropy grad", grad_y, grad_ref, classes + 3, numpy.abs(grad_ref) + 1.0 / batch)
 
     for i in reversed(range(len(layers))):
         W, b, x = before[2 * i], before[2 * i + 1], inputs[i]
-        grad_z = grad_y * (inputs[i + 1] > 0) if layers[i].relu else grad_y
-        if layers[i].relu:
-            check(f"layer {i + 1} backward ReLU mask", host(steps.grads_z[i][:batch]), grad_z, 0, 0.0)
+        activation = layers[i].activation
+        grad_z = activation_grad(activation, grad_y, inputs[i + 1])
+        if activation != "identity":
+            check(f"layer {i + 1} backward {activation} gradient", host(buffers.grads_z[i][:batch]), grad_z, 0, 0.0)
         if i > 0:
-            grad_y = host(steps.grads_x[i][:batch])
+            grad_y = host(buffers.grad_x(i)[:batch])
             magnitude = numpy.abs(grad_z) @ numpy.abs(W)
             check(f"layer {i + 1} backward grad x", grad_y, grad_z @ W, W.shape[0], magnitude)
-        # The gradient's roundings (batch terms) and the update's own two.
-        magnitude = numpy.abs(W) + lr * numpy.abs(grad_z).T @ numpy.abs(x)
-        check(f"layer {i + 1} update W", after[2 * i], W - lr * grad_z.T @ x, batch + 2, magnitude)
-        magnitude = numpy.abs(b) + lr * numpy.abs(grad_z).sum(axis=0)
-        check(f"layer {i + 1} update b", after[2 * i + 1], b - lr * grad_z.sum(axis=0), batch + 2, magnitude)
+        gradients = {
+            "W": (grad_z.T @ x, numpy.abs(grad_z).T @ numpy.abs(x)),
+            "b": (grad_z.sum(0), numpy.abs(grad_z).sum(0)),
+        }
+        for j, (name, (grad, grad_magnitude)) in zip((2 * i, 2 * i + 1), gradients.items()):
+            velocity = velocities[j] if velocities else None
+            expected, magnitude, new_velocity = sgd_reference(optimizer, before[j], grad, grad_magnitude, lr, velocity)
+            # The gradient's roundings (batch terms) and the update's own, at most eight.
+            check(f"layer {i + 1} update {name}", after[j], expected, batch + 8, magnitude)
+            if new_velocity is not None:
+                got, (expected, magnitude) = host(optimizer.state["velocity"][j]), new_velocity
+                check(f"layer {i + 1} velocity {name}", got, expected, batch + 8, magnitude)
     return checks
+
+
+def sgd_reference(optimizer, param, grad, grad_magnitude, lr, velocity):
+    """torch.optim.SGD's update of param in float64 with the optimiser's options, the magnitude
+    its roundings scale with, and (the new velocity, its magnitude) with momentum, else None."""
+    momentum, decay = optimizer.momentum, optimizer.weight_decay
+    step, magnitude = grad + decay * param, grad_magnitude + decay * numpy.abs(param)
+    new_velocity = None
+    if momentum:
+        velocity, velocity_magnitude = momentum * velocity + step, momentum * numpy.abs(velocity) + magnitude
+        new_velocity = velocity, velocity_magnitude
+        if optimizer.nesterov:
+            step, magnitude = step + momentum * velocity, magnitude + momentum * velocity_magnitude
+        else:
+            step, magnitude = velocity, velocity_magnitude
+    return param - lr * step, numpy.abs(param) + lr * magnitude, new_velocity
 
 
 def summarize(checks):

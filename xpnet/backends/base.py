@@ -12,6 +12,8 @@ Contracts, the same on every backend (tests/test_backends.py checks their behavi
   other argument is left as it was. An output left as None is allocated and returned.
 - ``asarray`` and ``to_numpy`` always copy: a backend's array never shares memory with a host
   array its caller holds, so writing to one never changes the other.
+- An activation is named: "identity" (none) or "relu" (ACTIVATIONS); a backend fuses it into
+  the layer's forward and backward ops.
 - Shapes must fit, and the floating arrays of one op share one dtype, float32 or float64:
   nothing is cast silently (cast with ``asarray(a, dtype)``). Labels and row indices are
   integer arrays within [0, classes) and [0, rows). A fault is an ArgumentError (a ValueError)
@@ -22,11 +24,28 @@ Contracts, the same on every backend (tests/test_backends.py checks their behavi
 - ``count_correct`` counts a row with any NaN logit as wrong: NaN is no prediction.
 """
 
+from typing import NamedTuple
+
 import numpy
 
 from xpnet.errors import ArgumentError
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+# The activations a layer's ops fuse, by name; a kernel takes a name's index here as its code.
+ACTIVATIONS = ("identity", "relu")
+
+
+def check_activation(name):
+    """name, if it names one of ACTIVATIONS; else ArgumentError listing them."""
+    if name not in ACTIVATIONS:
+        raise ArgumentError(f"unknown activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
+    return name
+
+
+class Declined(NamedTuple):
+    """What compile_steps returns for a run its compiled path does not lower, with the reason."""
+
+    reason: str
 
 
 def _shape_text(shape):
@@ -62,17 +81,12 @@ class Backend:
         """Compile whatever this backend compiles for dtype; returns the seconds it took."""
         return 0.0
 
-    def compile_steps(self, model, optimizer, train_x, train_y, batch_size, train_images=None):
-        """A backend's way to take many training steps in one call, or None: the trainer then
-        runs the reference loop, the layers calling these ops a step at a time. train_images are
-        the training images as loaded, host arrays that train_x normalises, which it may gather
-        from instead (Numba's loop does, from uint8 pixels: a quarter of the bytes). What it returns
-        has run(order, first, n, lrs, losses, threads), count_correct(x, y, threads) (None where
-        the trainer's reference pass counts), prepare(losses) and chunks_may_grow (whether the
-        trainer may change how many steps it passes a call); see numba_steps.CompiledSteps
-        (Numba: the loop compiled) and cupy_graphs.GraphSteps (CuPy: the steps as CUDA graphs).
-        """
-        return None
+    def compile_steps(self, model, optimizer, data, batch_size):
+        """Many training steps in one call: a backends.steps.CompiledSteps for this model,
+        optimiser and data (a backends.steps.TrainingData) at this batch size, or Declined, with
+        the reason, where this backend has no compiled path or it does not lower this run. The
+        trainer then runs the reference loop: the layers calling these ops a step at a time."""
+        return Declined(f"the {self.name} backend has no compiled path")
 
     # -- argument checks: one place, so every backend refuses the same things ---------------
     def _check_range(self, name, values, stop):
@@ -133,28 +147,32 @@ class Backend:
     def _take_rows(self, source, indices, out):
         return self.xp.take(source, indices, axis=0, out=out)
 
-    def linear_forward(self, x, W, b, relu=False, out=None):
-        """y = x @ W.T + b, then max(y, 0) when relu is set (so a backend may fuse the two)."""
+    def linear_forward(self, x, W, b, activation="identity", out=None):
+        """y = f(x @ W.T + b), f the named activation (so a backend may fuse the two)."""
         n_out, n_in = self._check("W", W, ndim=2, kind="float").shape
         self._check("x", x, (None, n_in), W.dtype)
         self._check("b", b, (n_out,), W.dtype)
+        check_activation(activation)
         out = self._output("out", out, (len(x), n_out), W.dtype)
-        return self._linear_forward(x, W, b, relu, out)
+        return self._linear_forward(x, W, b, activation, out)
 
-    def _linear_forward(self, x, W, b, relu, out):
+    def _linear_forward(self, x, W, b, activation, out):
         self.xp.matmul(x, W.T, out=out)
         out += b
-        if relu:
+        if activation == "relu":
             self.xp.maximum(out, 0, out=out)
         return out
 
-    def linear_backward(self, x, W, grad_y, grad_W=None, grad_b=None, grad_x=None, relu_output=None, grad_z=None):
-        """grad_W = g.T @ x, grad_b = sum over rows of g, grad_x = g @ W, where g = grad_z =
-        grad_y * (relu_output > 0) when the layer's fused ReLU output is given, else grad_y.
+    def linear_backward(
+        self, x, W, grad_y, grad_W=None, grad_b=None, grad_x=None, activation="identity", output=None, grad_z=None
+    ):
+        """grad_W = g.T @ x, grad_b = sum over rows of g, grad_x = g @ W, with g = grad_z = grad_y * f'(z).
 
-        grad_x is computed only when a buffer is passed (the first layer's input gradient has
-        no use); grad_z receives the masked gradient (allocated when None). Returns
-        (grad_W, grad_b, grad_x), grad_x None unless asked for.
+        f is the layer's named activation and output its result y = f(z), from which f' is
+        known (relu: y > 0); identity needs no output and takes g = grad_y. grad_x is computed
+        only when a buffer is passed (the first layer's input gradient has no use); grad_z
+        receives g (allocated when None). Returns (grad_W, grad_b, grad_x), grad_x None unless
+        asked for.
         """
         n_out, n_in = self._check("W", W, ndim=2, kind="float").shape
         batch = len(self._check("x", x, (None, n_in), W.dtype))
@@ -163,17 +181,19 @@ class Backend:
         grad_b = self._output("grad_b", grad_b, (n_out,), W.dtype)
         if grad_x is not None:
             self._check("grad_x", grad_x, (batch, n_in), W.dtype)
-        if relu_output is None:
+        if check_activation(activation) == "identity":
             grad_z = grad_y
         else:
-            self._check("relu_output", relu_output, (batch, n_out), W.dtype)
+            if output is None:
+                raise ArgumentError(f"the {activation} layer's backward pass needs its output")
+            self._check("output", output, (batch, n_out), W.dtype)
             grad_z = self._output("grad_z", grad_z, (batch, n_out), W.dtype)
-        self._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z)
+        self._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z)
         return grad_W, grad_b, grad_x
 
-    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z):
-        if relu_output is not None:
-            self._relu_backward(relu_output, grad_y, grad_z)
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
+        if activation == "relu":
+            self._relu_backward(output, grad_y, grad_z)
         self.xp.matmul(grad_z.T, x, out=grad_W)
         self.xp.sum(grad_z, axis=0, out=grad_b)
         if grad_x is not None:

@@ -23,7 +23,8 @@ import time
 
 import numpy
 
-from xpnet.backends.base import Backend
+from xpnet.backends import cupy_graphs
+from xpnet.backends.base import ACTIVATIONS, Backend, Declined
 from xpnet.errors import ArgumentError, BackendUnavailable
 
 INSTALL_HINT = (
@@ -31,16 +32,19 @@ INSTALL_HINT = (
     "(nvidia-smi shows the driver's CUDA version)"
 )
 
+# Each activation's code, as the kernels compare them: its index in base.ACTIVATIONS.
+ACTIVATION_CODES = "".join(f"#define ACTIVATION_{name.upper()} {code}\n" for code, name in enumerate(ACTIVATIONS))
+
 # The bias gradient sums a column over every row. One thread per column walking all rows left
 # a 784-200 layer's backward pass at 98 us of GPU time at batch 512 and 374 us at 2048 on an
 # H200 (bench/gpu_ops.py): 200 threads, each a long serial loop. Two passes instead, each a loop
 # of about sqrt(rows): one thread per (block of rows, column) masks its rows and sums them, then
 # one thread per column sums the blocks' sums, in block order (deterministic, and no thread
 # shares anything with another, so the CPU emulation runs them as they are).
-_MASK_AND_SUM_ROWS = r"""
+_ACTIVATION_GRAD_AND_SUM_ROWS = r"""
 template <typename T>
-__global__ void mask_and_sum_row_blocks(const T* grad_y, const T* relu_output, bool relu, T* grad_z, T* block_sums,
-                                        int rows, int cols, int block_rows) {
+__global__ void activation_grad_and_sum_row_blocks(const T* grad_y, const T* output, int activation, T* grad_z,
+                                                   T* block_sums, int rows, int cols, int block_rows) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;  // consecutive threads, consecutive columns: coalesced
     int j = t % cols, first = (t / cols) * block_rows;
     if (first >= rows) return;
@@ -49,8 +53,8 @@ __global__ void mask_and_sum_row_blocks(const T* grad_y, const T* relu_output, b
     for (int i = first; i < last; ++i) {
         int k = i * cols + j;
         T g = grad_y[k];
-        if (relu) {
-            if (!(relu_output[k] > 0)) g = 0;
+        if (activation == ACTIVATION_RELU) {
+            if (!(output[k] > 0)) g = 0;
             grad_z[k] = g;
         }
         sum += g;
@@ -117,7 +121,11 @@ __global__ void check_range(const long long* values, long long stop, int n, int*
 
 
 # ElementwiseKernel specs: (inputs, outputs, body), one element per thread, broadcast by CuPy.
-_ADD_BIAS_RELU = ("T b, bool relu", "T y", "T v = y + b; y = (relu && v < 0) ? (T)0 : v;")
+_ADD_BIAS_ACTIVATE = (
+    "T b, int32 activation",
+    "T y",
+    f"T v = y + b; y = (activation == {ACTIVATIONS.index('relu')} && v < 0) ? (T)0 : v;",
+)
 _SGD_UPDATE = (
     "T grad, T lr, T momentum, bool nesterov, T weight_decay",
     "T param, T velocity",
@@ -131,33 +139,33 @@ _SGD_UPDATE = (
 )
 
 
+# The raw kernels' source, and each kernel by the name CuPy looks it up by (a template's for
+# each dtype), which is all a kernel's signature needs beside its source.
+RAW_SOURCE = ACTIVATION_CODES + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + _CORRECT_ROWS + _CHECK_RANGE
+_TEMPLATES = ("activation_grad_and_sum_row_blocks", "sum_rows", "softmax_cross_entropy", "correct_rows")
+RAW_KERNELS = [f"{kernel}<{t}>" for kernel in _TEMPLATES for t in ("float", "double")] + ["check_range"]
+ELEMENTWISE_KERNELS = {"add_bias_activate": _ADD_BIAS_ACTIVATE, "sgd_update": _SGD_UPDATE}
+
+
 @functools.cache
 def _kernels(cupy):
     """The fused kernels, built on first use; keyed by the cupy module so that a stand-in
     (the tests' CPU emulation of CuPy's kernel API) gets kernels of its own."""
-    kernels = ("mask_and_sum_row_blocks", "sum_rows", "softmax_cross_entropy", "correct_rows")
-    names = [f"{kernel}<{t}>" for kernel in kernels for t in ("float", "double")]
-    module = cupy.RawModule(
-        code=_MASK_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + _CORRECT_ROWS + _CHECK_RANGE,
-        options=("--std=c++14",),
-        name_expressions=[*names, "check_range"],
-    )
-    return {
-        "add_bias_relu": cupy.ElementwiseKernel(*_ADD_BIAS_RELU, "xpnet_add_bias_relu"),
-        "sgd_update": cupy.ElementwiseKernel(*_SGD_UPDATE, "xpnet_sgd_update"),
-        "module": module,
-    }
+    module = cupy.RawModule(code=RAW_SOURCE, options=("--std=c++14",), name_expressions=RAW_KERNELS)
+    kernels = {name: cupy.ElementwiseKernel(*spec, f"xpnet_{name}") for name, spec in ELEMENTWISE_KERNELS.items()}
+    return {**kernels, "module": module}
 
 
 class CupyBackend(Backend):
     name = "cupy"
     eval_rows = 16384  # MNIST's validation or test split in one pass: launches, not rows, cost here
 
-    def __init__(self, xp=None):
-        """xp is CuPy; the tests pass their CPU emulation of CuPy's kernel API instead."""
+    def __init__(self, xp=None, gemm=None):
+        """xp is CuPy; the tests pass their CPU emulation of CuPy's kernel API instead. gemm(a, b,
+        out), where given, does the matrix products (cupy_graphs passes one that can be captured)."""
         if xp is None:
             import cupy as xp
-        self.xp = xp
+        self.xp, self._gemm = xp, gemm
         # Range checks run on the device and are read with the next read from it: an int the
         # failing check sets, and the (name, stop) of each check since the last read.
         self._fault = xp.zeros(1, numpy.int32)
@@ -223,23 +231,25 @@ class CupyBackend(Backend):
         start = time.perf_counter()
         x = self.xp.ones((2, 3), dtype)
         labels = self.xp.zeros(2, numpy.int64)
-        y = self.linear_forward(x, x, self.xp.zeros(2, dtype), relu=True)
-        self.linear_backward(x, x, y, relu_output=y)
+        y = self.linear_forward(x, x, self.xp.zeros(2, dtype), "relu")
+        self.linear_backward(x, x, y, activation="relu", output=y)
         self.softmax_cross_entropy(y, labels)
         self.count_correct(y, labels)
         self.sgd_update(x, self.xp.zeros_like(x), 0.1)
         self.synchronize()
         return time.perf_counter() - start
 
-    def compile_steps(self, model, optimizer, train_x, train_y, batch_size, train_images=None):
-        """Chunks of steps captured as CUDA graphs (cupy_graphs.GraphSteps), which gather from
-        train_x, on the device (train_images are on the host). Real CuPy only: the
-        tests' CPU emulation of CuPy has no streams to capture, and runs the reference loop."""
-        if getattr(self.xp, "__name__", None) != "cupy":
-            return None
-        from xpnet.backends.cupy_graphs import GraphSteps
+    # The compiled path's class: the tests' CPU emulation, which has no streams to capture, swaps in
+    # one whose graphs replay the chunk's Python.
+    _graph_steps = cupy_graphs.GraphSteps
 
-        return GraphSteps(self, model, optimizer, train_x, train_y, batch_size)
+    def compile_steps(self, model, optimizer, data, batch_size):
+        """Chunks of steps captured as CUDA graphs (cupy_graphs.GraphSteps), which gather from
+        data.x, on the device (data.images are on the host), where they lower the run."""
+        problem = cupy_graphs.lowering_problem(model, optimizer)
+        if problem is not None:
+            return Declined(f"CuPy's CUDA graphs do not run this: {problem}")
+        return self._graph_steps(self, model, optimizer, data, batch_size)
 
     # -- ops -------------------------------------------------------------------------------
     def _contiguous_output(self, out):
@@ -247,28 +257,29 @@ class CupyBackend(Backend):
         return out if out.flags.c_contiguous else self.xp.empty(out.shape, out.dtype)
 
     def _matmul(self, a, b, out):
-        """out = a @ b; the graph path (cupy_graphs) swaps in products that can be captured."""
-        return self.xp.matmul(a, b, out=out)
+        """out = a @ b, through gemm where given."""
+        return self.xp.matmul(a, b, out=out) if self._gemm is None else self._gemm(a, b, out)
 
-    def _linear_forward(self, x, W, b, relu, out):
+    def _linear_forward(self, x, W, b, activation, out):
         self._matmul(x, W.T, out)
-        _kernels(self.xp)["add_bias_relu"](b, relu, out)
+        _kernels(self.xp)["add_bias_activate"](b, numpy.int32(ACTIVATIONS.index(activation)), out)
         return out
 
-    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, relu_output, grad_z):
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
         rows, cols = grad_y.shape
-        relu = relu_output is not None
+        identity = activation == "identity"
         contiguous = self.xp.ascontiguousarray
         grad_y = contiguous(grad_y)
-        z, b = self._contiguous_output(grad_z) if relu else grad_y, self._contiguous_output(grad_b)
+        z, b = grad_y if identity else self._contiguous_output(grad_z), self._contiguous_output(grad_b)
         block_rows = max(1, math.isqrt(rows))
         blocks = -(-rows // block_rows)
         block_sums = self.xp.empty((blocks, cols), grad_y.dtype)
-        args = (grad_y, contiguous(relu_output) if relu else grad_y, numpy.bool_(relu), z, block_sums)
+        code = numpy.int32(ACTIVATIONS.index(activation))
+        args = (grad_y, grad_y if identity else contiguous(output), code, z, block_sums)
         dims = (numpy.int32(rows), numpy.int32(cols), numpy.int32(block_rows))
-        self._launch("mask_and_sum_row_blocks", blocks * cols, (*args, *dims), grad_y.dtype)
+        self._launch("activation_grad_and_sum_row_blocks", blocks * cols, (*args, *dims), grad_y.dtype)
         self._launch("sum_rows", cols, (block_sums, b, numpy.int32(blocks), numpy.int32(cols)), grad_y.dtype)
-        if relu and z is not grad_z:
+        if not identity and z is not grad_z:
             grad_z[...] = z
         if b is not grad_b:
             grad_b[...] = b

@@ -23,7 +23,7 @@ What a replay needs, and how it is met:
   ordered with the rest of the trainer's work.
 
 Nothing inside a graph checks: the labels are checked once here against the classes, and the
-order is the trainer's permutation of the rows, as numba_steps.CompiledSteps trusts it too.
+order is the trainer's permutation of the rows, as numba_steps.CompiledLoop trusts it too.
 Where capture fails, a warning says why and the same steps run uncaptured.
 """
 
@@ -32,7 +32,9 @@ import warnings
 
 import numpy
 
-from xpnet.backends.cupy_backend import CupyBackend
+from xpnet.backends import steps
+from xpnet.backends.base import ACTIVATIONS
+from xpnet.nn.optim import SGD
 
 OP_N, OP_T = 0, 1  # cublasOperation_t
 WORKSPACE_BYTES = 32 * 2**20  # cuBLAS's advice for Hopper; set before capture so none is allocated in it
@@ -113,77 +115,59 @@ class CublasGemm:
             self._cublas.destroy(handle)
 
 
-class CapturableOps(CupyBackend):
-    """The CuPy backend's ops with the products through CublasGemm: callable during capture."""
-
-    def __init__(self, xp, gemm):
-        super().__init__(xp)
-        self._gemm = gemm
-
-    def _matmul(self, a, b, out):
-        return self._gemm(a, b, out)
+def lowering_problem(model, optimizer):
+    """None where the graphs run this model and optimiser (the reference step's ops, captured);
+    else why not."""
+    return steps.lowering_problem(model, optimizer, (SGD,), ACTIVATIONS)
 
 
-class StepArrays:
-    """The arrays of one step at one batch size: the batch, each layer's output (outputs[i] of
-    layer i), masked output gradient (grads_z[i]) and input gradient (grads_x[i], i > 0), the
-    loss gradient. The names are numba_steps.CompiledSteps', which `xpnet verify` reads."""
-
-    def __init__(self, backend, sizes, rows, dtype):
-        empty = backend.empty
-        self.inputs = empty((rows, sizes[0]), dtype)
-        self.labels = empty((rows,), numpy.int64)
-        self.outputs = [empty((rows, size), dtype) for size in sizes[1:]]
-        self.grads_z = [empty((rows, size), dtype) for size in sizes[1:]]
-        self.grads_x = [None] + [empty((rows, size), dtype) for size in sizes[1:-1]]
-        self.grad_logits = empty((rows, sizes[-1]), dtype)
+def step_buffers(backend, sizes, rows, dtype):
+    """steps.StepBuffers of one step at one batch size, on the device."""
+    per_layer = lambda: tuple(backend.empty((rows, size), dtype) for size in sizes[1:])  # noqa: E731
+    inputs, labels = backend.empty((rows, sizes[0]), dtype), backend.empty((rows,), numpy.int64)
+    return steps.StepBuffers(inputs, labels, per_layer(), per_layer(), per_layer())
 
 
-class GraphSteps:
-    """A trainer's steps as replays of CUDA graphs: run(order, first, n, lrs, losses) takes steps
-    first .. first + n - 1 of the epoch with that row order, as numba_steps.CompiledSteps does,
-    and holds the model's arrays likewise: whoever changes a parameter writes into it."""
+class GraphSteps(steps.CompiledSteps):
+    """A trainer's steps as replays of CUDA graphs (see the module's note)."""
 
     chunks_may_grow = False  # each chunk length is a CUDA graph of its own to capture
 
-    def __init__(self, backend, model, optimizer, train_x, train_y, batch_size):
+    def __init__(self, backend, model, optimizer, data, batch_size):
         cupy = backend.xp
         self.cupy, self.backend, self.model, self.optimizer = cupy, backend, model, optimizer
-        backend._check_range("labels", train_y, model.sizes[-1])  # raised by the next read from the device
-        self.data = (train_x, train_y)
-        self.batch_size, self.n_rows = batch_size, len(train_y)
-        self.arrays = {}  # StepArrays by batch size
-        self.last = None  # the StepArrays of the last step run
+        backend._check_range("labels", data.y, model.sizes[-1])  # raised by the next read from the device
+        self.data = data
+        self.batch_size, self.n_rows = batch_size, len(data.y)
+        self.arrays = {}  # StepBuffers by batch size
+        self.last = None  # the StepBuffers of the last step run
         self.graphs = {}  # by the batch sizes of a chunk's steps
         self.rows = self.lrs = self.losses = None  # the chunk's, sized by _make_room
         self._lrs_held = None  # the host values self.lrs holds, NaN where unknown
         self.failure = None  # why capture failed, once it has
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.ops = None  # CapturableOps, made at the first capture
+        self.ops = None  # the backend's ops with products that can be captured, made at the first capture
 
     # -- the step: the reference step's ops on this object's buffers -------------------------
-    def _step(self, ops, arrays, rows, lr, loss_out):
-        train_x, train_y = self.data
-        x, y = ops._take_rows(train_x, rows, arrays.inputs), ops._take_rows(train_y, rows, arrays.labels)
-        layers, inputs = self.model.net.layers, [x, *arrays.outputs]
+    def _step(self, ops, buffers, rows, lr, loss_out):
+        # The gather and the loss skip their ops' checks of rows and labels, which run on the GPU
+        # and report at the next read (nothing a graph can replay): the labels were checked once
+        # here, and the rows are the trainer's permutation.
+        x = ops._take_rows(self.data.x, rows, buffers.inputs)
+        y = ops._take_rows(self.data.y, rows, buffers.labels)
+        layers, inputs = self.model.net.layers, [x, *buffers.outputs]
         for i, layer in enumerate(layers):
-            ops._linear_forward(inputs[i], layer.W.value, layer.b.value, layer.relu, inputs[i + 1])
-        loss = ops._softmax_cross_entropy(inputs[-1], y, arrays.grad_logits)
-        grad = arrays.grad_logits
+            ops.linear_forward(inputs[i], layer.W.value, layer.b.value, layer.activation, inputs[i + 1])
+        loss_out[...] = ops._softmax_cross_entropy(inputs[-1], y, buffers.grads_y[-1])
         for i in reversed(range(len(layers))):
-            layer = layers[i]
-            relu_output = inputs[i + 1] if layer.relu else None
-            ops._linear_backward(
-                inputs[i], layer.W.value, grad, layer.W.grad, layer.b.grad, arrays.grads_x[i], relu_output,
-                arrays.grads_z[i],
-            )  # fmt: skip
-            grad = arrays.grads_x[i]
-        opt = self.optimizer
-        for p, velocity in zip(opt.parameters, opt.velocities):
-            ops._sgd_update(p.value, p.grad, lr, velocity, opt.momentum, opt.nesterov, opt.weight_decay)
-        loss_out[...] = loss
-        self.last = arrays
+            layer, grad_x = layers[i], buffers.grads_y[i - 1] if i > 0 else None
+            grad_y, grad_z, W, b = buffers.grads_y[i], buffers.grads_z[i], layer.W, layer.b
+            ops.linear_backward(
+                inputs[i], W.value, grad_y, W.grad, b.grad, grad_x, layer.activation, inputs[i + 1], grad_z
+            )
+        self.optimizer.apply(ops, lr)
+        self.last = buffers
 
     def _chunk(self, ops, sizes):
         """The steps of a chunk, reading rows, lrs and writing losses at their positions."""
@@ -196,7 +180,7 @@ class GraphSteps:
     def _make_room(self, sizes):
         """Buffers for a chunk of these batch sizes; growing them drops the graphs, which hold the old ones."""
         for size in set(sizes) - set(self.arrays):
-            self.arrays[size] = StepArrays(self.backend, self.model.sizes, size, self.model.dtype)
+            self.arrays[size] = step_buffers(self.backend, self.model.sizes, size, self.model.dtype)
         if self.rows is None or len(self.rows) < sum(sizes) or len(self.lrs) < len(sizes):
             xp = self.cupy
             self.rows = xp.zeros(max(sum(sizes), 0 if self.rows is None else len(self.rows)), numpy.int64)
@@ -208,7 +192,8 @@ class GraphSteps:
     def _capture(self, sizes):
         """The chunk's graph, after one uncaptured step of each batch size, whose update is undone."""
         cupy, ops = self.cupy, self.capturable_ops()
-        state = [p.value for p in self.optimizer.parameters] + [v for v in self.optimizer.velocities if v is not None]
+        optimizer = self.optimizer
+        state = [p.value for p in optimizer.parameters] + [a for arrays in optimizer.state.values() for a in arrays]
         cupy.cuda.Device().synchronize()
         with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
             saved = [array.copy() for array in state]
@@ -242,7 +227,7 @@ class GraphSteps:
     def capturable_ops(self):
         """The backend's ops with products that may be captured (made once: a cuBLAS handle)."""
         if self.ops is None:
-            self.ops = CapturableOps(self.cupy, CublasGemm(self.stream))
+            self.ops = type(self.backend)(self.cupy, gemm=CublasGemm(self.stream))
         return self.ops
 
     def _graph(self, sizes):
@@ -266,7 +251,7 @@ class GraphSteps:
 
     # -- the trainer's interface ------------------------------------------------------------------
     def run(self, order, first, n, lrs, losses, threads=None):
-        """As numba_steps.CompiledSteps.run; threads, a host loop's, has no say on the GPU."""
+        """threads, a host loop's count, has no say on the GPU."""
         B = self.batch_size
         sizes = tuple(min(B, self.n_rows - k * B) for k in range(first, first + n))
         self._make_room(sizes)
@@ -284,11 +269,6 @@ class GraphSteps:
             self._chunk(self.backend, sizes)
         losses[first : first + n] = self.losses[:n]
 
-    def count_correct(self, x, y, threads=None):
-        """None: the trainer's reference pass counts, as numba_steps.CompiledSteps.count_correct
-        leaves it to where the loop has no threads of its own."""
-        return None
-
     def prepare(self, losses):
         """Make the cuBLAS handle ahead of any timing. The graphs themselves are captured at the
         first run of each chunk shape (an epoch has two), a few milliseconds in the first epoch."""
@@ -297,9 +277,6 @@ class GraphSteps:
         except Exception as exc:  # the steps will run uncaptured
             self._fail(exc)
 
-    # The last step's arrays, as numba_steps.CompiledSteps names them (xpnet verify reads them).
-    inputs = property(lambda self: self.last.inputs)
-    outputs = property(lambda self: self.last.outputs)
-    grads_z = property(lambda self: self.last.grads_z)
-    grads_x = property(lambda self: self.last.grads_x)
-    grad_logits = property(lambda self: self.last.grad_logits)
+    @property
+    def buffers(self):
+        return self.last

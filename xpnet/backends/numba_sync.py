@@ -1,7 +1,6 @@
-"""How the compiled loop's two threads keep in step (xpnet/backends/numba_steps.py): atomic
-operations on an int64 array, a spin barrier, and the word through which a waiting thread is
-handed more steps. Compiled into the loop, so numba_steps puts a digest of this file into the
-loop's cache key (_loop_over), as it does for the kernels of numba_backend.py.
+"""How the compiled loop's two threads keep in step (numba_steps.py): a spin barrier on an
+atomic counter, which a thread leaves early where the other has given up the call. Compiled
+into the loop, so this file is in the loop's cache key, as the kernels' files are.
 """
 
 import ctypes
@@ -11,7 +10,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from xpnet.backends.numba_backend import kernel
+from xpnet.backends.numba_kernels import kernel
 
 
 @intrinsic
@@ -34,18 +33,6 @@ def atomic_load(typingctx, array, index):
     return types.int64(array, index), codegen
 
 
-@intrinsic
-def compare_and_swap(typingctx, array, index, expected, value):
-    """Whether array[index] held expected, and then value in its place, as one atomic step."""
-
-    def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature, args)
-        old, new = (context.cast(builder, args[i], signature.args[i], types.int64) for i in (2, 3))
-        return builder.extract_value(builder.cmpxchg(pointer, old, new, "seq_cst", "seq_cst"), 1)
-
-    return types.boolean(array, index, expected, value), codegen
-
-
 def _element_pointer(context, builder, signature, args):
     array = context.make_array(signature.args[0])(context, builder, args[0])
     return cgutils.get_item_pointer(context, builder, signature.args[0], array, [args[1]])
@@ -62,50 +49,24 @@ def sched_yield():
     return routine
 
 
-# A wait at the barrier spins this many rounds (0.09 ms on the 2-core machine) before it yields
+# A wait at the barrier spins this many rounds (0.09 ms on a 2-core machine) before it yields
 # the core each round: with a core each, a wait is microseconds; yielding after a microsecond lost
 # a third of the speed at batch 128, and never yielding would starve a thread left without a core.
 SPIN_ROUNDS = 1_000_000
+# sync[0] counts the barrier's arrivals; sync[1] holds GAVE_UP once a thread has left the call.
+ARRIVALS, STATE, GAVE_UP = 0, 1, 1
 
 
 @kernel
 def barrier(sync, threads, generation, yield_cpu):
-    """Wait until each of `threads` threads has called this `generation` times (sync[0] counts
-    the calls)."""
-    atomic_add(sync, 0, 1)
+    """Wait until each of `threads` threads has called this `generation` times; False, at once,
+    if a thread has given the call up (sync[STATE])."""
+    atomic_add(sync, ARRIVALS, 1)
     rounds = 0
-    while atomic_load(sync, 0) < threads * generation:
+    while atomic_load(sync, ARRIVALS) < threads * generation:
+        if atomic_load(sync, STATE) == GAVE_UP:
+            return False
         rounds += 1
         if rounds > SPIN_ROUNDS:
             yield_cpu()
-
-
-# sync[1] once the second thread has gone back to Python: no more steps may be posted to it.
-LEFT = -1
-# How long the second thread waits for more steps: SPIN_ROUNDS reads (0.1 ms on the 2-core
-# machine: the trainer's Python between two calls, 50 us, fits in it), then as many reads with
-# the core yielded after each (4 ms where nothing else wants the core; where something does,
-# it runs meanwhile), for a pause of the caller's (a garbage collection, say).
-WAIT_ROUNDS = 10_000
-
-
-@kernel
-def posted_after(sync, end, yield_cpu):
-    """The end of the steps posted after `end` (sync[1], moved on by move_end), as the second
-    thread waits for them; LEFT, marked in sync[1], if none came."""
-    for rounds in range(SPIN_ROUNDS + WAIT_ROUNDS):
-        posted = atomic_load(sync, 1)
-        if posted != end:
-            return posted
-        if rounds >= SPIN_ROUNDS:
-            yield_cpu()
-    if compare_and_swap(sync, 1, end, LEFT):
-        return LEFT
-    return atomic_load(sync, 1)
-
-
-@kernel
-def move_end(sync, end, new_end):
-    """Whether sync[1] held end, now new_end: the steps to new_end posted to the second thread
-    waiting after step end - 1 (posted_after), or LEFT to send it away; False once it has left."""
-    return compare_and_swap(sync, 1, end, new_end)
+    return True

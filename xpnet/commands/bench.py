@@ -1,8 +1,8 @@
 """`xpnet bench`."""
 
 from xpnet.backends import available_backends, get_backend
+from xpnet.bench_peers import PEERS
 from xpnet.bench_report import run_report
-from xpnet.cli import PEERS
 from xpnet.commands import check_outputs
 from xpnet.threads import blas_threads
 

@@ -7,13 +7,13 @@ from xpnet.commands import check_outputs, console
 from xpnet.data import load_dataset
 from xpnet.errors import DataError
 from xpnet.nn.checkpoint import load_checkpoint
-from xpnet.nn.model import confusion_matrix
+from xpnet.nn.model import MLP, confusion_matrix
 
 
 def run(args):
     check_outputs(args, "--plot")
     checkpoint = load_checkpoint(args.checkpoint)
-    model = checkpoint.model(args.backend)
+    model = MLP.from_checkpoint(checkpoint, args.backend)
     test = load_dataset(args.dataset or checkpoint.dataset or "mnist", args.data_dir).test
     if test.images[0].size != model.sizes[0]:
         raise DataError(

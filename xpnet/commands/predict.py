@@ -6,7 +6,7 @@ import numpy
 
 from xpnet.data.images import mnist_like
 from xpnet.errors import DataError
-from xpnet.nn.checkpoint import load_model
+from xpnet.nn.model import load_model
 
 
 def run(args):

@@ -7,17 +7,17 @@ import sys
 import time
 
 from xpnet.backends import get_backend
+from xpnet.cli import setting_flag
 from xpnet.commands import check_outputs
 from xpnet.data import load_dataset
 from xpnet.data.mnist import resolve_data_dir
 from xpnet.errors import UsageError, XpnetError
 from xpnet.nn.checkpoint import load_checkpoint
-from xpnet.nn.train import Diverged, TrainConfig, Trainer, TrainingInterrupted
+from xpnet.nn.config import TrainConfig, run_settings
+from xpnet.nn.train import Diverged, Trainer, TrainingInterrupted
 from xpnet.threads import AUTO
 
 INTERRUPTED_PATH = "xpnet-interrupted.npz"
-# The run's settings: a resumed run keeps its checkpoint's, so none of these may be given with --resume.
-SETTINGS = ("batch_size", "lr", "hidden", "seed", "dtype", "momentum", "nesterov", "weight_decay", "schedule")
 
 
 class StopSignals:
@@ -67,12 +67,13 @@ def run(args):
     if args.save_every and not args.save:
         raise UsageError("--save-every needs --save PATH")
     check_outputs(args, "--save", "--plot")
-    config = TrainConfig(args.epochs, *(getattr(args, name) for name in SETTINGS))
+    config = TrainConfig(epochs=args.epochs, **{name: getattr(args, name) for name in run_settings()})
     checkpoint = None
     if args.resume:
-        given = [name for name in SETTINGS if getattr(config, name) != getattr(TrainConfig(), name)]
+        # A resumed run keeps its checkpoint's settings, so none may be given with --resume.
+        given = [name for name in run_settings() if getattr(config, name) != getattr(TrainConfig(), name)]
         if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            flags = ", ".join(map(setting_flag, given))
             raise UsageError(f"--resume continues the run with its own settings; drop {flags}")
         checkpoint = load_checkpoint(args.resume)
         if checkpoint.epoch >= args.epochs:

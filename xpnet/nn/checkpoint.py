@@ -1,25 +1,33 @@
 """Checkpoints: one .npz holding the arrays and a JSON document of everything else.
 
-Arrays: param.0, param.1, ... (W then b per layer, as the model's dtype) and velocity.N for
-momentum. metadata: UTF-8 JSON (format, architecture, dtype, the normalisation mean and std
-and, for a training run, its config, epoch, the step within an unfinished epoch and that
-epoch's losses so far, optimiser steps, the host generator's state and the history). A
-model saved on its own (``MLP.save``) has no training run: it predicts but cannot be resumed.
-Loading uses allow_pickle=False, and the arrays are checked against the architecture, so a
+Arrays: param.0, param.1, ... (W then b per layer, in the model's dtype) and the optimiser's
+state by name, optimizer.NAME.0, optimizer.NAME.1, ... (SGD's velocity, with momentum).
+metadata: UTF-8 JSON: the format; the architecture (layer sizes, activation, dtype and the
+normalisation's mean and std: all a model needs to predict); and for a training run its
+settings (TrainConfig.to_record), the optimiser's name and step count, the epoch, the step
+within an unfinished epoch and that epoch's losses so far, the host generator's state and the
+history. A model saved on its own (``MLP.save``) has no training run: it predicts but cannot
+be resumed. A setting the file lacks (added to TrainConfig since) takes its default. Loading
+uses allow_pickle=False, and the arrays are checked against the architecture, so a
 checkpoint made on any backend loads on any other.
 """
 
 import json
 import math
 import zipfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy
 
 from xpnet.atomic import atomic_path
+from xpnet.backends.base import ACTIVATIONS
 from xpnet.errors import DataError
+from xpnet.nn.config import TrainConfig
 
-FORMAT = "xpnet-checkpoint/1"
+FORMAT = "xpnet-checkpoint/2"
+# Read too: the same content laid out before the architecture and the optimiser's state had
+# names of their own (sizes, dtype, mean and std at the top; velocity.N arrays; SGD with ReLU).
+FORMAT_1 = "xpnet-checkpoint/1"
 
 
 @dataclass
@@ -29,64 +37,49 @@ class Checkpoint:
     mean: float
     std: float
     params: list
-    config: dict = None  # the run's TrainConfig as a dict; None for a model saved on its own
+    activation: str = "relu"  # the hidden layers'
+    config: dict = None  # the run's TrainConfig.to_record(); None for a model saved on its own
     epoch: int = 0  # whole epochs done
     epoch_step: int = 0  # steps done of the next epoch
     epoch_losses: list = field(default_factory=list)  # their losses
+    optimizer: str = None  # its name (SGD.name), with a training run
     optimizer_steps: int = 0
+    optimizer_state: dict = field(default_factory=dict)  # its arrays by name, a list (one per parameter) each
     rng_state: dict = None  # the host generator's, at the start of the unfinished epoch
     history: list = field(default_factory=list)
-    velocities: list = field(default_factory=list)
     dataset: str = None  # the name of the dataset it was trained on, where known
 
-    def train_config(self, config_class):
+    def architecture(self):
+        """Everything a model needs to predict, as the file records it."""
+        keys = ("sizes", "activation", "dtype", "mean", "std")
+        return {key: getattr(self, key) for key in keys}
+
+    def train_config(self):
+        """The run's TrainConfig; a setting added since the file was saved takes its default."""
         if self.config is None:
             raise DataError("this checkpoint holds a model but no training run, so it cannot be resumed")
-        return config_class(**{**self.config, "hidden": tuple(self.config["hidden"])})
-
-    def model(self, backend=None):
-        """The trained MLP, on a Backend or a backend's name (None: the default backend)."""
-        from xpnet.backends import get_backend
-        from xpnet.nn.model import MLP
-
-        if backend is None or isinstance(backend, str):
-            backend = get_backend(backend)
-        model = MLP(backend, self.sizes, dtype=self.dtype, mean=self.mean, std=self.std)
-        self.load_into(model)
-        return model
-
-    def load_into(self, model):
-        for parameter, array in zip(model.parameters(), self.params):
-            parameter.value[...] = model.backend.asarray(array, model.dtype)
+        return TrainConfig.from_record(self.config)
 
     def save(self, path):
         metadata = {
             "format": FORMAT,
-            "sizes": self.sizes,
-            "dtype": self.dtype,
-            "mean": self.mean,
-            "std": self.std,
+            "architecture": self.architecture(),
+            "dataset": self.dataset,
             "config": self.config,
+            "optimizer": None if self.optimizer is None else {"name": self.optimizer, "steps": self.optimizer_steps},
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
             "epoch_losses": self.epoch_losses,
-            "optimizer_steps": self.optimizer_steps,
             "rng_state": self.rng_state,
             "history": self.history,
-            "dataset": self.dataset,
         }
         arrays = {f"param.{i}": a for i, a in enumerate(self.params)}
-        arrays.update({f"velocity.{i}": v for i, v in enumerate(self.velocities)})
+        for name, state in self.optimizer_state.items():
+            arrays.update({f"optimizer.{name}.{i}": a for i, a in enumerate(state)})
         arrays["metadata"] = numpy.frombuffer(json.dumps(metadata).encode(), dtype=numpy.uint8)
         with atomic_path(path) as temporary:
             with open(temporary, "wb") as f:
                 numpy.savez(f, **arrays)
-
-
-def load_model(path, backend=None):
-    """The trained MLP of a checkpoint (a training run's or a saved model's), on any backend:
-    a Backend object or its name; None means the default, as for get_backend()."""
-    return load_checkpoint(path).model(backend)
 
 
 def expected_shapes(sizes):
@@ -133,20 +126,29 @@ def _parse(arrays):
     _require("metadata" in arrays and arrays["metadata"].dtype == numpy.uint8, "it has no metadata")
     metadata = json.loads(arrays.pop("metadata").tobytes())
     _require(isinstance(metadata, dict), "its metadata is not a JSON object")
-    _require(metadata.get("format") == FORMAT, f"format {metadata.get('format')!r}, expected {FORMAT!r}")
-    sizes = metadata.get("sizes")
+    layout = metadata.get("format")
+    _require(layout in (FORMAT, FORMAT_1), f"format {layout!r}, expected {FORMAT!r}")
+    if layout == FORMAT_1:
+        metadata, arrays = _from_format_1(metadata, arrays)
+    architecture = metadata.get("architecture")
+    _require(isinstance(architecture, dict), f"architecture must be an object, got {architecture!r}")
+    sizes = architecture.get("sizes")
     _require(
         isinstance(sizes, list) and len(sizes) >= 2 and all(_is_int(n, 1) for n in sizes),
         f"sizes must be a list of two or more layer sizes >= 1, got {sizes!r}",
     )
-    config = metadata.get("config")
-    _require(config is None or isinstance(config, dict), f"config must be an object, got {config!r}")
-    dtype = metadata.get("dtype") or (config or {}).get("dtype")  # files before model.save had it only in config
+    activation, dtype = architecture.get("activation"), architecture.get("dtype")
+    _require(activation in ACTIVATIONS, f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     _require(dtype in ("float32", "float64"), f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    mean, std = metadata.get("mean"), metadata.get("std")
+    mean, std = architecture.get("mean"), architecture.get("std")
     _require(_is_number(mean), f"mean must be a finite number, got {mean!r}")
     _require(_is_number(std) and std > 0, f"std must be a finite number above 0, got {std!r}")
-    counts = {key: metadata.get(key, 0) for key in ("epoch", "epoch_step", "optimizer_steps")}
+    config = metadata.get("config")
+    _require(config is None or isinstance(config, dict), f"config must be an object, got {config!r}")
+    optimizer = metadata.get("optimizer") or {}
+    _require(isinstance(optimizer, dict), f"optimizer must be an object, got {optimizer!r}")
+    counts = {key: metadata.get(key, 0) for key in ("epoch", "epoch_step")}
+    counts["optimizer_steps"] = optimizer.get("steps", 0)
     for key, value in counts.items():
         _require(_is_int(value), f"{key} must be an integer >= 0, got {value!r}")
     losses = metadata.get("epoch_losses", [])
@@ -160,13 +162,8 @@ def _parse(arrays):
     )
     rng_state = metadata.get("rng_state")
     if config is not None:
-        from xpnet.nn.train import TrainConfig  # here: train imports this module
-
-        _require(
-            isinstance(config.get("hidden"), list) and set(config) == {f.name for f in fields(TrainConfig)},
-            f"config must hold exactly the settings of TrainConfig, got {sorted(config)}",
-        )
-        TrainConfig(**{**config, "hidden": tuple(config["hidden"])})  # checks every value
+        TrainConfig.from_record(config)  # checks every value
+        _require(optimizer.get("name") == "sgd", f"the optimiser must be 'sgd', got {optimizer.get('name')!r}")
         try:
             numpy.random.default_rng().bit_generator.state = rng_state
         except (TypeError, ValueError, KeyError):
@@ -175,28 +172,54 @@ def _parse(arrays):
     _require(dataset is None or isinstance(dataset, str), f"dataset must be a name, got {dataset!r}")
     shapes = expected_shapes(sizes)
     params = [_array(arrays, f"param.{i}", shape, sizes) for i, shape in enumerate(shapes)]
-    velocities = [
-        _array(arrays, f"velocity.{i}", shape, sizes) for i, shape in enumerate(shapes) if f"velocity.{i}" in arrays
-    ]
-    momentum = (config or {}).get("momentum", 0)
-    _require(
-        len(velocities) == (len(shapes) if config is not None and momentum else 0),
-        f"it holds {len(velocities)} velocity arrays for {len(shapes)} parameters and momentum {momentum}",
+    state_names = sorted({name.split(".")[1] for name in arrays if name.startswith("optimizer.")})
+    _require(config is not None or not state_names, "a model saved on its own holds no optimiser state")
+    optimizer_state = {
+        name: [_array(arrays, f"optimizer.{name}.{i}", shape, sizes) for i, shape in enumerate(shapes)]
+        for name in state_names
+    }
+    extra = sorted(
+        set(arrays)
+        - {f"param.{i}" for i in range(len(shapes))}
+        - {f"optimizer.{name}.{i}" for name in state_names for i in range(len(shapes))}
     )
+    _require(not extra, f"it holds arrays no checkpoint has: {', '.join(extra)}")
     return Checkpoint(
         sizes=sizes,
         dtype=dtype,
         mean=mean,
         std=std,
         params=params,
+        activation=activation,
         config=config,
         epoch_losses=losses,
+        optimizer=optimizer.get("name"),
+        optimizer_state=optimizer_state,
         rng_state=rng_state,
         history=history,
-        velocities=velocities,
         dataset=dataset,
         **counts,
     )
+
+
+def _from_format_1(metadata, arrays):
+    """A format-1 file's metadata and arrays as format 2 lays them out: the architecture apart
+    (ReLU, the only activation then), SGD's steps under optimizer and velocity.N as its state."""
+    config = metadata.get("config")
+    architecture = {key: metadata.get(key) for key in ("sizes", "mean", "std")}
+    # Files from before model.save had the dtype only in their config.
+    architecture["dtype"] = metadata.get("dtype") or (config if isinstance(config, dict) else {}).get("dtype")
+    architecture["activation"] = "relu"
+    if config is not None:
+        metadata["optimizer"] = {"name": "sgd", "steps": metadata.get("optimizer_steps", 0)}
+        momentum = config.get("momentum", 0) if isinstance(config, dict) else 0
+        velocities = sorted(name for name in arrays if name.startswith("velocity."))
+        _require(
+            len(velocities) == (len(architecture["sizes"] or []) - 1) * 2 * bool(momentum),
+            f"it holds {len(velocities)} velocity arrays for momentum {momentum}",
+        )
+    renamed = {f"optimizer.{name}" if name.startswith("velocity.") else name: a for name, a in arrays.items()}
+    return {**metadata, "architecture": architecture}, renamed
 
 
 def _array(arrays, name, shape, sizes):

@@ -8,6 +8,8 @@ Output and gradient buffers are allocated once per batch shape and then reused.
 
 import numpy
 
+from xpnet.backends.base import check_activation
+
 
 class Parameter:
     """A trainable array and the gradient of the loss with respect to it (same shape)."""
@@ -32,18 +34,19 @@ class Buffers:
 
 
 class Linear:
-    """y = x @ W.T + b, optionally followed by ReLU in the same layer (relu=True).
+    """y = f(x @ W.T + b), f the layer's activation, by name: "identity" (none) or "relu".
 
-    relu=True is the same function as Linear followed by ReLU (a test checks it); fusing them
-    lets a backend add the bias and apply the activation in one pass, and mask the gradient
-    while it sums the bias gradient. W is He-initialised, randn(out, in) / sqrt(in / 2), from
-    the host generator, so one seed gives the same weights on every backend; b starts at zero.
-    The first layer passes input_grad=False: nobody uses the gradient of the data.
+    activation="relu" is the same function as Linear followed by ReLU (a test checks it);
+    fusing them lets a backend add the bias and apply the activation in one pass, and apply its
+    derivative while it sums the bias gradient. W is He-initialised, randn(out, in) / sqrt(in / 2),
+    from the host generator, so one seed gives the same weights on every backend; b starts at
+    zero. The first layer passes input_grad=False: nobody uses the gradient of the data.
     """
 
-    def __init__(self, backend, n_in, n_out, rng, dtype="float32", relu=False, input_grad=True):
+    def __init__(self, backend, n_in, n_out, rng, dtype="float32", activation="identity", input_grad=True):
+        check_activation(activation)
         self.backend = backend
-        self.relu = relu
+        self.activation = activation
         self.input_grad = input_grad
         host_W = rng.standard_normal((n_out, n_in)) / numpy.sqrt(n_in / 2)
         self.W = Parameter(backend, host_W.astype(dtype))
@@ -59,26 +62,25 @@ class Linear:
         return [self.W, self.b]
 
     def forward(self, x):
-        """y = x @ W.T + b (then ReLU when fused); keeps x and y for backward."""
+        """y = f(x @ W.T + b); keeps x and y for backward."""
         self.x = x
         out = self._buffers.get("y", (x.shape[0], self.shape[0]), x.dtype)
-        self.y = self.backend.linear_forward(x, self.W.value, self.b.value, self.relu, out=out)
+        self.y = self.backend.linear_forward(x, self.W.value, self.b.value, self.activation, out=out)
         return self.y
 
     def backward(self, grad_y):
-        """grad_W = g.T @ x, grad_b = sum_rows(g), grad_x = g @ W, with g = grad_y * (y > 0) if relu else grad_y."""
+        """grad_W = g.T @ x, grad_b = sum_rows(g), grad_x = g @ W, with g = grad_y * f'(z) (relu: y > 0)."""
         buffer = self._buffers.get
         grad_x = buffer("grad_x", self.x.shape, self.x.dtype) if self.input_grad else None
-        grad_z = buffer("grad_z", self.y.shape, self.y.dtype) if self.relu else None
-        relu_output = self.y if self.relu else None
+        grad_z = buffer("grad_z", self.y.shape, self.y.dtype) if self.activation != "identity" else None
         self.backend.linear_backward(
-            self.x, self.W.value, grad_y, self.W.grad, self.b.grad, grad_x, relu_output, grad_z
+            self.x, self.W.value, grad_y, self.W.grad, self.b.grad, grad_x, self.activation, self.y, grad_z
         )
         return grad_x
 
 
 class ReLU:
-    """a = max(z, 0), as a layer of its own for any composition; MLPs use Linear(relu=True)."""
+    """a = max(z, 0), as a layer of its own for any composition; MLPs use Linear(activation="relu")."""
 
     def __init__(self, backend):
         self.backend = backend

@@ -1,9 +1,11 @@
-"""The multilayer perceptron: Linear(relu=True) hidden layers, a Linear output layer, and the
-input normalisation it was trained with (kept with the model, since it is part of it)."""
+"""The multilayer perceptron: Linear hidden layers with an activation fused in, a Linear output
+layer, and the input normalisation it was trained with (kept with the model, since it is part of it)."""
 
 import numpy
 
+from xpnet.backends import get_backend
 from xpnet.errors import ArgumentError
+from xpnet.nn.checkpoint import Checkpoint, load_checkpoint
 from xpnet.nn.layers import Linear, Sequential
 from xpnet.nn.loss import softmax
 
@@ -22,25 +24,47 @@ def confusion_matrix(labels, predictions, n_classes):
 
 
 class MLP:
-    """sizes = [784, 200, 10] gives 784-200-10; any number of hidden layers works.
+    """sizes = [784, 200, 10] gives 784-200-10; any number of hidden layers works, each with the
+    named activation (the output layer has none: its logits go to the softmax).
 
     mean and std are the training pixels' (0..255 scale): inputs are normalised with them.
     Weights come from the seed, or from rng when given (the trainer shares its generator).
     """
 
-    def __init__(self, backend, sizes, seed=0, dtype="float32", mean=0.0, std=1.0, rng=None):
+    def __init__(self, backend, sizes, seed=0, dtype="float32", mean=0.0, std=1.0, rng=None, activation="relu"):
         if len(sizes) < 2 or min(sizes) < 1:
             raise ArgumentError(f"an MLP needs at least two positive layer sizes, got {sizes}")
         self.backend = backend
         self.sizes = list(sizes)
         self.dtype = numpy.dtype(dtype)
         self.mean, self.std = float(mean), float(std)
+        self.activation = activation
         rng = numpy.random.default_rng(seed) if rng is None else rng
         last = len(sizes) - 2
         self.net = Sequential(
-            Linear(backend, n_in, n_out, rng, self.dtype, relu=i < last, input_grad=i > 0)
+            Linear(backend, n_in, n_out, rng, self.dtype, activation if i < last else "identity", input_grad=i > 0)
             for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))
         )
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, backend=None):
+        """The model a checkpoint holds, on a Backend or a backend's name (None: the default)."""
+        if backend is None or isinstance(backend, str):
+            backend = get_backend(backend)
+        architecture = checkpoint.architecture()
+        model = cls(backend, architecture.pop("sizes"), **architecture)
+        model.load_params(checkpoint.params)
+        return model
+
+    def load_params(self, host_arrays):
+        """Write host arrays (W then b of each layer) into the parameters, in place."""
+        for parameter, array in zip(self.parameters(), host_arrays):
+            parameter.value[...] = self.backend.asarray(array, self.dtype)
+
+    def architecture(self):
+        """Everything but the weights that the model needs to predict, as checkpoints record it."""
+        keys = ("sizes", "activation", "mean", "std")
+        return {"dtype": self.dtype.name, **{key: getattr(self, key) for key in keys}}
 
     def parameters(self):
         """W and b of each layer, in order: the Parameters SGD updates."""
@@ -121,7 +145,11 @@ class MLP:
 
     def save(self, path):
         """Write the model alone (weights, architecture, normalisation) for xpnet.load_model."""
-        from xpnet.nn.checkpoint import Checkpoint
-
         params = [self.backend.to_numpy(p.value) for p in self.parameters()]
-        Checkpoint(self.sizes, self.dtype.name, self.mean, self.std, params).save(path)
+        Checkpoint(params=params, **self.architecture()).save(path)
+
+
+def load_model(path, backend=None):
+    """The trained MLP of a checkpoint (a training run's or a saved model's), on any backend:
+    a Backend object or its name; None means the default, as for get_backend()."""
+    return MLP.from_checkpoint(load_checkpoint(path), backend)

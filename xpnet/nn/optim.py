@@ -1,4 +1,4 @@
-"""Optimisers: they own the update rule's state and its schedule, and call the backend to apply it."""
+"""Optimisers: they own the update rule's state and its schedule, and call a backend to apply it."""
 
 import math
 
@@ -16,23 +16,45 @@ SCHEDULES = {
 }
 
 
+# Each setting's range, as what is wrong with a value (None: nothing), so TrainConfig's
+# declaration and the optimiser check the same thing.
+def lr_error(lr):
+    return None if math.isfinite(lr) and lr > 0 else "must be a finite number above 0"
+
+
+def momentum_error(momentum):
+    return None if math.isfinite(momentum) and 0 <= momentum < 1 else "must be in [0, 1)"
+
+
+def weight_decay_error(weight_decay):
+    return None if math.isfinite(weight_decay) and weight_decay >= 0 else "must be a finite number >= 0"
+
+
 def check_sgd_settings(lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant"):
     """Raise ConfigError, saying what to use instead, for settings SGD cannot train with."""
-    if not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"the learning rate must be a finite number above 0, got {lr}")
-    if not (math.isfinite(momentum) and 0 <= momentum < 1):
-        raise ConfigError(f"momentum must be in [0, 1), got {momentum}; 0.9 is usual")
+    for name, value, error in (
+        ("the learning rate", lr, lr_error),
+        ("momentum", momentum, momentum_error),
+        ("weight decay", weight_decay, weight_decay_error),
+    ):
+        problem = error(value)
+        if problem is not None:
+            raise ConfigError(f"{name} {problem}, got {value}")
     if nesterov and not momentum > 0:
         raise ConfigError("Nesterov momentum needs a momentum above 0, e.g. 0.9")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ConfigError(f"weight decay must be a finite number >= 0, got {weight_decay}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown learning-rate schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
 
 
 class SGD:
     """Stochastic gradient descent with optional momentum (heavy-ball or Nesterov, as
-    torch.optim.SGD defines them), L2 weight decay, and a per-step learning-rate schedule."""
+    torch.optim.SGD defines them), L2 weight decay, and a per-step learning-rate schedule.
+
+    state holds its arrays by name, one per parameter each, as checkpoints store them: a
+    "velocity" with momentum, nothing without.
+    """
+
+    name = "sgd"
 
     def __init__(
         self,
@@ -51,7 +73,7 @@ class SGD:
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
         self.schedule, self.total_steps = SCHEDULES[schedule], max(total_steps, 1)
         self.steps_taken = 0
-        self.velocities = [backend.xp.zeros_like(p.value) if momentum else None for p in self.parameters]
+        self.state = {"velocity": [backend.xp.zeros_like(p.value) for p in self.parameters]} if momentum else {}
 
     def current_lr(self):
         """The learning rate of the next step, by the schedule."""
@@ -61,9 +83,15 @@ class SGD:
         """The learning rate of a step (counted from 0 over the run), by the schedule."""
         return self.schedule(self.lr, step, self.total_steps)
 
+    def apply(self, ops, lr):
+        """Update every parameter from its gradient, in place, at rate lr, through ops: the
+        backend, or a compiled path's own version of it (CuPy's graphs pass ops whose products
+        can be captured, and lr as a device array)."""
+        velocities = self.state.get("velocity", [None] * len(self.parameters))
+        for p, velocity in zip(self.parameters, velocities):
+            ops.sgd_update(p.value, p.grad, lr, velocity, self.momentum, self.nesterov, self.weight_decay)
+
     def step(self):
-        """Update every parameter from its gradient, in place."""
-        lr = self.current_lr()
-        for p, velocity in zip(self.parameters, self.velocities):
-            self.backend.sgd_update(p.value, p.grad, lr, velocity, self.momentum, self.nesterov, self.weight_decay)
+        """Update every parameter from its gradient at the scheduled rate, and count the step."""
+        self.apply(self.backend, self.current_lr())
         self.steps_taken += 1

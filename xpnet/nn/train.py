@@ -14,98 +14,33 @@ unfinished epoch and how many of its steps are done.
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy
-from tqdm import tqdm
 
+from xpnet.backends import get_backend
+from xpnet.backends.base import Declined
+from xpnet.backends.steps import TrainingData
 from xpnet.errors import ConfigError, DataError, XpnetError
 from xpnet.nn.checkpoint import Checkpoint
+from xpnet.nn.config import TrainConfig, resumed_config, seed_lr
+from xpnet.nn.fit import TrainingInterrupted, fit_trainer
 from xpnet.nn.layers import Buffers
 from xpnet.nn.loss import SoftmaxCrossEntropy
 from xpnet.nn.memory import check_memory
 from xpnet.nn.model import MLP, pixel_statistics
-from xpnet.nn.optim import SGD, check_sgd_settings
-from xpnet.threads import AUTO, blas_controller, blas_threads, check_threads, threads_left, usable_cores
+from xpnet.nn.optim import SGD
+from xpnet.threads import ThreadPolicy, blas_controller
 
-# Under threads "auto", a chunk of steps this many times slower per step than the first chunk
-# after the last check of the load has the load re-checked. The check at each epoch's start
-# does not see load that arrives later in the epoch: on a 16-core machine with the test suite
-# starting beside it, a first epoch that kept its 8 threads ran 15x slower than the later ones.
-RECHECK_SLOWDOWN = 2.0
-# A host's compiled chunks grow to this long (Trainer._grow_chunks): on the 2-core machine each
-# return to Python between them cost 55-145 us at batch 2048, more than its code alone (the
-# steps leave the caches cold), where a twentieth of an epoch is one 3.5 ms step; grown, an
-# epoch at batch 128 to 2048 ran about 1% faster (interleaved pairs, bench/README.md).
+# A host's compiled chunks grow to this long (Trainer._grow_chunks): each return to Python
+# between them costs more than its code (the steps leave the caches cold); grown, an epoch at
+# batch 128 to 2048 ran 1-5% faster on a 2-core machine (bench/README.md, "The compiled loop").
 CHUNK_SECONDS = 0.02
 # ... up to a sixth of an epoch: auto checks the load only with more than five chunks to come.
 FEWEST_CHUNKS = 6
-
-
-def seed_lr(batch_size=512):
-    """The seed recipe's lr of 1e-4 on the *summed* loss of a batch, as a rate on the mean loss:
-    1e-4 * batch_size, 0.0512 at the seed's 512. (A fixed rate on the mean loss would diverge
-    at batch 1.)"""
-    return 1e-4 * batch_size
-
-
-def duration_text(seconds):
-    """'12.35 s', or three digits of milliseconds below a second ('270 ms', '8.38 ms'): a CPU
-    epoch takes a tenth of a second, a GPU one a few milliseconds."""
-    milliseconds = seconds * 1e3
-    return f"{milliseconds:.3g} ms" if milliseconds < 999.5 else f"{seconds:.2f} s"
-
-
-@dataclass
-class TrainConfig:
-    """One training run's settings; the defaults are the seed recipe. Checked when made."""
-
-    epochs: int = 20
-    batch_size: int = 512
-    lr: float = seed_lr()
-    hidden: tuple = (200,)
-    seed: int = 0
-    dtype: str = "float32"
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-
-    def __post_init__(self):
-        self.hidden = tuple(self.hidden)
-        for name in ("epochs", "batch_size", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, numpy.integer)) or value < (0 if name == "seed" else 1):
-                raise ConfigError(f"{name} must be an integer >= {0 if name == 'seed' else 1}, got {value!r}")
-        if not self.hidden or not all(isinstance(h, (int, numpy.integer)) and h >= 1 for h in self.hidden):
-            raise ConfigError(f"hidden must be one or more layer sizes >= 1, e.g. (200,), got {self.hidden!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        check_sgd_settings(self.lr, self.momentum, self.nesterov, self.weight_decay, self.schedule)
-        smallest = numpy.finfo(self.dtype).tiny
-        if self.lr < smallest:
-            raise ConfigError(
-                f"a learning rate of {self.lr:g} is below the smallest normal {self.dtype} ({smallest:.3g}): "
-                "every update would round to 0; use a larger lr or float64"
-            )
-
-
-def resumed_config(config, saved):
-    """The checkpoint's settings (saved) with config's epochs. A setting config changes from the
-    default that differs from the checkpoint's is refused, as `xpnet train --resume` refuses a
-    setting's flag: the run would otherwise go on with other settings than the ones asked for."""
-    default = TrainConfig()
-    clashes = [
-        f"{name}={getattr(config, name)!r} (the checkpoint's: {getattr(saved, name)!r})"
-        for name in (f.name for f in dataclasses.fields(TrainConfig) if f.name != "epochs")
-        if getattr(default, name) != getattr(config, name) != getattr(saved, name)
-    ]
-    if clashes:
-        raise ConfigError(
-            f"a resumed run keeps its checkpoint's settings, but config sets {', '.join(clashes)}; "
-            "pass TrainConfig(epochs=...) alone with a checkpoint"
-        )
-    return dataclasses.replace(saved, epochs=config.epochs)
+# What `from xpnet.nn.train import ...` has always found here.
+__all__ = ["Diverged", "EpochStats", "History", "TrainConfig", "Trainer", "TrainingInterrupted", "seed_lr"]
 
 
 @dataclass
@@ -131,26 +66,21 @@ class Diverged(XpnetError):
     """A step's loss was NaN or infinite; the message names the epoch and step."""
 
 
-class TrainingInterrupted(Exception):
-    """Ctrl-C; carries the state after the last whole epoch, from which a resume is exact."""
-
-    def __init__(self, checkpoint):
-        super().__init__(f"interrupted after epoch {checkpoint.epoch}")
-        self.checkpoint = checkpoint
-
-
 class Trainer:
     """Owns the model, the loss, the optimiser and the device-resident data of one run.
 
     backend is a Backend or its name; data the splits of ``xpnet.load_dataset``; config a
     TrainConfig (the seed recipe when None). checkpoint, from ``load_checkpoint``, continues
     that run with its own settings; only the number of epochs is taken from config (a
-    setting it changes from the default that differs from the checkpoint's is a ConfigError). With
-    compiled (the default), a backend that can take many steps in one call does (Numba's
-    compiled loop, CuPy's CUDA graphs); with compiled=False every step runs the reference loop,
-    the layers calling the backend's ops (use it to inspect the layers' gradients after a step:
-    without momentum Numba's loop folds the update into the gradient's product and keeps no
-    gradient).
+    setting it changes from the default that differs from the checkpoint's is a ConfigError).
+
+    compiled: where the backend has a compiled path that lowers this run (Numba's compiled loop,
+    CuPy's CUDA graphs), it takes many steps in one call; with compiled=False every step runs the
+    reference loop, the layers calling the backend's ops (use it to inspect the layers'
+    gradients after a step: Numba's loop folds plain SGD's update into the gradient's product
+    and keeps no gradient). None (the default) takes the compiled path where there is one;
+    True does too, and warns once where the backend declines the run.
+
     threads is how many threads each epoch may use (BLAS's, or from 128 rows those of Numba's
     compiled loop, each with one BLAS thread): None (BLAS's own, a thread per core), a count, or
     "auto" to give it the cores other processes leave, measured as the epoch runs
@@ -158,31 +88,20 @@ class Trainer:
     for that, but for Numba's split steps on two cores).
     """
 
-    def __init__(self, backend, data, config=None, checkpoint=None, compiled=True, threads=None):
-        from xpnet.backends import get_backend
-
+    def __init__(self, backend, data, config=None, checkpoint=None, compiled=None, threads=None):
         if backend is None or isinstance(backend, str):
             backend = get_backend(backend)
         config = config or TrainConfig()
         if checkpoint is not None:
-            config = resumed_config(config, checkpoint.train_config(TrainConfig))
+            config = resumed_config(config, checkpoint.train_config())
         self.backend, self.config = backend, config
-        self.threads = check_threads(threads)
-        self.blas_threads = usable_cores() if self.threads == AUTO else self.threads  # the limit in use
         self.dataset = data.name  # recorded in checkpoints, so a resume reads the same data
         self.rng = numpy.random.default_rng(config.seed)
         n_classes = int(max(data.train.labels.max(), data.test.labels.max())) + 1
         sizes = [data.train.images[0].size, *config.hidden, n_classes]
         check_memory(backend, sizes, config, sum(len(s) for s in (data.train, data.validation, data.test)))
         mean, std = pixel_statistics(data.train.images)
-        self.model = MLP(
-            backend,
-            sizes,
-            dtype=config.dtype,
-            mean=mean,
-            std=std,
-            rng=self.rng,
-        )
+        self.model = MLP(backend, sizes, dtype=config.dtype, mean=mean, std=std, rng=self.rng)
         self.loss = SoftmaxCrossEntropy(backend)
         self.train_x, self.train_y = self._to_device(data.train)
         self.val_x, self.val_y = self._to_device(data.validation)
@@ -203,15 +122,13 @@ class Trainer:
             total_steps=self.steps_per_epoch * config.epochs,
         )
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
-        self.compiled_steps = None
-        if compiled:
-            self.compiled_steps = backend.compile_steps(
-                self.model, self.optimizer, self.train_x, self.train_y, config.batch_size, data.train.images
-            )
+        self.compiled_steps = self._compile_steps(compiled, TrainingData(self.train_x, self.train_y, data.train.images))
         # Only host BLAS needs the limit: a GPU backend uses none. Made once, since finding the
         # libraries each time would cost 1-2 ms an epoch (xpnet/threads.py), and made last, after
         # the backend has loaded what it loads (Numba brings SciPy's OpenBLAS).
-        self._blas = blas_controller() if backend.xp is numpy else None
+        controller = blas_controller() if backend.xp is numpy else None
+        steps_blas = None if self.compiled_steps is None else self.compiled_steps.blas_threads
+        self.thread_policy = ThreadPolicy(threads, controller, steps_blas)
         self._batch = Buffers(backend)
         self.history = History()
         self.epoch = 0  # whole epochs done
@@ -228,24 +145,49 @@ class Trainer:
             self.backend.asarray(split.labels, numpy.int64),
         )
 
+    def _compile_steps(self, compiled, data):
+        """The backend's compiled steps for this run, or None for the reference loop: where asked
+        not to, or where the backend declines (saying why, once, when the caller asked for it)."""
+        if compiled is False:
+            return None
+        steps = self.backend.compile_steps(self.model, self.optimizer, data, self.config.batch_size)
+        if not isinstance(steps, Declined):
+            return steps
+        if compiled:
+            warnings.warn(f"{steps.reason}; the reference loop runs every step instead", RuntimeWarning, stacklevel=3)
+        return None
+
+    @property
+    def threads(self):
+        """The thread setting: None, a count, or "auto"."""
+        return self.thread_policy.threads
+
+    @property
+    def blas_threads(self):
+        """The thread count in use (auto's latest measure)."""
+        return self.thread_policy.count
+
+    def threads_in_use(self):
+        """The count to report with an epoch: None where there is no host BLAS or no setting."""
+        policy = self.thread_policy
+        return None if policy.threads is None or policy.controller is None else policy.count
+
     # -- state ------------------------------------------------------------------------------
     def state(self):
         """Everything needed to continue this run exactly from here, copied to the host."""
         to_host = self.backend.to_numpy
         return Checkpoint(
-            sizes=self.model.sizes,
-            dtype=self.config.dtype,
-            mean=self.model.mean,
-            std=self.model.std,
             params=[to_host(p.value) for p in self.model.parameters()],
-            config=dataclasses.asdict(self.config),
+            **self.model.architecture(),
+            config=self.config.to_record(),
             epoch=self.epoch,
             epoch_step=self.epoch_step,
             epoch_losses=[float(loss) for chunk in self._epoch_losses for loss in chunk],
+            optimizer=self.optimizer.name,
             optimizer_steps=self.optimizer.steps_taken,
+            optimizer_state={name: [to_host(a) for a in arrays] for name, arrays in self.optimizer.state.items()},
             rng_state=self._epoch_rng_state if self._order is not None else self._next_rng_state(),
             history=[dataclasses.asdict(e) for e in self.history.epochs],
-            velocities=[to_host(v) for v in self.optimizer.velocities if v is not None],
             dataset=self.dataset,
         )
 
@@ -255,15 +197,23 @@ class Trainer:
 
     def restore(self, checkpoint):
         """Continue from a checkpoint of this run (its weights, optimiser, generator, history)."""
-        if checkpoint.sizes != self.model.sizes:
+        if checkpoint.sizes != self.model.sizes or checkpoint.activation != self.model.activation:
             raise DataError(
-                f"the checkpoint's network is {'-'.join(map(str, checkpoint.sizes))} but this data needs "
-                f"{'-'.join(map(str, self.model.sizes))}; resume with the dataset it was trained on"
+                f"the checkpoint's network is {'-'.join(map(str, checkpoint.sizes))} ({checkpoint.activation}) but "
+                f"this data needs {'-'.join(map(str, self.model.sizes))} ({self.model.activation}); resume with "
+                "the dataset it was trained on"
             )
-        checkpoint.load_into(self.model)
+        state = self.optimizer.state
+        if checkpoint.optimizer != self.optimizer.name or set(checkpoint.optimizer_state) != set(state):
+            raise DataError(
+                f"the checkpoint's optimiser is {checkpoint.optimizer} with {sorted(checkpoint.optimizer_state)}, "
+                f"where its settings make {self.optimizer.name} with {sorted(state)}"
+            )
+        self.model.load_params(checkpoint.params)
         self._next_order = None
-        for velocity, saved in zip((v for v in self.optimizer.velocities if v is not None), checkpoint.velocities):
-            velocity[...] = self.backend.asarray(saved)
+        for name, arrays in state.items():
+            for array, saved in zip(arrays, checkpoint.optimizer_state[name]):
+                array[...] = self.backend.asarray(saved)
         self.optimizer.steps_taken = checkpoint.optimizer_steps
         self.rng.bit_generator.state = checkpoint.rng_state
         self.history.epochs = [EpochStats(**e) for e in checkpoint.history]
@@ -275,7 +225,8 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------------
     def step(self, x, y):
-        """One SGD step on a batch; returns its mean loss as a 0-d backend array."""
+        """One step on a batch (forward, loss, backward, update); returns its mean loss as a 0-d
+        backend array."""
         loss = self.loss.forward(self.model.forward(x), y)
         self.model.backward(self.loss.backward())
         self.optimizer.step()
@@ -396,65 +347,20 @@ class Trainer:
     def train_epoch(self, progress=None):
         """The rest of the current epoch (all of it, from its start) with the threads the
         trainer's policy gives; returns its mean loss."""
-        if self.threads == AUTO and self._blas is not None:
-            self._auto_epoch(progress)
-        else:
-            with self._blas_limit():
-                self.run_steps(progress=progress)
+        self.thread_policy.run_epoch(
+            lambda n: self.run_steps(n, progress),
+            lambda: self.steps_per_epoch - self.epoch_step,
+            lambda: self.chunk_steps,
+        )
         return self.history.epochs[-1].loss
-
-    def _auto_epoch(self, progress):
-        """The rest of the epoch under threads "auto": the load is checked (threads_left, whose
-        chunks are training steps like the others) at the epoch's start and again after any
-        chunk whose steps ran RECHECK_SLOWDOWN times slower than those of the first chunk after
-        the last check, while more than five chunks are left."""
-        run, chunk = (lambda n: self.run_steps(n, progress)), self.chunk_steps
-        while True:
-            left = self.steps_per_epoch - self.epoch_step
-            if left > 5 * chunk:
-                # As long as 0.1 s, all but the last chunk at most: /proc/stat counts in 10 ms
-                # ticks, and a quarter of a 100 ms epoch misread the load (one thread chosen,
-                # alone, in two epochs of seven at batch 2048 on the 2-core machine).
-                most = -(-left // chunk) - 1
-                self.blas_threads, _ = threads_left(run, chunk, most, self.blas_threads, limit=self._blas_limit)
-            # One limit for all the chunks until the next check: OpenBLAS set back to more threads
-            # after each chunk cost the next one (measured: 17% of an epoch at batch 512).
-            with self._blas_limit():
-                if self._run_while_steady(progress):
-                    return
-
-    def _run_while_steady(self, progress):
-        """Chunks of steps until the epoch is done (True) or one runs RECHECK_SLOWDOWN times
-        slower per step than the first (False)."""
-        steady = None  # seconds a step in the first chunk
-        while True:
-            left = self.steps_per_epoch - self.epoch_step
-            n = min(self.chunk_steps, left)
-            start = time.perf_counter()
-            self.run_steps(n, progress)
-            if n == left:
-                return True
-            seconds = (time.perf_counter() - start) / n
-            steady = seconds if steady is None else steady
-            if seconds > RECHECK_SLOWDOWN * steady:
-                return False
-
-    def _blas_limit(self, count=None):
-        """BLAS's limit for a block run with `count` threads (the trainer's count when None): the
-        count, or the compiled loop's for it (one where the loop runs threads of its own); no
-        limit on a GPU backend (no host BLAS)."""
-        if self._blas is None:
-            return blas_threads(None)
-        count = self.blas_threads if count is None else count
-        if self.compiled_steps is not None:
-            count = self.compiled_steps.blas_threads(count)
-        return blas_threads(count, self._blas)
 
     def accuracy(self, x, y, batch_size=None):
         """The fraction of rows of device data x whose label y the model predicts (one read),
         batch_size rows at a time (the backend's eval_rows when None), or, batch_size None, by
-        the compiled loop's count where it has one (Numba's split steps: on their two threads)."""
-        counted = None if batch_size else self._compiled_count(x, y)
+        the compiled steps' count where they have one (Numba's split steps: on their two threads)."""
+        counted = None
+        if batch_size is None and self.compiled_steps is not None:
+            counted = self.compiled_steps.count_correct(x, y, self.blas_threads)
         if counted is not None:
             return counted / len(y)
         batch_size = batch_size or self.backend.eval_rows
@@ -464,52 +370,20 @@ class Trainer:
             correct = correct + self.backend.count_correct(logits, y[start : start + batch_size])
         return int(self.backend.to_numpy(correct)) / len(y)
 
-    def _compiled_count(self, x, y):
-        """The compiled loop's count of correct rows where it has one for the trainer's threads
-        (Numba's, on the threads of its split steps), else None."""
-        steps = self.compiled_steps
-        return None if steps is None else steps.count_correct(x, y, self.blas_threads)
+    def test_accuracy(self):
+        """The accuracy on the test split, under the thread policy's limit."""
+        with self.thread_policy.limit():
+            return self.accuracy(self.test_x, self.test_y)
+
+    def prepare(self):
+        """Compile whatever the backend and the compiled steps compile, before any timed epoch."""
+        self.backend.prepare(self.config.dtype)
+        if self.compiled_steps is not None:
+            self.compiled_steps.prepare(self.step_losses)
 
     def fit(self, log=print, progress=False, after_epoch=None):
         """Train up to config.epochs and return the history, with the test accuracy.
         log(line) gets each epoch's summary; after_epoch(trainer) runs after each
         (checkpointing). Ctrl-C raises TrainingInterrupted with the state after the last whole
         epoch (the state fit started from, before the first)."""
-        start = time.perf_counter()
-        self.backend.prepare(self.config.dtype)
-        if self.compiled_steps is not None:
-            self.compiled_steps.prepare(self.step_losses)
-        compile_seconds = time.perf_counter() - start
-        if compile_seconds > 0.01:
-            log(f"{self.backend.name}: compiled kernels in {compile_seconds:.2f} s (not counted in epoch times)")
-        self.last_whole_epoch = self.state()
-        try:  # Ctrl-C anywhere from here, between epochs too, saves the last whole epoch
-            while self.epoch < self.config.epochs:
-                self._fit_epoch(log, progress, after_epoch)
-            with self._blas_limit():
-                self.history.test_accuracy = self.accuracy(self.test_x, self.test_y)
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(self.last_whole_epoch) from None
-        log(f"Test accuracy: {self.history.test_accuracy:.4f}")
-        return self.history
-
-    def _fit_epoch(self, log, progress, after_epoch):
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=self.epoch_step,
-            disable=not progress,
-            leave=False,
-            unit="batch",
-            desc=f"Epoch {self.epoch + 1}",
-        )
-        with bar:
-            self.train_epoch(progress=bar)
-        self.last_whole_epoch = self.state()  # what Ctrl-C saves from here on: it resumes exactly
-        stats, count = self.history.epochs[-1], self.blas_threads
-        threads = f", {count} thread{'s' * (count != 1)}" if self.threads is not None and self._blas is not None else ""
-        log(
-            f"Epoch {stats.epoch} - Cost: {stats.loss:.4f}, accuracy: {stats.val_accuracy:.4f}"
-            f"  ({duration_text(stats.seconds)}, {stats.samples_per_second:,.0f} samples/s{threads})"
-        )
-        if after_epoch is not None:
-            after_epoch(self)
+        return fit_trainer(self, log, progress, after_epoch)

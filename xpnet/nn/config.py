@@ -1,0 +1,142 @@
+"""A training run's settings, each declared once, as a field of TrainConfig.
+
+A field carries its type (the annotation), its default, its help and its check. The CLI's
+flags (xpnet/cli.py), the checks when a config is made, the checkpoint's record of a run and a
+resume's conflict check all read the fields by name, so a new setting is one new field: every
+one of them picks it up, and a checkpoint saved before it existed loads with its default.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy
+
+from xpnet.errors import ConfigError
+from xpnet.nn.optim import SCHEDULES, lr_error, momentum_error, weight_decay_error
+
+
+def seed_lr(batch_size=512):
+    """The seed recipe's lr of 1e-4 on the *summed* loss of a batch, as a rate on the mean loss:
+    1e-4 * batch_size, 0.0512 at the seed's 512. (A fixed rate on the mean loss would diverge
+    at batch 1.)"""
+    return 1e-4 * batch_size
+
+
+def at_least(low):
+    return lambda value: None if value >= low else f"must be an integer >= {low}"
+
+
+def one_of(*choices):
+    return lambda value: None if value in choices else f"must be {' or '.join(map(repr, choices))}"
+
+
+def layer_sizes(value):
+    return None if value and min(value) >= 1 else "must be one or more layer sizes >= 1, e.g. (200,)"
+
+
+def setting(default, help, check=None, choices=None, label=None, example=None):
+    """A TrainConfig field: its default, its help (the CLI flag's), and its check, which returns
+    None for a usable value or what is wrong with it ("must be ..."), said of its label (the
+    field's name when None); choices, where the value is one of a list; example, a usable value
+    other than the default, which the tests of the compiled paths try beside it."""
+    if choices is not None:
+        check = one_of(*choices)
+    metadata = {"help": help, "check": check, "choices": choices, "label": label, "example": example}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """One training run's settings; the defaults are the seed recipe (the NumPy notebook this
+    project started from: 784-200-10, plain SGD, batch 512, 20 epochs). Checked when made."""
+
+    epochs: int = setting(20, "train up to this epoch", at_least(1))
+    batch_size: int = setting(512, "samples per step", at_least(1))
+    lr: float = setting(
+        seed_lr(),
+        "learning rate on the mean loss (the seed's 1e-4 on the summed loss of 512)",
+        lr_error,
+        label="the learning rate",
+    )
+    hidden: tuple = setting((200,), "hidden layer sizes, e.g. 200 or 512,256,128,64", layer_sizes)
+    seed: int = setting(0, "for the initial weights and the batch order", at_least(0))
+    dtype: str = setting("float32", "floating-point type", choices=("float32", "float64"))
+    momentum: float = setting(0.0, "in [0, 1), e.g. 0.9", momentum_error, example=0.9)
+    nesterov: bool = setting(False, "Nesterov momentum (needs --momentum > 0)")
+    weight_decay: float = setting(0.0, "L2 penalty, >= 0", weight_decay_error, label="weight decay", example=1e-3)
+    schedule: str = setting("constant", "learning-rate schedule over the run", choices=tuple(SCHEDULES))
+
+    def __post_init__(self):
+        for declared in dataclasses.fields(self):
+            value = _typed(declared, getattr(self, declared.name))
+            setattr(self, declared.name, value)
+            check = declared.metadata["check"]
+            problem = check(value) if check is not None else None
+            if problem is not None:
+                raise ConfigError(f"{declared.metadata['label'] or declared.name} {problem}, got {value!r}")
+        if self.nesterov and not self.momentum > 0:
+            raise ConfigError("Nesterov momentum needs a momentum above 0, e.g. 0.9")
+        smallest = numpy.finfo(self.dtype).tiny
+        if self.lr < smallest:
+            raise ConfigError(
+                f"a learning rate of {self.lr:g} is below the smallest normal {self.dtype} ({smallest:.3g}): "
+                "every update would round to 0; use a larger lr or float64"
+            )
+
+    @classmethod
+    def from_record(cls, record):
+        """The config a checkpoint recorded (a dict, as to_record gives): a setting it lacks, from
+        before the setting existed, takes its default; one this version does not know is refused."""
+        unknown = sorted(set(record) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown settings {', '.join(unknown)} (saved by a newer xpnet?)")
+        return cls(**record)
+
+    def to_record(self):
+        """The settings as JSON takes them (tuples as lists)."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in vars(self).items()}
+
+
+def _is_integer(value):
+    return isinstance(value, (int, numpy.integer)) and not isinstance(value, (bool, numpy.bool_))
+
+
+def _typed(declared, value):
+    """value as the field's type (NumPy scalars as Python's), or ConfigError naming what it is.
+    Strictly: True is not an int, "no" is not a bool, 1.5 is not an int."""
+    kind, name = declared.type, declared.name
+    if kind is bool and isinstance(value, (bool, numpy.bool_)):
+        return bool(value)
+    if kind is int and _is_integer(value):
+        return int(value)
+    if kind is float and (_is_integer(value) or isinstance(value, (float, numpy.floating))):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is tuple and isinstance(value, (tuple, list)) and all(_is_integer(v) for v in value):
+        return tuple(int(v) for v in value)
+    wanted = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string"}
+    raise ConfigError(f"{name} must be {wanted.get(kind, 'a tuple of integers')}, got {value!r}")
+
+
+def resumed_config(config, saved):
+    """The checkpoint's settings (saved) with config's epochs. A setting config changes from the
+    default that differs from the checkpoint's is refused, as `xpnet train --resume` refuses a
+    setting's flag: the run would otherwise go on with other settings than the ones asked for."""
+    default = TrainConfig()
+    clashes = [
+        f"{name}={getattr(config, name)!r} (the checkpoint's: {getattr(saved, name)!r})"
+        for name in run_settings()
+        if getattr(default, name) != getattr(config, name) != getattr(saved, name)
+    ]
+    if clashes:
+        raise ConfigError(
+            f"a resumed run keeps its checkpoint's settings, but config sets {', '.join(clashes)}; "
+            "pass TrainConfig(epochs=...) alone with a checkpoint"
+        )
+    return dataclasses.replace(saved, epochs=config.epochs)
+
+
+def run_settings():
+    """The names of the settings a resumed run keeps from its checkpoint: all but epochs."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name != "epochs"]
