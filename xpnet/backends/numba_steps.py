@@ -242,10 +242,9 @@ class CompiledLoop(steps.CompiledSteps):
 
     def __init__(self, model, optimizer, data, batch_size, feature_major=None):
         sizes, dtype = model.sizes, model.dtype
-        if len(data.y) and (numba_kernels.outside(data.y, sizes[-1])):
-            raise ArgumentError(
-                f"labels must lie in [0, {sizes[-1]}), got values from {data.y.min()} to {data.y.max()}"
-            )
+        if len(data.y) and numba_kernels.outside(data.y, sizes[-1]):
+            low, high = data.y.min(), data.y.max()
+            raise ArgumentError(f"labels must lie in [0, {sizes[-1]}), got values from {low} to {high}")
         self.source = self._source(model, data)
         layers = model.net.layers
         self.model = ModelArrays(
@@ -315,22 +314,8 @@ class CompiledLoop(steps.CompiledSteps):
         self.rates[first : first + n] = lrs
 
         def arguments(part, threads, sync):
-            split = Split(part, threads, self.parts, sync, YIELD_CPU)
-            buffers = self.loop_buffers
-            return (
-                BLAS,
-                split,
-                self.source,
-                self.model,
-                self.rule,
-                buffers,
-                order,
-                first,
-                n,
-                self.batch_size,
-                self.rates,
-                losses,
-            )
+            split, arrays = Split(part, threads, self.parts, sync, YIELD_CPU), (self.source, self.model, self.rule)
+            return BLAS, split, *arrays, self.loop_buffers, order, first, n, self.batch_size, self.rates, losses
 
         one_thread = arguments(0, 1, numpy.zeros(2, numpy.int64))
         if self.parts == 1 or count > SPLIT_PARTS:
@@ -351,12 +336,14 @@ class CompiledLoop(steps.CompiledSteps):
         takes = takes and y.shape == x.shape[:1] and y.dtype.kind in "iu"
         if not (takes and self.split_threads(threads)):  # the reference pass checks what it was given
             return None
-        if self._eval_outputs is None:  # each thread's layer outputs for a block of rows
-            dtype, block = x.dtype, 2048
-            self._eval_outputs = [tuple(numpy.empty((block, W.shape[0]), dtype) for W in self.model.weights)
-                                  for _ in range(SPLIT_PARTS)]  # fmt: skip
+        if self._eval_outputs is None:  # each thread's layer outputs for a block of 2048 rows
+            layer_outputs = lambda: tuple(numpy.empty((2048, W.shape[0]), x.dtype) for W in self.model.weights)
+            self._eval_outputs = [layer_outputs() for _ in range(SPLIT_PARTS)]
+
+        def arguments(part, sync):
+            return BLAS, part, SPLIT_PARTS, x, y, self.model, self._eval_outputs[part]
+
         with one_blas_thread():
-            arguments = lambda part, sync: (BLAS, part, SPLIT_PARTS, x, y, self.model, self._eval_outputs[part])  # noqa: E731
             return sum(self._on_two_threads(count_correct_rows, arguments))
 
     def _on_two_threads(self, function, arguments):
