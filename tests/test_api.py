@@ -181,6 +181,11 @@ def test_run_steps_stays_within_the_epoch_and_completes_it():
         ({"nesterov": True}, "Nesterov momentum needs a momentum above 0"),
         ({"weight_decay": -1e-3}, "weight decay must be a finite number >= 0"),
         ({"schedule": "linear"}, "schedule must be 'constant' or 'cosine', got 'linear'"),
+        # Types too, from each setting's declaration: a truthy string is no Nesterov flag.
+        ({"momentum": 0.9, "nesterov": "no"}, "nesterov must be True or False, got 'no'"),
+        ({"epochs": True}, "epochs must be an integer, got True"),
+        ({"lr": "0.1"}, "lr must be a number, got '0.1'"),
+        ({"hidden": (200, 1.5)}, r"hidden must be a tuple of integers, got \(200, 1.5\)"),
     ],
 )
 def test_train_config_refuses_settings_it_cannot_train_with(settings, message):

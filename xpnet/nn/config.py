@@ -115,7 +115,7 @@ def _typed(declared, value):
         return value
     if kind is tuple and isinstance(value, (tuple, list)) and all(_is_integer(v) for v in value):
         return tuple(int(v) for v in value)
-    wanted = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string"}
+    wanted = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
     raise ConfigError(f"{name} must be {wanted.get(kind, 'a tuple of integers')}, got {value!r}")
 
 
