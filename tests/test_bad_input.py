@@ -143,8 +143,11 @@ CASES = [
     ],
     case("checkpoint", "optimizer-steps=-5", "evaluate --checkpoint {edited} {data}", 2,
          "not a usable xpnet checkpoint", "optimizer_steps", optimizer={"steps": -5}),
-    case("checkpoint", "optimizer-name", "evaluate --checkpoint {edited} {data}", 2,
-         "not a usable xpnet checkpoint", "the optimiser must be 'sgd'", optimizer={"name": "adam"}),
+    case("checkpoint", "optimizer-without-a-name", "evaluate --checkpoint {edited} {data}", 2,
+         "not a usable xpnet checkpoint", "the optimiser must have a name", optimizer={"name": 7}),
+    case("checkpoint", "optimizer-other-than-its-settings", "train --resume {edited} --epochs 2 {data}", 2,
+         "the checkpoint's optimiser is adam with ['velocity'], where its settings make sgd with ['velocity']",
+         optimizer={"name": "adam"}),
     *[
         case("checkpoint", f"config-{key}={value!r}", "train --resume {edited} {data}", 2,
              "not a usable xpnet checkpoint", message, config={key: value})

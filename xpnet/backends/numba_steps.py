@@ -5,7 +5,7 @@ checks; at batch 1 that is most of a step. Here the whole step (gather, forward,
 backward, update) is one @njit function built from the backend's own kernels
 (numba_kernels.py) and the optimiser's lowered rule (numba_rules.py), for any depth, both
 dtypes, and the activations and optimisers those files lower; compile_steps declines the rest.
-What the loop adds to the reference step, each measured (bench/README.md, "The compiled loop"):
+What the loop adds to the reference step, each measured (bench/README.md, "One step declared once"):
 
 - The batch is gathered from the uint8 images as loaded, normalised on the way with
   MLP.normalize's operations (so its bits), each row's cache lines prefetched eight rows ahead.

@@ -163,7 +163,8 @@ def _parse(arrays):
     rng_state = metadata.get("rng_state")
     if config is not None:
         TrainConfig.from_record(config)  # checks every value
-        _require(optimizer.get("name") == "sgd", f"the optimiser must be 'sgd', got {optimizer.get('name')!r}")
+        # Which optimiser it must be, its settings say: Trainer.restore compares the two.
+        _require(isinstance(optimizer.get("name"), str), f"the optimiser must have a name, got {optimizer!r}")
         try:
             numpy.random.default_rng().bit_generator.state = rng_state
         except (TypeError, ValueError, KeyError):
