@@ -28,6 +28,8 @@ FORMAT = "xpnet-checkpoint/2"
 # Read too: the same content laid out before the architecture and the optimiser's state had
 # names of their own (sizes, dtype, mean and std at the top; velocity.N arrays; SGD with ReLU).
 FORMAT_1 = "xpnet-checkpoint/1"
+# What a model needs to predict beside its weights: the architecture a checkpoint records.
+ARCHITECTURE = ("sizes", "activation", "dtype", "mean", "std")
 
 
 @dataclass
@@ -51,8 +53,7 @@ class Checkpoint:
 
     def architecture(self):
         """Everything a model needs to predict, as the file records it."""
-        keys = ("sizes", "activation", "dtype", "mean", "std")
-        return {key: getattr(self, key) for key in keys}
+        return {key: getattr(self, key) for key in ARCHITECTURE}
 
     def train_config(self):
         """The run's TrainConfig; a setting added since the file was saved takes its default."""

@@ -5,7 +5,7 @@ import numpy
 
 from xpnet.backends import get_backend
 from xpnet.errors import ArgumentError
-from xpnet.nn.checkpoint import Checkpoint, load_checkpoint
+from xpnet.nn.checkpoint import ARCHITECTURE, Checkpoint, load_checkpoint
 from xpnet.nn.layers import Linear, Sequential
 from xpnet.nn.loss import softmax
 
@@ -63,8 +63,7 @@ class MLP:
 
     def architecture(self):
         """Everything but the weights that the model needs to predict, as checkpoints record it."""
-        keys = ("sizes", "activation", "mean", "std")
-        return {"dtype": self.dtype.name, **{key: getattr(self, key) for key in keys}}
+        return {**{key: getattr(self, key) for key in ARCHITECTURE}, "dtype": self.dtype.name}
 
     def parameters(self):
         """W and b of each layer, in order: the Parameters SGD updates."""
