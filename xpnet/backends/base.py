@@ -42,6 +42,11 @@ def check_activation(name):
     return name
 
 
+def activation_code(name):
+    """An activation's code in a kernel (Numba's and CUDA's alike): its index in ACTIVATIONS."""
+    return ACTIVATIONS.index(name)
+
+
 class Declined(NamedTuple):
     """What compile_steps returns for a run its compiled path does not lower, with the reason."""
 

@@ -24,7 +24,7 @@ import time
 import numpy
 
 from xpnet.backends import cupy_graphs
-from xpnet.backends.base import ACTIVATIONS, Backend, Declined
+from xpnet.backends.base import ACTIVATIONS, Backend, Declined, activation_code
 from xpnet.errors import ArgumentError, BackendUnavailable
 
 INSTALL_HINT = (
@@ -32,8 +32,8 @@ INSTALL_HINT = (
     "(nvidia-smi shows the driver's CUDA version)"
 )
 
-# Each activation's code, as the kernels compare them: its index in base.ACTIVATIONS.
-ACTIVATION_CODES = "".join(f"#define ACTIVATION_{name.upper()} {code}\n" for code, name in enumerate(ACTIVATIONS))
+# Each activation's code, as the kernels compare them (base.activation_code).
+ACTIVATION_CODES = "".join(f"#define ACTIVATION_{name.upper()} {activation_code(name)}\n" for name in ACTIVATIONS)
 
 # The bias gradient sums a column over every row. One thread per column walking all rows left
 # a 784-200 layer's backward pass at 98 us of GPU time at batch 512 and 374 us at 2048 on an
@@ -124,7 +124,7 @@ __global__ void check_range(const long long* values, long long stop, int n, int*
 _ADD_BIAS_ACTIVATE = (
     "T b, int32 activation",
     "T y",
-    f"T v = y + b; y = (activation == {ACTIVATIONS.index('relu')} && v < 0) ? (T)0 : v;",
+    f"T v = y + b; y = (activation == {activation_code('relu')} && v < 0) ? (T)0 : v;",
 )
 _SGD_UPDATE = (
     "T grad, T lr, T momentum, bool nesterov, T weight_decay",
@@ -262,7 +262,7 @@ class CupyBackend(Backend):
 
     def _linear_forward(self, x, W, b, activation, out):
         self._matmul(x, W.T, out)
-        _kernels(self.xp)["add_bias_activate"](b, numpy.int32(ACTIVATIONS.index(activation)), out)
+        _kernels(self.xp)["add_bias_activate"](b, numpy.int32(activation_code(activation)), out)
         return out
 
     def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
@@ -274,7 +274,7 @@ class CupyBackend(Backend):
         block_rows = max(1, math.isqrt(rows))
         blocks = -(-rows // block_rows)
         block_sums = self.xp.empty((blocks, cols), grad_y.dtype)
-        code = numpy.int32(ACTIVATIONS.index(activation))
+        code = numpy.int32(activation_code(activation))
         args = (grad_y, grad_y if identity else contiguous(output), code, z, block_sums)
         dims = (numpy.int32(rows), numpy.int32(cols), numpy.int32(block_rows))
         self._launch("activation_grad_and_sum_row_blocks", blocks * cols, (*args, *dims), grad_y.dtype)

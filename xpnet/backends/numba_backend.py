@@ -10,7 +10,7 @@ import numpy
 
 from xpnet.backends import numba_kernels as kernels
 from xpnet.backends import numba_steps
-from xpnet.backends.base import Backend, Declined
+from xpnet.backends.base import Backend, Declined, activation_code
 
 
 def _c_contiguous(*arrays):
@@ -57,12 +57,12 @@ class NumbaBackend(Backend):
 
     def _linear_forward(self, x, W, b, activation, out):
         numpy.matmul(x, W.T, out=out)
-        kernels.add_bias_activate(out, b, kernels.code(activation))
+        kernels.add_bias_activate(out, b, activation_code(activation))
         return out
 
     def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
         output = grad_y if output is None else output  # unread for identity, but the kernel wants an array
-        kernels.activation_grad_and_sum_rows(grad_y, output, kernels.code(activation), grad_z, grad_b)
+        kernels.activation_grad_and_sum_rows(grad_y, output, activation_code(activation), grad_z, grad_b)
         numpy.matmul(grad_z.T, x, out=grad_W)
         if grad_x is not None:
             numpy.matmul(grad_z, W, out=grad_x)

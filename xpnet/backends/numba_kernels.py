@@ -19,17 +19,10 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from xpnet.backends.base import ACTIVATIONS
+from xpnet.backends.base import activation_code
 
+IDENTITY, RELU = activation_code("identity"), activation_code("relu")
 _cache_warned = False
-
-
-def code(activation):
-    """An activation's code in a kernel: its index in ACTIVATIONS."""
-    return ACTIVATIONS.index(activation)
-
-
-IDENTITY, RELU = code("identity"), code("relu")
 
 
 def kernel(function):

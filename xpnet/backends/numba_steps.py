@@ -35,13 +35,12 @@ from typing import NamedTuple
 import numpy
 
 from xpnet.backends import numba_kernels, numba_rules, numba_sync, steps
-from xpnet.backends.base import ACTIVATIONS
+from xpnet.backends.base import ACTIVATIONS, activation_code
 from xpnet.backends.blas import BLAS, BLAS_THREADS, FEATURE_MAJOR_BELOW, one_blas_thread
 from xpnet.backends.numba_kernels import (
     IDENTITY,
     activation_grad_and_sum_rows,
     add_bias_activate,
-    code,
     count_correct,
     kernel,
     product,
@@ -252,7 +251,7 @@ class CompiledLoop(steps.CompiledSteps):
             tuple(layer.b.value for layer in layers),
             tuple(layer.W.grad for layer in layers),
             tuple(layer.b.grad for layer in layers),
-            tuple(code(layer.activation) for layer in layers),
+            tuple(activation_code(layer.activation) for layer in layers),
         )
         self.rule = numba_rules.lower(optimizer)
         self.batch_size = batch_size
