@@ -4,8 +4,11 @@
 # runs from the checkout through PYTHONPATH). It writes its logs and results into $OUT:
 #   card.txt    nvidia-smi's name, driver and memory; the packages' versions
 #   ops.md      bench/gpu_ops.py: each op of a CuPy step, host time against GPU time; an epoch's parts
+#   profile.md  bench/gpu_profile.py: a graph node's cost on this card; each contender's kernels per
+#               step (CUPTI through torch's profiler); JAX's compiled fusions
 #   bench.*     `xpnet bench` on numpy, numba and cupy (CUDA graphs, and op by op) beside
-#               PyTorch eager (cuda and cpu), its CUDA-graph torch.compile, and JAX (on the GPU)
+#               PyTorch eager (cuda and cpu), its CUDA-graph torch.compile, its whole step captured
+#               as one CUDA graph, and JAX (on the GPU, at float32 precision and its default)
 #   tests.log   the whole test suite, cupy included (parity, 50 float64 steps, graphs, accuracy)
 #   verify.log  `xpnet verify` in float32 and float64: each op of a step, graph steps included
 #   train.log   `xpnet train` with the defaults on cupy, then numpy: validation accuracies
@@ -16,14 +19,16 @@
 # so one that hangs costs its own result only; the whole run is meant to end within 6 minutes.
 # TESTS_K="cupy and not emulated" runs only the suite's GPU tests (pytest -k), for a rerun;
 # with BACKENDS=cupy as well, the bench times only the GPU rows and the peers (about 2.5 minutes in all).
+# OPS=0 leaves out gpu_ops.py (the profile says more per minute), TRAIN=0 the two training runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-out}
 PYTHON=${PYTHON:-python3}
 BACKENDS=${BACKENDS:-numpy,numba,cupy}  # a dry run without a GPU: BACKENDS=numpy,numba
-PEERS=${PEERS:-torch,torch-graphs,jax}  # torch-graphs: torch.compile(mode="reduce-overhead"), CUDA graphs
+PEERS=${PEERS:-torch,torch-graphs,torch-step-graph,jax}  # xpnet/bench_peers.py says what each is
+OPS=${OPS:-1} TRAIN=${TRAIN:-1}
 GPU_BACKEND=${BACKENDS##*,}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && : >"$OUT/bench.log"
 export XPNET_DATA_DIR=${XPNET_DATA_DIR:-$PWD/.mnist} PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX shares the GPU: it takes what it uses, not 75% of it
 status=0
@@ -36,10 +41,13 @@ status=0
 cat "$OUT/card.txt"
 
 if [ "$GPU_BACKEND" = cupy ]; then
-    timeout 150 "$PYTHON" bench/gpu_ops.py --markdown "$OUT/ops.md" 2>&1 || status=1
+    [ "$OPS" = 0 ] || timeout 150 "$PYTHON" bench/gpu_ops.py --markdown "$OUT/ops.md" 2>&1 || status=1
+    # Its log goes first into bench.log: what comes back from a device run is eight files at most.
+    timeout 150 "$PYTHON" bench/gpu_profile.py --markdown "$OUT/profile.md" >>"$OUT/bench.log" 2>&1 || status=1
+    cat "$OUT/profile.md" 2>/dev/null || tail -n 20 "$OUT/bench.log"
 fi
 timeout 300 "$PYTHON" -m xpnet bench --backends "$BACKENDS" --batch-sizes 128,512,2048 --repeats 5 \
-    --peers "$PEERS" --json "$OUT/bench.json" --markdown "$OUT/bench.md" >"$OUT/bench.log" 2>&1 || status=1
+    --peers "$PEERS" --json "$OUT/bench.json" --markdown "$OUT/bench.md" >>"$OUT/bench.log" 2>&1 || status=1
 grep -iE "warn|error" "$OUT/bench.log"
 cat "$OUT/bench.md" 2>/dev/null || tail -n 20 "$OUT/bench.log"
 
@@ -49,7 +57,7 @@ for dtype in float32 float64; do
     timeout 120 "$PYTHON" -m xpnet verify --dtype "$dtype" >>"$OUT/verify.log" 2>&1 || status=1
 done
 tail -n 4 "$OUT/verify.log"
-for backend in "$GPU_BACKEND" numpy; do
+[ "$TRAIN" = 0 ] || for backend in "$GPU_BACKEND" numpy; do
     timeout 240 "$PYTHON" -m xpnet train --backend "$backend" --quiet 2>&1 | sed "s/^/[$backend] /" >>"$OUT/train.log" || status=1
 done
 grep -E "Epoch 20 |Test accuracy|Warning|Error" "$OUT/train.log"

@@ -66,12 +66,8 @@ def test_torch_graphs_run_on_a_gpu_only_and_say_so_elsewhere():
     from xpnet.bench_report import torch_runs
 
     said = []
-    peers = ["torch", "torch-compile", "torch-graphs"]
-    assert torch_runs(peers, ["cpu"], said.append) == [("cpu", None), ("cpu", "default")]
-    assert said == ["torch sees no CUDA device: the torch-graphs row (torch.compile's CUDA graphs) left out"]
-    assert torch_runs(peers, ["cpu", "cuda"], said.append)[-3:] == [
-        ("cuda", None),
-        ("cuda", "default"),
-        ("cuda", "reduce-overhead"),
-    ]
+    peers = ["torch", "torch-compile", "torch-graphs", "torch-step-graph"]
+    assert torch_runs(peers, ["cpu"], said.append) == [("cpu", "torch"), ("cpu", "torch-compile")]
+    assert said == ["torch sees no CUDA device: the torch-graphs, torch-step-graph rows (CUDA graphs) left out"]
+    assert torch_runs(peers, ["cpu", "cuda"], said.append)[-4:] == [("cuda", name) for name in peers]
     assert torch_runs(peers, [], said.append) == [] and said[-1].startswith("torch is not installed")

@@ -1,9 +1,16 @@
 """The peers a user would pick instead of xpnet, timed by xpnet bench beside its backends on
 the same MLP (784-hidden-10, ReLU, He initialisation), the same random data and the same plain
-SGD on the mean loss at the seed's rate: PyTorch eager and torch.compile, and JAX as its users write it, jit of
-one step and jit of a whole epoch (lax.scan over the batches). Each is an optional install
-(`pip install 'xpnet[peers]'` for JAX; torch by hand, its CPU build from PyTorch's own index);
-a peer that is not installed is left out.
+SGD on the mean loss at the seed's rate: PyTorch eager, torch.compile, and on a GPU the whole step
+captured as one CUDA graph; JAX as its users write it, jit of one step and jit of a whole epoch
+(lax.scan over the batches). Each is an optional install (`pip install 'xpnet[peers]'` for JAX;
+torch by hand, its CPU build from PyTorch's own index); a peer that is not installed is left out.
+
+Precision is part of a row's name on a GPU. xpnet keeps float32 products at float32 (TF32 off),
+so its parity bounds hold. PyTorch's default does too (`torch.backends.cuda.matmul.allow_tf32`
+is False), and its rows say so. JAX computes float32 dot products with TF32 on Ampere and later
+GPUs unless asked otherwise (its "Matmul precision" documentation), so its rows come at float32
+precision (`precision="highest"`), the comparison that means something, and its scanned epoch
+also at its default, labelled as TF32.
 """
 
 import numpy
@@ -22,8 +29,15 @@ TORCH_SETTLE_SECONDS = 0.1
 # as CUDA graphs, what its documentation advises for small batches; on a CPU it has no graphs to
 # replay, so that peer runs on the GPU only.
 TORCH_COMPILE_MODES = {"torch": None, "torch-compile": "default", "torch-graphs": "reduce-overhead"}
-# The peers `xpnet bench --peers` can name: torch's modes and JAX.
-PEERS = (*TORCH_COMPILE_MODES, "jax")
+# The whole training step (gather, forward, backward, optimizer.step()) captured once with
+# torch.cuda.graph and replayed: PyTorch at its fastest on small batches, as its CUDA Graphs
+# documentation teaches ("whole network capture"). A GPU only, like torch-graphs.
+TORCH_STEP_GRAPH = "torch-step-graph"
+GPU_ONLY_PEERS = ("torch-graphs", TORCH_STEP_GRAPH)
+# The peers `xpnet bench --peers` can name: torch's modes, its captured step, and JAX.
+PEERS = (*TORCH_COMPILE_MODES, TORCH_STEP_GRAPH, "jax")
+# JAX's matmul precisions timed on a GPU: float32 ("highest"), and its default, which is TF32 there.
+JAX_FLOAT32, JAX_DEFAULT = "highest", None
 
 
 def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES, compile_mode=None):
@@ -53,15 +67,95 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
 
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     return Contender(
-        f"torch {compile_mode_label(compile_mode)} ({device})",
+        f"torch {compile_mode_label(compile_mode)} ({torch_device_label(device)})",
         epoch,
         synchronize,
         n_samples,
         host_arrays=False,
-        extra={"torch": torch.__version__, "threads": torch.get_num_threads()},
+        extra=torch_extra(device),
         settle_seconds=TORCH_SETTLE_SECONDS if device == "cpu" else 0.0,
         peer=True,
         gpu=device != "cpu",
+    )
+
+
+def torch_peer(name, device, batch_size, hidden=(200,), dtype="float32"):
+    """The contender of one of torch's peers (a name of PEERS) on one device."""
+    if name == TORCH_STEP_GRAPH:
+        return torch_step_graph_contender(batch_size, hidden, dtype)
+    return torch_contender(batch_size, hidden, dtype, device, compile_mode=TORCH_COMPILE_MODES[name])
+
+
+def torch_device_label(device):
+    """The device, and on CUDA whether float32 products may use TF32 (torch's default: they may not)."""
+    import torch
+
+    if device != "cuda":
+        return device
+    return f"cuda, TF32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+
+
+def torch_extra(device):
+    import torch
+
+    extra = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device == "cuda":
+        extra["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return extra
+
+
+def torch_step_graph_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
+    """PyTorch with the whole step captured once by torch.cuda.graph and replayed per batch: the
+    batch's rows copied into a static buffer and gathered inside the graph, forward, backward and
+    optimizer.step() (capturable=True where this torch's SGD has it; plain SGD keeps no state a
+    replay could get wrong). Three eager steps on a side stream warm up first, as the documentation
+    asks. The last, smaller batch runs eager, as JAX's scan leaves it to its jitted step."""
+    import inspect
+
+    import torch
+
+    torch_dtype, device = getattr(torch, dtype), "cuda"
+    torch.manual_seed(0)
+    model = torch_mlp([784, *hidden, 10], torch_dtype, device)
+    capturable = {"capturable": True} if "capturable" in inspect.signature(torch.optim.SGD).parameters else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size), **capturable)
+    x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
+    y_all = torch.randint(0, 10, (n_samples,), device=device)
+    rows = torch.zeros(batch_size, dtype=torch.int64, device=device)
+    generator = numpy.random.default_rng(0)
+
+    def captured_step():
+        torch_sgd_step(model, optimizer, x_all[rows], y_all[rows])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            captured_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # gradients allocated inside the capture, from its pool
+    with torch.cuda.graph(graph):
+        captured_step()
+    full = n_samples // batch_size * batch_size
+
+    def epoch():
+        order = torch.as_tensor(generator.permutation(n_samples), device=device)
+        for start in range(0, full, batch_size):
+            rows.copy_(order[start : start + batch_size])
+            graph.replay()
+        if full < n_samples:
+            torch_sgd_step(model, optimizer, x_all[order[full:]], y_all[order[full:]])
+
+    return Contender(
+        f"torch step graph ({torch_device_label(device)})",
+        epoch,
+        torch.cuda.synchronize,
+        n_samples,
+        host_arrays=False,
+        extra=torch_extra(device),
+        peer=True,
+        gpu=True,
     )
 
 
@@ -98,7 +192,8 @@ def torch_sgd_step(forward, optimizer, x, y):
 def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
     """JAX on its default device (the GPU where jax has one): jit of one SGD step (the gather
     inside it), and jit of the epoch, a lax.scan over its full batches (the last, partial batch
-    by the step function)."""
+    by the step function). On a GPU in float32, each at float32 precision, and the scanned epoch
+    also at JAX's default precision (TF32 there); elsewhere the precision changes nothing."""
     import jax
     import jax.numpy as jnp
 
@@ -114,15 +209,16 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
     y_all = jnp.asarray(rng.integers(0, 10, n_samples))
     device = jax.devices()[0].platform  # JAX runs where its first device is: a GPU where it has one
     full = n_samples // batch_size
-    sgd_step = jax_sgd_step(seed_lr(batch_size))
-    step = jax.jit(sgd_step)
 
-    @jax.jit
-    def scanned(params, x_all, y_all, order):
-        batches = order[: full * batch_size].reshape(full, batch_size)
-        return jax.lax.scan(lambda p, rows: sgd_step(p, x_all, y_all, rows), params, batches)
+    def contender(name, by_scan, precision=JAX_FLOAT32):
+        sgd_step = jax_sgd_step(seed_lr(batch_size), precision)
+        step = jax.jit(sgd_step)
 
-    def contender(name, by_scan):
+        @jax.jit
+        def scanned(params, x_all, y_all, order):
+            batches = order[: full * batch_size].reshape(full, batch_size)
+            return jax.lax.scan(lambda p, rows: sgd_step(p, x_all, y_all, rows), params, batches)
+
         state = {"params": jax.tree_util.tree_map(jnp.asarray, start), "order": numpy.random.default_rng(0)}
 
         def epoch():
@@ -143,23 +239,31 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
             settle_seconds=JAX_SETTLE_SECONDS, gpu=device != "cpu",
         )  # fmt: skip
 
+    if device == "cpu" or dtype != "float32":
+        return [
+            contender(f"jax jit step ({device})", by_scan=False),
+            contender(f"jax jit + scan epoch ({device})", by_scan=True),
+        ]
     return [
-        contender(f"jax jit step ({device})", by_scan=False),
-        contender(f"jax jit + scan epoch ({device})", by_scan=True),
+        contender(f"jax jit step ({device}, float32 precision)", by_scan=False),
+        contender(f"jax jit + scan epoch ({device}, float32 precision)", by_scan=True),
+        contender(f"jax jit + scan epoch ({device}, default precision: TF32)", by_scan=True, precision=JAX_DEFAULT),
     ]
 
 
-def jax_sgd_step(lr):
+def jax_sgd_step(lr, precision=JAX_FLOAT32):
     """sgd_step(params, x_all, y_all, rows) -> (params, loss): one plain SGD step on the rows'
-    mean cross-entropy, params a list of (W, b) with y = x @ W.T + b, as JAX users write it."""
+    mean cross-entropy, params a list of (W, b) with y = x @ W.T + b, as JAX users write it.
+    precision is each product's (and so its transposes' in the backward pass): "highest" keeps
+    float32 products at float32 on a GPU; None is JAX's default."""
     import jax
     import jax.numpy as jnp
 
     def mean_loss(params, x, y):
         for W, b in params[:-1]:
-            x = jax.nn.relu(x @ W.T + b)
+            x = jax.nn.relu(jnp.matmul(x, W.T, precision=precision) + b)
         W, b = params[-1]
-        log_p = jax.nn.log_softmax(x @ W.T + b)
+        log_p = jax.nn.log_softmax(jnp.matmul(x, W.T, precision=precision) + b)
         return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
 
     def sgd_step(params, x_all, y_all, rows):

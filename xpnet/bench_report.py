@@ -11,7 +11,7 @@ from rich.table import Table
 
 from xpnet.atomic import write_text
 from xpnet.bench import N_SAMPLES, Result, agreement, backend_contender, floor_contender, measure
-from xpnet.bench_peers import TORCH_COMPILE_MODES, jax_contenders, torch_contender
+from xpnet.bench_peers import GPU_ONLY_PEERS, TORCH_COMPILE_MODES, TORCH_STEP_GRAPH, jax_contenders, torch_peer
 from xpnet.commands import console as wide_console
 
 SCHEMA = "xpnet-bench/1"
@@ -73,26 +73,24 @@ def torch_devices():
 
 
 def torch_runs(torch_peers, devices, log=print):
-    """(device, torch.compile mode) of each PyTorch row: each peer on each device torch has,
-    torch-graphs on CUDA only. Says what is left out and why."""
+    """(device, peer name) of each PyTorch row: each peer on each device torch has, the CUDA-graph
+    peers (GPU_ONLY_PEERS) on CUDA only. Says what is left out and why."""
+    gpu_only = [name for name in torch_peers if name in GPU_ONLY_PEERS]
     if torch_peers and not devices:
         log("torch is not installed: PyTorch rows left out (pip install torch to add them)")
-    elif "torch-graphs" in torch_peers and "cuda" not in devices:
-        log("torch sees no CUDA device: the torch-graphs row (torch.compile's CUDA graphs) left out")
+    elif gpu_only and "cuda" not in devices:
+        log(f"torch sees no CUDA device: the {', '.join(gpu_only)} rows (CUDA graphs) left out")
     return [
-        (device, TORCH_COMPILE_MODES[name])
-        for device in devices
-        for name in torch_peers
-        if device == "cuda" or name != "torch-graphs"
+        (device, name) for device in devices for name in torch_peers if device == "cuda" or name not in GPU_ONLY_PEERS
     ]
 
 
 def collect(backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, log=print, threads=None):
     """The results of every row. peers names those to time, from xpnet.bench_peers.PEERS: "torch" (eager,
     on each device torch has), "torch-compile" (torch.compile, likewise), "torch-graphs" (its
-    CUDA-graph mode, on a GPU only) and "jax"."""
+    CUDA-graph mode, on a GPU only), "torch-step-graph" (the whole step captured, a GPU only) and "jax"."""
     results = []
-    torch_peers = [name for name in TORCH_COMPILE_MODES if name in peers]
+    torch_peers = [name for name in (*TORCH_COMPILE_MODES, TORCH_STEP_GRAPH) if name in peers]
     runs = torch_runs(torch_peers, torch_devices() if torch_peers else [], log)
     with_jax = "jax" in peers and importlib.util.find_spec("jax") is not None
     if "jax" in peers and not with_jax:
@@ -111,7 +109,7 @@ def collect(backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_ste
                     contenders.append(
                         backend_contender(backend, batch_size, hidden, dtype, compiled=False, threads=threads)
                     )
-            contenders += [torch_contender(batch_size, hidden, dtype, device, compile_mode=m) for device, m in runs]
+            contenders += [torch_peer(name, device, batch_size, hidden, dtype) for device, name in runs]
             contenders += jax_contenders(batch_size, hidden, dtype) if with_jax else []
             results += measure(contenders, batch_size, hidden, dtype, repeats, log)
     return results
