@@ -90,9 +90,9 @@ def op_calls(backend, batch_size, dtype):
         "linear_backward 784<-200, relu mask": lambda: backend.linear_backward(
             x, W1, grad_h, grad_W1, grad_b1, activation="relu", output=h, grad_z=grad_z
         ),
-        "sgd_update x4": lambda: [
-            backend.sgd_update(p, g, lr) for p, g in ((W1, grad_W1), (b1, grad_b1), (W2, grad_W2), (b2, grad_b2))
-        ],
+        "sgd_update_all (4 arrays)": lambda: backend.sgd_update_all(
+            [W1, b1, W2, b2], [grad_W1, grad_b1, grad_W2, grad_b2], lr
+        ),
     }
 
 

@@ -3,8 +3,13 @@
 CupyBackend takes everything from its ``xp``: the array functions, ``RawModule`` and
 ``ElementwiseKernel``. ``EMULATED_CUPY`` is such an ``xp``: NumPy for the arrays, and those two
 classes compiling the backend's CUDA C++ with the host's C++ compiler and running each launch
-serially, block by block and thread by thread. That is exact for kernels whose threads neither
-share memory nor synchronise (all of xpnet's): no thread's result depends on the others' order.
+block by block. A module without ``__syncthreads`` runs each block's threads one after another,
+which is exact where threads neither share memory nor wait for each other: no thread's result
+depends on the others' order. A module with it runs a block's threads as coroutines (ucontext),
+each up to its next barrier in turn, with ``__shared__`` memory common to the block: a thread
+that reads another's slot without a barrier between reads what was there before (zeros at a
+module's first launch, the last block's values after), and a barrier that some threads skip (an
+early return) is reported, where the GPU would hang.
 
 A launch also checks what a GPU would not report: each argument's C type against the kernel's
 parameter (a float64 array for a float*, a Python int for an int: CuPy would pass 8 bytes),
@@ -51,10 +56,15 @@ static void run_thread(void (*kernel)(A...), void** args, std::index_sequence<I.
     kernel(*static_cast<A*>(args[I])...);  // args as cuLaunchKernel takes them: one pointer per argument
 }
 
+static char fault[256];  // why the last launch went wrong, "" if it did not
+extern "C" const char* xpnet_fault() { return fault; }
+
+#ifndef XPNET_BLOCKS
 template <typename... A>
 static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** args) {
     gridDim = {grid, 1, 1};
     blockDim = {block, 1, 1};
+    fault[0] = 0;
     for (unsigned b = 0; b < grid; ++b) {
         for (unsigned t = 0; t < block; ++t) {
             blockIdx = {b, 0, 0};
@@ -63,6 +73,66 @@ static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** a
         }
     }
 }
+#else
+// A block's threads as coroutines: each runs until its next __syncthreads() or its end, in
+// thread order, and the next phase starts once every thread has; so a thread reads what the
+// others wrote before the barrier, and, without it, what they had not yet written.
+#include <functional>
+#include <memory>
+#include <ucontext.h>
+#include <vector>
+#define __shared__ static  // one copy, shared by the block's coroutines (blocks run one at a time)
+struct Fiber { ucontext_t context; bool done; };
+static ucontext_t scheduler;
+static Fiber* running;
+static std::function<void()> thread_body;
+static void fiber_main() { thread_body(); running->done = true; }  // then uc_link: the scheduler
+static void __syncthreads() { swapcontext(&running->context, &scheduler); }
+
+template <typename... A>
+static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** args) {
+    const std::size_t stack = 1 << 16;
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    fault[0] = 0;
+    thread_body = [&] { run_thread(kernel, args, std::index_sequence_for<A...>{}); };
+    static std::unique_ptr<char[]> stacks;  // kept between launches: allocated, not cleared, once
+    static std::size_t stacks_size = 0;
+    if (stacks_size < block * stack) stacks.reset(new char[stacks_size = block * stack]);
+    std::vector<Fiber> fibers(block);
+    for (unsigned b = 0; b < grid && !fault[0]; ++b) {
+        blockIdx = {b, 0, 0};
+        for (unsigned t = 0; t < block; ++t) {
+            Fiber& fiber = fibers[t];
+            fiber.done = false;
+            getcontext(&fiber.context);
+            fiber.context.uc_stack.ss_sp = &stacks[t * stack];
+            fiber.context.uc_stack.ss_size = stack;
+            fiber.context.uc_link = &scheduler;
+            makecontext(&fiber.context, fiber_main, 0);
+        }
+        for (unsigned phase = 0;; ++phase) {
+            unsigned waiting = 0, done = 0;
+            for (unsigned t = 0; t < block; ++t) {
+                if (fibers[t].done) { ++done; continue; }
+                running = &fibers[t];
+                threadIdx = {t, 0, 0};
+                swapcontext(&scheduler, &fibers[t].context);
+                ++(fibers[t].done ? done : waiting);
+            }
+            if (waiting == 0) break;
+            if (done) {  // on a GPU the waiting threads would hang, or go on with stale memory
+                std::snprintf(fault, sizeof fault, "block %u: %u threads ended while %u waited at barrier %u",
+                              b, done, waiting, phase + 1);
+                for (unsigned t = 0; t < block; ++t) {  // finish the waiting ones: their stacks are freed next
+                    while (!fibers[t].done) { running = &fibers[t]; swapcontext(&scheduler, &fibers[t].context); }
+                }
+                break;
+            }
+        }
+    }
+}
+#endif
 
 // A parameter as "[*][c]<kind><bytes>,": pointer, const pointee, kind f(loat) i(nteger) b(ool).
 template <typename A>
@@ -116,7 +186,9 @@ def _compile(source, std):
     directory = Path(_build_dir().name)
     stem = f"module{len(list(directory.glob('*.so')))}"
     (directory / f"{stem}.cpp").write_text(source)
-    command = [CXX, f"-std={std}", "-O2", "-shared", "-fPIC", f"{stem}.cpp", "-o", f"{stem}.so"]
+    # -fno-gnu-unique: a template's static locals (__shared__ arrays here) stay each module's own,
+    # not one copy for every module that instantiates the same kernel (a mutated copy included).
+    command = [CXX, f"-std={std}", "-O2", "-fno-gnu-unique", "-shared", "-fPIC", f"{stem}.cpp", "-o", f"{stem}.so"]
     result = subprocess.run(command, cwd=directory, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"the host compiler refused the kernel source:\n{result.stderr}")
@@ -158,7 +230,8 @@ class Guarded:
     """An array's bytes copied between guard bands, for a kernel to work on and be checked.
 
     The bands are all 0xFF bytes: a stray read gets NaN or the index -1, which stays near the
-    array instead of sending the next access anywhere in memory."""
+    array instead of sending the next access anywhere in memory. A stray read is not itself
+    caught, and a stray write of such a read leaves the band as it was."""
 
     def __init__(self, array):
         self.array = array
@@ -187,6 +260,8 @@ class RawKernel:
         self._launch = getattr(library, f"xpnet_launch_{index}")
         self._launch.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
         self._launch.restype = None
+        self._fault = library.xpnet_fault
+        self._fault.restype = ctypes.c_char_p
         signature = getattr(library, f"xpnet_signature_{index}")
         signature.restype = ctypes.c_char_p
         self.params = [Param.parse(p) for p in signature().decode().split(",") if p]
@@ -214,6 +289,9 @@ class RawKernel:
         self._launch(grid, block, (ctypes.c_void_p * len(slots))(*addresses))
         for position, g in guarded.items():
             g.finish(f"{self.name} (grid {grid} x block {block}), argument {position},")
+        fault = self._fault().decode()
+        if fault:
+            raise AssertionError(f"{self.name} (grid {grid} x block {block}): {fault}")
 
 
 class RawModule:
@@ -222,7 +300,8 @@ class RawModule:
     def __init__(self, code, options=(), name_expressions=()):
         std = next((o.split("=", 1)[1] for o in options if o.startswith("--std=")), "c++17")  # NVRTC's default
         entries = "".join(ENTRY.format(k=k, expr=expr) for k, expr in enumerate(name_expressions))
-        self._library = _compile(SHIM + code + entries, std)
+        blocks = "#define XPNET_BLOCKS\n" if "__syncthreads" in code else ""  # its threads as coroutines
+        self._library = _compile(blocks + SHIM + code + entries, std)
         self._index = {expr: k for k, expr in enumerate(name_expressions)}
 
     def get_function(self, name):
@@ -413,6 +492,12 @@ class EmulatedCupyBackend(CupyBackend):
 
     name = "cupy-emulated"
     _graph_steps = ReplayedGraphSteps
+
+    @staticmethod
+    def _address(array):
+        """A host array's address: the kernels run here, so they write through it directly
+        (past the guard bands, which check only the kernel's own arguments)."""
+        return array.ctypes.data
 
     def __init__(self):
         super().__init__(EMULATED_CUPY)

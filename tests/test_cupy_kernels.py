@@ -14,10 +14,18 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here, so the CUDA sources cannot be compiled")
-def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path):
+@pytest.mark.parametrize(
+    "source, kernels, count",
+    [
+        (cupy_backend.RAW_SOURCE, cupy_backend.RAW_KERNELS, 7),  # three templates in two dtypes, check_range
+        (cupy_backend.BLOCK_SOURCE, cupy_backend.BLOCK_KERNELS, 4),  # the bias gradient and the loss, two dtypes
+    ],
+    ids=["raw", "block"],
+)
+def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path, source, kernels, count):
     # Taking each kernel's address, by the name CuPy looks it up by, instantiates the templates.
-    addresses = ", ".join(f"(void*)&{name}" for name in cupy_backend.RAW_KERNELS)
-    source = cupy_backend.RAW_SOURCE + f"void* kernel_addresses[] = {{{addresses}}};\n"
+    addresses = ", ".join(f"(void*)&{name}" for name in kernels)
+    source = source + f"void* kernel_addresses[] = {{{addresses}}};\n"
     (tmp_path / "kernels.cu").write_text(source)
     result = subprocess.run(
         [NVCC, "-ptx", "-arch=sm_90", "--std=c++14", "kernels.cu", "-o", "kernels.ptx"],
@@ -28,7 +36,7 @@ def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "kernels.ptx").read_text()
-    assert ptx.count(".entry") == len(cupy_backend.RAW_KERNELS) == 9  # four templates in two dtypes, check_range
+    assert ptx.count(".entry") == len(kernels) == count
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here, so the CUDA sources cannot be compiled")

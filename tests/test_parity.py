@@ -143,25 +143,51 @@ def test_softmax_cross_entropy(backend, dtype, batch, classes):
     assert_within_bound(host(backend, grad), ref_grad, dtype, classes + 3, numpy.abs(ref_grad) + 1.0 / batch)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 5e-4)])
-def test_sgd_update(backend, dtype, momentum, nesterov, weight_decay):
-    rng = numpy.random.default_rng(3)
-    param, grad, velocity = (draw(rng, (200, 784), dtype) for _ in range(3))
-    lr = 0.0512
-    on_param = on(backend, param, dtype)
-    on_velocity = on(backend, velocity, dtype) if momentum else None
-    backend.sgd_update(on_param, on(backend, grad, dtype), lr, on_velocity, momentum, nesterov, weight_decay)
-    # torch.optim.SGD's rule, in float64, and the magnitudes of its terms (about 6 roundings).
+SGD_SETTINGS = [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 5e-4)]
+
+
+def assert_sgd_step(backend, dtype, before, after, lr, momentum, nesterov, weight_decay):
+    """after (param, grad, velocity on the backend) is torch.optim.SGD's step from before (host
+    float64 arrays), within the bounds of its terms' magnitudes (about 6 roundings)."""
+    param, grad, velocity = before
     g = grad + weight_decay * param
     g_size = numpy.abs(grad) + weight_decay * numpy.abs(param)
     step, step_size = g, g_size
     if momentum:
         v = momentum * velocity + g
         v_size = momentum * numpy.abs(velocity) + g_size
-        assert_within_bound(host(backend, on_velocity), v, dtype, 3, v_size)
+        assert_within_bound(host(backend, after[2]), v, dtype, 3, v_size)
         step, step_size = (g + momentum * v, g_size + momentum * v_size) if nesterov else (v, v_size)
-    assert_within_bound(host(backend, on_param), param - lr * step, dtype, 6, numpy.abs(param) + lr * step_size)
+    assert_within_bound(host(backend, after[0]), param - lr * step, dtype, 6, numpy.abs(param) + lr * step_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", SGD_SETTINGS)
+def test_sgd_update(backend, dtype, momentum, nesterov, weight_decay):
+    rng = numpy.random.default_rng(3)
+    before = [draw(rng, (200, 784), dtype) for _ in range(3)]
+    after = [on(backend, a, dtype) for a in before]
+    velocity = after[2] if momentum else None
+    backend.sgd_update(after[0], after[1], 0.0512, velocity, momentum, nesterov, weight_decay)
+    assert_sgd_step(backend, dtype, before, after, 0.0512, momentum, nesterov, weight_decay)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", SGD_SETTINGS)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "one-strided"])
+def test_sgd_update_all(backend, dtype, momentum, nesterov, weight_decay, strided):
+    """A model's arrays updated at once (CuPy: one kernel; with a strided one among them, one
+    kernel per array) as sgd_update updates each."""
+    rng = numpy.random.default_rng(5)
+    shapes = [(200, 784), (200,), (10, 200), (10,)]
+    before = [[draw(rng, shape, dtype) for _ in range(3)] for shape in shapes]
+    after = [[on(backend, a, dtype) for a in arrays] for arrays in before]
+    if strided:  # the third param as the transpose of a (200, 10) array
+        after[2][0] = on(backend, numpy.ascontiguousarray(before[2][0].T), dtype).T
+    params, grads, velocities = ([arrays[k] for arrays in after] for k in range(3))
+    backend.sgd_update_all(params, grads, 0.0512, velocities if momentum else None, momentum, nesterov, weight_decay)
+    for start, end in zip(before, after):
+        assert_sgd_step(backend, dtype, start, end, 0.0512, momentum, nesterov, weight_decay)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

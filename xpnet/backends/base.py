@@ -8,7 +8,8 @@ so identically on every backend, then calls its ``_op``, which may trust them.
 Contracts, the same on every backend (tests/test_backends.py checks their behaviour):
 
 - An op writes only into the arguments it names as outputs: ``out`` and ``grad_out``, the
-  ``grad_*`` buffers of ``linear_backward``, ``param`` and ``velocity`` of ``sgd_update``. Every
+  ``grad_*`` buffers of ``linear_backward``, ``param`` and ``velocity`` of ``sgd_update`` (and
+  ``params`` and ``velocities`` of ``sgd_update_all``). Every
   other argument is left as it was. An output left as None is allocated and returned.
 - ``asarray`` and ``to_numpy`` always copy: a backend's array never shares memory with a host
   array its caller holds, so writing to one never changes the other.
@@ -268,6 +269,26 @@ class Backend:
                 raise ArgumentError("momentum needs a velocity buffer shaped like param (zeros to start)")
             self._check("velocity", velocity, param.shape, param.dtype)
         self._sgd_update(param, grad, lr, velocity, momentum, nesterov, weight_decay)
+
+    def sgd_update_all(self, params, grads, lr, velocities=None, momentum=0.0, nesterov=False, weight_decay=0.0):
+        """sgd_update of each params[i] from grads[i] (and velocities[i], with momentum), all at
+        one rate: a model's whole update, which a backend may take in one launch. The params
+        share one dtype."""
+        velocities = [None] * len(params) if velocities is None else velocities
+        if not len(params) == len(grads) == len(velocities):
+            raise ArgumentError(f"{len(params)} params need as many grads and velocities")
+        for param, grad, velocity in zip(params, grads, velocities):
+            self._check("param", param, dtype=params[0].dtype if params else None, kind="float")
+            self._check("grad", grad, param.shape, param.dtype)
+            if momentum:
+                if velocity is None:
+                    raise ArgumentError("momentum needs a velocity buffer shaped like each param (zeros to start)")
+                self._check("velocity", velocity, param.shape, param.dtype)
+        self._sgd_update_all(params, grads, lr, velocities, momentum, nesterov, weight_decay)
+
+    def _sgd_update_all(self, params, grads, lr, velocities, momentum, nesterov, weight_decay):
+        for param, grad, velocity in zip(params, grads, velocities):
+            self._sgd_update(param, grad, lr, velocity, momentum, nesterov, weight_decay)
 
     def _sgd_update(self, param, grad, lr, velocity, momentum, nesterov, weight_decay):
         step = grad + weight_decay * param if weight_decay else grad

@@ -18,7 +18,6 @@ CupyBackend is made.
 """
 
 import functools
-import math
 import time
 
 import numpy
@@ -35,64 +34,119 @@ INSTALL_HINT = (
 # Each activation's code, as the kernels compare them (base.activation_code).
 ACTIVATION_CODES = "".join(f"#define ACTIVATION_{name.upper()} {activation_code(name)}\n" for name in ACTIVATIONS)
 
-# The bias gradient sums a column over every row. One thread per column walking all rows left
-# a 784-200 layer's backward pass at 98 us of GPU time at batch 512 and 374 us at 2048 on an
-# H200 (bench/gpu_ops.py): 200 threads, each a long serial loop. Two passes instead, each a loop
-# of about sqrt(rows): one thread per (block of rows, column) masks its rows and sums them, then
-# one thread per column sums the blocks' sums, in block order (deterministic, and no thread
-# shares anything with another, so the CPU emulation runs them as they are).
+# The bias gradient sums a column over every row, in one kernel: a block takes 32 columns, and
+# each of its 16 lanes of 32 threads every 16th row (32 consecutive columns: coalesced reads),
+# masking the gradient by the activation as it goes; then the first lane adds the 16 lanes' sums
+# in lane order, so the result is deterministic. One graph node a layer; it replaced two passes
+# (bench/results-gpu-h200.md says what each cost).
+SUM_COLUMNS, SUM_LANES = 32, 16
 _ACTIVATION_GRAD_AND_SUM_ROWS = r"""
+#define SUM_COLUMNS 32
+#define SUM_LANES 16
 template <typename T>
-__global__ void activation_grad_and_sum_row_blocks(const T* grad_y, const T* output, int activation, T* grad_z,
-                                                   T* block_sums, int rows, int cols, int block_rows) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;  // consecutive threads, consecutive columns: coalesced
-    int j = t % cols, first = (t / cols) * block_rows;
-    if (first >= rows) return;
-    int last = first + block_rows < rows ? first + block_rows : rows;
+__global__ void activation_grad_and_sum_rows(const T* grad_y, const T* output, int activation, T* grad_z, T* sums,
+                                             int rows, int cols) {
+    __shared__ T partial[SUM_LANES][SUM_COLUMNS];
+    int column = threadIdx.x % SUM_COLUMNS, lane = threadIdx.x / SUM_COLUMNS;
+    int j = blockIdx.x * SUM_COLUMNS + column;
     T sum = 0;
-    for (int i = first; i < last; ++i) {
-        int k = i * cols + j;
-        T g = grad_y[k];
-        if (activation == ACTIVATION_RELU) {
-            if (!(output[k] > 0)) g = 0;
-            grad_z[k] = g;
+    if (j < cols) {  // no return: every thread of the block must reach the barrier
+        for (int i = lane; i < rows; i += SUM_LANES) {
+            long long k = (long long)i * cols + j;
+            T g = grad_y[k];
+            if (activation == ACTIVATION_RELU) {
+                if (!(output[k] > 0)) g = 0;
+                grad_z[k] = g;
+            }
+            sum += g;
         }
-        sum += g;
     }
-    block_sums[(t / cols) * cols + j] = sum;
-}
-
-template <typename T>
-__global__ void sum_rows(const T* values, T* sums, int rows, int cols) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= cols) return;
-    T sum = 0;
-    for (int i = 0; i < rows; ++i) sum += values[i * cols + j];
-    sums[j] = sum;
+    partial[lane][column] = sum;
+    __syncthreads();
+    if (lane == 0 && j < cols) {
+        T total = 0;
+        for (int l = 0; l < SUM_LANES; ++l) total += partial[l][column];
+        sums[j] = total;
+    }
 }
 """
 
+# The loss of a batch in one kernel and one block: each thread takes every LOSS_THREADS-th row
+# (rows are short: 10 classes), writes its gradient and sums its losses, and the block adds the
+# sums in a fixed tree, so the mean is deterministic. It replaces a per-row kernel, CuPy's mean,
+# a cast and a copy: four graph nodes a step, about 6 us of an 82 us step on an H200 at batch 512
+# (bench/results-gpu-h200.md, the profile).
+LOSS_THREADS = 512
 _SOFTMAX_CROSS_ENTROPY = r"""
+#define LOSS_THREADS 512
 template <typename T>
-__global__ void softmax_cross_entropy(const T* logits, const long long* labels, T* grad, double* row_loss,
-                                      int rows, int cols) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;  // one thread per row: rows are short (10 classes)
-    if (i >= rows) return;
-    const T* z = logits + (long long)i * cols;
-    T* g = grad + (long long)i * cols;
-    long long label = labels[i];
-    if (label < 0 || label >= cols) {  // never index outside the row: check_range reports the fault
-        row_loss[i] = nan("");
-        return;
+__global__ void softmax_cross_entropy(const T* logits, const long long* labels, T* grad, T* loss, int rows, int cols) {
+    __shared__ double partial[LOSS_THREADS];
+    double sum = 0;
+    for (int i = threadIdx.x; i < rows; i += LOSS_THREADS) {
+        const T* z = logits + (long long)i * cols;
+        T* g = grad + (long long)i * cols;
+        long long label = labels[i];
+        if (label < 0 || label >= cols) {  // never index outside the row: check_range reports the fault
+            sum = nan("");
+            continue;
+        }
+        T peak = z[0];
+        for (int j = 1; j < cols; ++j) peak = z[j] > peak ? z[j] : peak;
+        double norm = 0;
+        for (int j = 0; j < cols; ++j) { g[j] = exp(z[j] - peak); norm += g[j]; }
+        sum += log(norm) - (double)(z[label] - peak);
+        for (int j = 0; j < cols; ++j) g[j] /= (T)norm;  // the reference's order: (p - onehot) / n
+        g[label] -= 1;
+        for (int j = 0; j < cols; ++j) g[j] /= (T)rows;
     }
-    T peak = z[0];
-    for (int j = 1; j < cols; ++j) peak = z[j] > peak ? z[j] : peak;
-    double norm = 0;
-    for (int j = 0; j < cols; ++j) { g[j] = exp(z[j] - peak); norm += g[j]; }
-    row_loss[i] = log(norm) - (double)(z[label] - peak);
-    for (int j = 0; j < cols; ++j) g[j] /= (T)norm;  // the reference's order: (p - onehot) / n
-    g[label] -= 1;
-    for (int j = 0; j < cols; ++j) g[j] /= (T)rows;
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (int half = LOSS_THREADS / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *loss = (T)(partial[0] / rows);
+}
+"""
+
+# A model's whole SGD update in one kernel (a graph node, not one per array): one thread per
+# element of all the arrays, each finding its array in the table of their ends (a handful: a
+# scan), and each array's address in a table uploaded once (CupyBackend._device_table). The
+# operations are sgd_update's, in its order.
+_SGD_UPDATE_ALL = r"""
+template <typename T>
+__global__ void sgd_update_all(const unsigned long long* params, const unsigned long long* grads,
+                               const unsigned long long* velocities, const long long* ends, int count,
+                               const T* lr, T momentum, bool nesterov, T weight_decay) {
+    long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (count <= 0 || k >= ends[count - 1]) return;
+    int a = 0;
+    while (k >= ends[a]) ++a;
+    long long i = k - (a > 0 ? ends[a - 1] : 0);
+    T* param = (T*)params[a];
+    T step = ((const T*)grads[a])[i];
+    if (weight_decay != 0) step += weight_decay * param[i];
+    if (momentum != 0) {
+        T* velocity = (T*)velocities[a];
+        velocity[i] = velocity[i] * momentum + step;
+        step = nesterov ? step + momentum * velocity[i] : velocity[i];
+    }
+    param[i] -= *lr * step;
+}
+"""
+
+# A batch's images and labels gathered by one kernel (a graph node, not two): one thread per
+# pixel; the first of each row also copies its label. The rows are the trainer's permutation.
+_TAKE_BATCH = r"""
+template <typename T>
+__global__ void take_batch(const T* images, const long long* labels, const long long* rows, T* batch_images,
+                           long long* batch_labels, int n, int cols) {
+    long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= (long long)n * cols) return;
+    long long i = k / cols, j = k % cols, row = rows[i];
+    batch_images[k] = images[row * cols + j];
+    if (j == 0) batch_labels[i] = labels[row];
 }
 """
 
@@ -141,19 +195,31 @@ _SGD_UPDATE = (
 
 # The raw kernels' source, and each kernel by the name CuPy looks it up by (a template's for
 # each dtype), which is all a kernel's signature needs beside its source.
-RAW_SOURCE = ACTIVATION_CODES + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + _CORRECT_ROWS + _CHECK_RANGE
-_TEMPLATES = ("activation_grad_and_sum_row_blocks", "sum_rows", "softmax_cross_entropy", "correct_rows")
+RAW_SOURCE = _TAKE_BATCH + _SGD_UPDATE_ALL + _CORRECT_ROWS + _CHECK_RANGE
+_TEMPLATES = ("take_batch", "sgd_update_all", "correct_rows")
 RAW_KERNELS = [f"{kernel}<{t}>" for kernel in _TEMPLATES for t in ("float", "double")] + ["check_range"]
+# Kernels whose threads share memory and wait for each other (__syncthreads), in a module of
+# their own: the CPU emulation runs such a module's threads as coroutines, the others one by one.
+BLOCK_SOURCE = ACTIVATION_CODES + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY
+_BLOCK_TEMPLATES = ("activation_grad_and_sum_rows", "softmax_cross_entropy")
+BLOCK_KERNELS = [f"{kernel}<{t}>" for kernel in _BLOCK_TEMPLATES for t in ("float", "double")]
 ELEMENTWISE_KERNELS = {"add_bias_activate": _ADD_BIAS_ACTIVATE, "sgd_update": _SGD_UPDATE}
+
+
+def _instance(name, dtype):
+    """A template kernel's name for a dtype (name<float> or name<double>); name itself for None."""
+    return name if dtype is None else f"{name}<{'float' if dtype == numpy.float32 else 'double'}>"
 
 
 @functools.cache
 def _kernels(cupy):
     """The fused kernels, built on first use; keyed by the cupy module so that a stand-in
     (the tests' CPU emulation of CuPy's kernel API) gets kernels of its own."""
-    module = cupy.RawModule(code=RAW_SOURCE, options=("--std=c++14",), name_expressions=RAW_KERNELS)
+    options = ("--std=c++14",)
+    module = cupy.RawModule(code=RAW_SOURCE, options=options, name_expressions=RAW_KERNELS)
+    block_module = cupy.RawModule(code=BLOCK_SOURCE, options=options, name_expressions=BLOCK_KERNELS)
     kernels = {name: cupy.ElementwiseKernel(*spec, f"xpnet_{name}") for name, spec in ELEMENTWISE_KERNELS.items()}
-    return {**kernels, "module": module}
+    return {**kernels, "module": module, "block_module": block_module}
 
 
 class CupyBackend(Backend):
@@ -170,6 +236,7 @@ class CupyBackend(Backend):
         # failing check sets, and the (name, stop) of each check since the last read.
         self._fault = xp.zeros(1, numpy.int32)
         self._pending_checks = []
+        self._tables = {}  # small device arrays of host values (_device_table), by their values
 
     @staticmethod
     def check_available():
@@ -193,11 +260,13 @@ class CupyBackend(Backend):
 
     def _launch(self, name, n_threads, args, dtype=None):
         """Run raw kernel name (name<float or double> for a dtype) with one thread per item."""
-        if dtype is not None:
-            name = f"{name}<{'float' if dtype == numpy.float32 else 'double'}>"
-        kernel = _kernels(self.xp)["module"].get_function(name)
+        kernel = _kernels(self.xp)["module"].get_function(_instance(name, dtype))
         block = 128
         kernel((max(1, (n_threads + block - 1) // block),), (block,), args)
+
+    def _launch_blocks(self, name, blocks, threads, args, dtype):
+        """Run a kernel of the block module as `blocks` blocks of `threads` threads."""
+        _kernels(self.xp)["block_module"].get_function(_instance(name, dtype))((blocks,), (threads,), args)
 
     # -- range checks, deferred: reading their result at once would make every step wait --------
     def _check_range(self, name, values, stop):
@@ -271,14 +340,10 @@ class CupyBackend(Backend):
         contiguous = self.xp.ascontiguousarray
         grad_y = contiguous(grad_y)
         z, b = grad_y if identity else self._contiguous_output(grad_z), self._contiguous_output(grad_b)
-        block_rows = max(1, math.isqrt(rows))
-        blocks = -(-rows // block_rows)
-        block_sums = self.xp.empty((blocks, cols), grad_y.dtype)
         code = numpy.int32(activation_code(activation))
-        args = (grad_y, grad_y if identity else contiguous(output), code, z, block_sums)
-        dims = (numpy.int32(rows), numpy.int32(cols), numpy.int32(block_rows))
-        self._launch("activation_grad_and_sum_row_blocks", blocks * cols, (*args, *dims), grad_y.dtype)
-        self._launch("sum_rows", cols, (block_sums, b, numpy.int32(blocks), numpy.int32(cols)), grad_y.dtype)
+        args = (grad_y, grad_y if identity else contiguous(output), code, z, b, numpy.int32(rows), numpy.int32(cols))
+        blocks = -(-cols // SUM_COLUMNS)
+        self._launch_blocks("activation_grad_and_sum_rows", blocks, SUM_COLUMNS * SUM_LANES, args, grad_y.dtype)
         if not identity and z is not grad_z:
             grad_z[...] = z
         if b is not grad_b:
@@ -287,16 +352,25 @@ class CupyBackend(Backend):
         if grad_x is not None:
             self._matmul(z, W, grad_x)
 
-    def _softmax_cross_entropy(self, logits, labels, grad_out):
+    def _softmax_cross_entropy(self, logits, labels, grad_out, loss_out=None):
+        """loss_out, where given, is a 1-element array of the logits' dtype the mean is written to
+        (a captured step's slot in its chunk's losses)."""
         rows, cols = logits.shape
         grad = self._contiguous_output(grad_out)
-        row_loss = self.xp.empty(rows, numpy.float64)
+        loss = self.xp.empty(1, logits.dtype) if loss_out is None else loss_out
         labels = self.xp.ascontiguousarray(labels, dtype=numpy.int64)
-        args = (self.xp.ascontiguousarray(logits), labels, grad, row_loss, numpy.int32(rows), numpy.int32(cols))
-        self._launch("softmax_cross_entropy", rows, args, logits.dtype)
+        args = (self.xp.ascontiguousarray(logits), labels, grad, loss, numpy.int32(rows), numpy.int32(cols))
+        self._launch_blocks("softmax_cross_entropy", 1, LOSS_THREADS, args, logits.dtype)
         if grad is not grad_out:
             grad_out[...] = grad
-        return row_loss.mean().astype(logits.dtype)
+        return loss.reshape(())
+
+    def _take_batch(self, images, labels, rows, batch_images, batch_labels):
+        """batch_images[i], batch_labels[i] = images[rows[i]], labels[rows[i]], in one kernel, for
+        contiguous arrays; rows are not checked (the trainer's permutation: cupy_graphs says why)."""
+        n, cols = batch_images.shape
+        args = (images, labels, rows, batch_images, batch_labels, numpy.int32(n), numpy.int32(cols))
+        self._launch("take_batch", n * cols, args, images.dtype)
 
     def _count_correct(self, logits, labels):
         """One kernel marks each row, one sum counts them (xp code takes seven kernels)."""
@@ -306,6 +380,36 @@ class CupyBackend(Backend):
         args = (self.xp.ascontiguousarray(logits), labels, correct, numpy.int32(rows), numpy.int32(cols))
         self._launch("correct_rows", rows, args, logits.dtype)
         return correct.sum(dtype=numpy.int64)
+
+    @staticmethod
+    def _address(array):
+        return array.data.ptr
+
+    def _device_table(self, values, dtype):
+        """A device array of these host values, uploaded at the first call with them (before a
+        graph's capture: its warm-up step makes the call) and then reused: a capture may not upload."""
+        key = (numpy.dtype(dtype).str, tuple(values))
+        if key not in self._tables:
+            if len(self._tables) >= 64:  # old models' tables: dropped, not kept forever
+                self._tables.clear()
+            self._tables[key] = self.xp.asarray(numpy.array(key[1], dtype))
+        return self._tables[key]
+
+    def _sgd_update_all(self, params, grads, lr, velocities, momentum, nesterov, weight_decay):
+        """One kernel for every array where all are contiguous (a model's own are); else one
+        per array. lr may be a 1-element device array, which a captured step reads at each replay."""
+        arrays = [*params, *grads, *(v for v in velocities if v is not None)]
+        if not params or not all(a.flags.c_contiguous for a in arrays):
+            return super()._sgd_update_all(params, grads, lr, velocities, momentum, nesterov, weight_decay)
+        dtype = params[0].dtype
+        cast = dtype.type
+        addresses = lambda arrays: self._device_table(map(self._address, arrays), numpy.uint64)  # noqa: E731
+        tables = [addresses(params), addresses(grads)]
+        tables.append(addresses(velocities) if momentum else tables[0])  # read only with momentum
+        tables.append(self._device_table(numpy.cumsum([p.size for p in params]), numpy.int64))
+        lr = lr.reshape(1) if isinstance(lr, self.xp.ndarray) else self.xp.full(1, lr, dtype)
+        args = (*tables, numpy.int32(len(params)), lr, cast(momentum), numpy.bool_(nesterov), cast(weight_decay))
+        self._launch("sgd_update_all", sum(p.size for p in params), args, dtype)
 
     def _sgd_update(self, param, grad, lr, velocity, momentum, nesterov, weight_decay):
         """One fused kernel; CuPy's elementwise kernels take any strides. lr may be a 0-d device

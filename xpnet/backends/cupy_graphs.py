@@ -38,7 +38,10 @@ from xpnet.nn.optim import SGD
 
 OP_N, OP_T = 0, 1  # cublasOperation_t
 WORKSPACE_BYTES = 32 * 2**20  # cuBLAS's advice for Hopper; set before capture so none is allocated in it
-MAX_GRAPHS = 8  # distinct chunk shapes kept; an epoch uses two (whole chunks, and the last)
+MAX_GRAPHS = 8  # distinct chunk shapes kept; an epoch is one (or two, past GRAPH_STEPS)
+# Steps per graph at most: a whole epoch of MNIST at batch 128 (391 steps, about 9,000 nodes) is
+# one graph; online learning's 60,000 steps an epoch would be over a million nodes.
+GRAPH_STEPS = 1024
 
 
 def _cublas_library():
@@ -133,6 +136,12 @@ class GraphSteps(steps.CompiledSteps):
 
     chunks_may_grow = False  # each chunk length is a CUDA graph of its own to capture
 
+    def chunk_steps(self, steps_per_epoch):
+        """A whole epoch per launch (up to GRAPH_STEPS): each return to Python between chunks cost
+        the GPU a wait (bench/results-gpu-h200.md, the profile of calls 9 and 10). The progress bar
+        moves once an epoch, and an epoch on the GPU is milliseconds."""
+        return min(steps_per_epoch, GRAPH_STEPS)
+
     def __init__(self, backend, model, optimizer, data, batch_size):
         cupy = backend.xp
         self.cupy, self.backend, self.model, self.optimizer = cupy, backend, model, optimizer
@@ -154,12 +163,12 @@ class GraphSteps(steps.CompiledSteps):
         # The gather and the loss skip their ops' checks of rows and labels, which run on the GPU
         # and report at the next read (nothing a graph can replay): the labels were checked once
         # here, and the rows are the trainer's permutation.
-        x = ops._take_rows(self.data.x, rows, buffers.inputs)
-        y = ops._take_rows(self.data.y, rows, buffers.labels)
+        x, y = buffers.inputs, buffers.labels
+        ops._take_batch(self.data.x, self.data.y, rows, x, y)
         layers, inputs = self.model.net.layers, [x, *buffers.outputs]
         for i, layer in enumerate(layers):
             ops.linear_forward(inputs[i], layer.W.value, layer.b.value, layer.activation, inputs[i + 1])
-        loss_out[...] = ops._softmax_cross_entropy(inputs[-1], y, buffers.grads_y[-1])
+        ops._softmax_cross_entropy(inputs[-1], y, buffers.grads_y[-1], loss_out)
         for i in reversed(range(len(layers))):
             layer, grad_x = layers[i], buffers.grads_y[i - 1] if i > 0 else None
             grad_y, grad_z, W, b = buffers.grads_y[i], buffers.grads_z[i], layer.W, layer.b

@@ -43,6 +43,9 @@ class StepBuffers(NamedTuple):
         return self.grads_y[layer - 1]
 
 
+CHUNKS_PER_EPOCH = 20  # run() calls an epoch takes by default (CompiledSteps.chunk_steps)
+
+
 class CompiledSteps(abc.ABC):
     """A trainer's steps taken many at a time. It holds the model's and the optimiser's own arrays:
     whoever changes a parameter writes into it (value[...] = ...), as checkpoints and verify do,
@@ -51,6 +54,11 @@ class CompiledSteps(abc.ABC):
     # Whether the trainer may pass run() any number of steps (True), or must keep one length
     # per call (CuPy's graphs: each length is a graph of its own to capture).
     chunks_may_grow = False
+
+    def chunk_steps(self, steps_per_epoch):
+        """How many steps the trainer passes run() at a time to begin with: a twentieth of an
+        epoch, so that the progress bar moves and Ctrl-C is answered between calls."""
+        return max(1, steps_per_epoch // CHUNKS_PER_EPOCH)
 
     @abc.abstractmethod
     def run(self, order, first, n, lrs, losses, threads=None):

@@ -87,9 +87,9 @@ class SGD:
         """Update every parameter from its gradient, in place, at rate lr, through ops: the
         backend, or a compiled path's own version of it (CuPy's graphs pass ops whose products
         can be captured, and lr as a device array)."""
-        velocities = self.state.get("velocity", [None] * len(self.parameters))
-        for p, velocity in zip(self.parameters, velocities):
-            ops.sgd_update(p.value, p.grad, lr, velocity, self.momentum, self.nesterov, self.weight_decay)
+        values, grads = [p.value for p in self.parameters], [p.grad for p in self.parameters]
+        velocities = self.state.get("velocity")
+        ops.sgd_update_all(values, grads, lr, velocities, self.momentum, self.nesterov, self.weight_decay)
 
     def step(self):
         """Update every parameter from its gradient at the scheduled rate, and count the step."""

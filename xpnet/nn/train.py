@@ -21,7 +21,7 @@ import numpy
 
 from xpnet.backends import get_backend
 from xpnet.backends.base import Declined
-from xpnet.backends.steps import TrainingData
+from xpnet.backends.steps import CHUNKS_PER_EPOCH, TrainingData
 from xpnet.errors import ConfigError, DataError, XpnetError
 from xpnet.nn.checkpoint import Checkpoint
 from xpnet.nn.config import TrainConfig, resumed_config, seed_lr
@@ -107,10 +107,6 @@ class Trainer:
         self.val_x, self.val_y = self._to_device(data.validation)
         self.test_x, self.test_y = self._to_device(data.test)
         self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
-        # How far the compiled loop runs between returns to Python (so the progress bar moves
-        # and Ctrl-C is answered), and the unit of the thread probes: a twentieth of an epoch,
-        # grown on the host where that takes less than CHUNK_SECONDS (_grow_chunks).
-        self.chunk_steps = max(1, self.steps_per_epoch // 20)
         self.optimizer = SGD(
             backend,
             self.model.parameters(),
@@ -123,6 +119,15 @@ class Trainer:
         )
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
         self.compiled_steps = self._compile_steps(compiled, TrainingData(self.train_x, self.train_y, data.train.images))
+        # How far the compiled steps run between returns to Python (so the progress bar moves and
+        # Ctrl-C is answered), and the unit of the thread probes: a twentieth of an epoch to begin
+        # with (a whole one for CUDA graphs), grown on the host where that takes less than
+        # CHUNK_SECONDS (_grow_chunks).
+        self.chunk_steps = (
+            max(1, self.steps_per_epoch // CHUNKS_PER_EPOCH)
+            if self.compiled_steps is None
+            else self.compiled_steps.chunk_steps(self.steps_per_epoch)
+        )
         # Only host BLAS needs the limit: a GPU backend uses none. Made once, since finding the
         # libraries each time would cost 1-2 ms an epoch (xpnet/threads.py), and made last, after
         # the backend has loaded what it loads (Numba brings SciPy's OpenBLAS).
