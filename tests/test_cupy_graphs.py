@@ -14,7 +14,7 @@ import pytest
 
 from tests.cuda_host import CXX, EmulatedCupyBackend, ReplayedGraphSteps
 from xpnet.backends import get_backend
-from xpnet.backends.cupy_graphs import OP_N, CublasGemm, GraphSteps
+from xpnet.backends.cupy_graphs import GRAPH_STEPS, OP_N, CublasGemm, GraphSteps
 from xpnet.backends.steps import TrainingData
 from xpnet.data.synthetic import synthetic_splits
 from xpnet.errors import BackendUnavailable
@@ -150,3 +150,12 @@ def test_gemm_shows_row_major_operands_to_column_major_cublas(case):
     out = numpy.empty((a.shape[0], b.shape[1]))
     gemm(HostArray(a), HostArray(b), HostArray(out))
     numpy.testing.assert_allclose(out, a @ b, rtol=1e-12)
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) here to run the CuPy backend's kernels on the CPU")
+@pytest.mark.parametrize("n_train, batch_size, chunk", [(200, 48, 5), (5000, 4, GRAPH_STEPS)])
+def test_an_epoch_is_one_graph_up_to_its_longest(n_train, batch_size, chunk):
+    config = TrainConfig(batch_size=batch_size, dtype="float64")
+    trainer = Trainer(EmulatedCupyBackend(), synthetic_splits(n_train=n_train), config)
+    assert isinstance(trainer.compiled_steps, ReplayedGraphSteps)
+    assert trainer.chunk_steps == chunk  # 5 steps: all of them; 1,250: the most a graph takes

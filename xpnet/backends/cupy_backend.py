@@ -73,9 +73,8 @@ __global__ void activation_grad_and_sum_rows(const T* grad_y, const T* output, i
 
 # The loss of a batch in one kernel and one block: each thread takes every LOSS_THREADS-th row
 # (rows are short: 10 classes), writes its gradient and sums its losses, and the block adds the
-# sums in a fixed tree, so the mean is deterministic. It replaces a per-row kernel, CuPy's mean,
-# a cast and a copy: four graph nodes a step, about 6 us of an 82 us step on an H200 at batch 512
-# (bench/results-gpu-h200.md, the profile).
+# sums in a fixed tree, so the mean is deterministic. One graph node, where a per-row kernel,
+# CuPy's mean, a cast and a copy were four (bench/results-gpu-h200.md, call 9's profile).
 LOSS_THREADS = 512
 _SOFTMAX_CROSS_ENTROPY = r"""
 #define LOSS_THREADS 512
