@@ -18,6 +18,7 @@ import numpy
 import pytest
 
 import xpnet
+from xpnet.cli import UNWRITABLE_MESSAGE
 from xpnet.data.datasets import FILE_NAMES
 from xpnet.data.idx import write_idx
 from xpnet.data.synthetic import synthetic_splits
@@ -115,6 +116,10 @@ CASES = [
          "--json /nonexistent/x.json", "does not exist"),
     case("outputs", "evaluate-plot-to-a-directory", "evaluate --checkpoint {base} --plot . {data}", 2,
          "--plot . is a directory"),
+    case("outputs", "save-and-plot-to-one-file", "train --save out.png --plot out.png {data}", 2,
+         "--save and --plot both write out.png; give each its own file"),
+    case("outputs", "bench-json-and-markdown-to-one-file", "bench --quick --json out.txt --markdown out.txt", 2,
+         "--json and --markdown both write out.txt"),
     # Resuming: the run's own settings, and only a run.
     case("resume", "with-hidden", "train --resume {base} --hidden 100 {data}", 2,
          "--resume continues the run with its own settings", "drop --hidden"),
@@ -243,6 +248,47 @@ def test_bad_input_is_one_line_that_names_the_fault_and_changes_nothing(
         assert seconds < FAST, f"refused only after {seconds:.1f} s"
 
 
+def refused_at_once(args, cwd):
+    """The one stderr line of a command that must be refused (exit 2) before any work."""
+    result, seconds = run_xpnet(args, cwd)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert seconds < FAST and "Epoch" not in result.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag", ["--save", "--plot"])
+def test_an_empty_output_path_is_refused(small_data_dir, tmp_path, flag):
+    line = refused_at_once(["train", flag, "", "--data-dir", str(small_data_dir)], tmp_path)
+    assert f"{flag} '' names no file" in line and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("node", ["fifo", "/dev/null"])
+def test_a_device_or_fifo_is_never_replaced_by_a_file(small_data_dir, tmp_path, node):
+    """Renaming a temporary file over /dev/null (as root) would make it a regular file."""
+    if node == "fifo":
+        node = tmp_path / "pipe"
+        os.mkfifo(node)
+    kind = "a FIFO" if node != "/dev/null" else "a character device"
+    line = refused_at_once(["train", "--save", str(node), "--data-dir", str(small_data_dir)], tmp_path)
+    assert f"--save {node} is {kind}, not a file" in line
+    assert not Path(node).is_file() and Path(node).exists()
+    with pytest.raises(xpnet.XpnetError, match=f"{node} is {kind}, not a file"):
+        xpnet.MLP(xpnet.get_backend("numpy"), [784, 8, 10]).save(node)
+    assert not Path(node).is_file()
+
+
+def test_a_save_through_a_symbolic_link_writes_where_it_points(tmp_path):
+    target, link = tmp_path / "real.npz", tmp_path / "link.npz"
+    target.write_text("old")
+    link.symlink_to(target)
+    model = xpnet.MLP(xpnet.get_backend("numpy"), [784, 8, 10])
+    model.save(link)
+    assert link.is_symlink() and link.resolve() == target
+    assert xpnet.load_model(target).sizes == [784, 8, 10]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.npz", "real.npz"]
+
+
 def test_the_data_directory_of_another_dataset_is_refused_from_the_environment(mnist_dir, tmp_path):
     result, seconds = run_xpnet(
         ["train", "--dataset", "fashion-mnist"], tmp_path, env={"XPNET_DATA_DIR": str(mnist_dir)}
@@ -273,6 +319,18 @@ def test_a_reader_leaving_the_pipe_ends_the_command_quietly(small_data_dir, tmp_
     assert len(result.stdout.splitlines()) == 1
     assert errors.read_text() == ""  # no BrokenPipeError traceback
     assert result.returncode in (0, 141)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here to stand for a full disk")
+@pytest.mark.parametrize("command", [["--help"], ["--version"], ["data", "info", "--data-dir"]])
+def test_output_to_a_full_disk_is_one_line_and_a_failure(small_data_dir, command):
+    if command[-1] == "--data-dir":
+        command = [*command, str(small_data_dir)]
+    with open("/dev/full", "w") as full:
+        command = [sys.executable, "-m", "xpnet", *command]
+        result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert result.returncode == 1
+    assert result.stderr == f"xpnet: error: {UNWRITABLE_MESSAGE.format(reason='No space left on device')}\n"
 
 
 def test_bare_xpnet_lists_its_commands_and_version_works():

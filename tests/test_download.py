@@ -36,7 +36,7 @@ def flip_one_byte(content):
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """/<behaviour>/<file>.gz: ok, missing, truncated, corrupt, recompressed, stall, slow."""
+    """/<behaviour>/<file>.gz: ok, missing, truncated, corrupt, recompressed, stall, slow, drip."""
 
     def do_GET(self):
         behaviour, filename = self.path.strip("/").split("/")
@@ -56,6 +56,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if behaviour == "truncated":
             self.wfile.write(body[: len(body) // 2])
+            return
+        if behaviour == "drip":  # a byte every 0.2 s: each receive well inside any timeout
+            for byte in body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
             return
         if behaviour == "slow":  # about 3 s per file, in small pieces
             for start in range(0, len(body), len(body) // 30 + 1):
@@ -125,6 +131,29 @@ def test_a_stalled_server_is_bounded_by_the_timeout(server, tmp_path):
     with pytest.raises(DataError, match="timed out"):
         download_file(TRAIN_IMAGES, tmp_path, [f"{server}/stall"], timeout=0.5)
     assert time.monotonic() - start < 3
+
+
+def test_a_server_dripping_bytes_meets_the_deadline_and_the_next_mirror_serves(server, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DataError, match=f"{server}/drip/{TRAIN_IMAGES.name}.gz: too slow: .* bytes in 2 s"):
+        download_file(TRAIN_IMAGES, tmp_path, [f"{server}/drip"], timeout=5, deadline=2)
+    assert time.monotonic() - start < 3 and list(tmp_path.iterdir()) == []
+    path = download_file(TRAIN_IMAGES, tmp_path, [f"{server}/drip", f"{server}/ok"], timeout=5, deadline=2)
+    assert gzip.decompress(path.read_bytes()) == CONTENT[TRAIN_IMAGES.name]
+
+
+def test_a_directory_that_cannot_be_written_is_one_error_the_cleanup_does_not_hide(server, tmp_path, monkeypatch):
+    """A read-only mount, as the download sees it: creating the temporary file fails with EROFS,
+    and so would removing it."""
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("builtins.open", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(DataError, match=f"cannot write to {tmp_path} \\(Read-only file system\\); pass --data-dir"):
+        download_file(TRAIN_IMAGES, tmp_path, [f"{server}/ok"])
 
 
 def test_recompressed_file_is_accepted_and_a_flipped_byte_rejected(server, tmp_path):

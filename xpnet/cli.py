@@ -3,6 +3,7 @@ Every user error is one line on stderr and exit 2."""
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import os
 import sys
@@ -39,6 +40,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+    def _print_message(self, message, file=None):
+        # argparse's own ignores a failed write (help sent to a full disk), and exits 0 as if it was read.
+        if message:
+            (file or sys.stderr).write(message)
 
 
 def integer(text):
@@ -266,14 +272,29 @@ def build_parser():
     return parser
 
 
+def _command(parser, argv):
+    """The command's exit code, argparse's own exits (--help, --version, a usage error) included."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code is None else exc.code
+    if args.command is None:  # bare `xpnet`: say what it can do
+        parser.print_help()
+        return 0
+    return importlib.import_module(f"xpnet.commands.{args.command_module}").run(args)
+
+
+# What a write to a full or failing disk raises: the output is lost, not the command's fault.
+UNWRITABLE_OUTPUT = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+UNWRITABLE_MESSAGE = "cannot write the output ({reason}); free space or send it elsewhere"
+
+
 def main(argv=None):
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        if args.command is None:  # bare `xpnet`: say what it can do
-            parser.print_help()
-            return 0
-        return importlib.import_module(f"xpnet.commands.{args.command_module}").run(args)
+        code = _command(parser, argv)
+        sys.stdout.flush()  # here, not at exit, so a failure to write is reported below
+        return code
     except XpnetError as exc:
         print(f"xpnet: error: {exc}", file=sys.stderr)
         return 2
@@ -285,3 +306,12 @@ def main(argv=None):
         # Python's own flush of stdout at exit would fail again, so stdout now goes nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a writer its reader left
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE_OUTPUT:
+            raise
+        # Standard output is a full disk or /dev/full: one line where it can still be read.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(
+            f"xpnet: error: cannot write the output ({exc.strerror}); free space or send it elsewhere", file=sys.stderr
+        )
+        return 1

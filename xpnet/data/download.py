@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from xpnet.atomic import remove_quietly
 from xpnet.data.datasets import DATASETS, get_dataset
 from xpnet.data.idx import content_sha256
 from xpnet.data.mnist import find_file, missing_files, require_files, resolve_data_dir
@@ -45,19 +46,22 @@ def check_file(path, expected):
 
 
 def _fetch(url, destination, timeout, deadline, label):
-    """Stream url into the open file destination; raises OSError-family errors on failure."""
+    """Stream url into the open file destination; raises OSError-family errors on failure, a
+    TimeoutError once the whole file has taken over `deadline` seconds. Each read returns what
+    has arrived (read1), so a server dripping bytes meets the deadline too: read(n) would wait
+    for all n bytes, each receive inside its timeout, and never look at the clock."""
     start = time.monotonic()
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+    with urllib.request.urlopen(url, timeout=min(timeout, deadline)) as response:
         expected_size = int(response.headers.get("Content-Length") or 0) or None
         received = 0
         quiet = not sys.stderr.isatty()
         with tqdm(total=expected_size, unit="B", unit_scale=True, desc=label, disable=quiet, leave=False) as bar:
-            while chunk := response.read(CHUNK):
+            while chunk := response.read1(CHUNK):
                 destination.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
                 if time.monotonic() - start > deadline:
-                    raise TimeoutError(f"took over {deadline:.0f} s")
+                    raise TimeoutError(f"too slow: {received:,} bytes in {deadline:.0f} s, the time a file is given")
     if expected_size is not None and received != expected_size:
         raise OSError(f"truncated: got {received} of {expected_size} bytes")
 
@@ -78,7 +82,7 @@ def _remove_stale_parts(directory, name):
         except ValueError:
             pid = None
         if pid is None or not _process_alive(pid):
-            part.unlink(missing_ok=True)
+            remove_quietly(part)
 
 
 def _process_alive(pid):
@@ -111,21 +115,23 @@ def download_file(expected, directory, mirrors, timeout=TIMEOUT, deadline=DEADLI
         # is read like the final file.
         temporary = directory / f".{expected.name}.{os.getpid()}.part.gz"
         try:
-            with open(temporary, "wb") as f:
-                _fetch(url, f, timeout, deadline, expected.name)
+            destination = open(temporary, "wb")
+        except OSError as exc:  # no permission, a read-only mount, a full disk: no mirror can help
+            raise DataError(
+                f"cannot write to {directory} ({exc.strerror}); pass --data-dir a writable directory"
+            ) from None
+        try:
+            with destination:
+                _fetch(url, destination, timeout, deadline, expected.name)
             reason = check_file(temporary, expected)
             if reason is None:
                 os.replace(temporary, final)
                 return final
             failures.append(f"{url}: {reason}")
-        except PermissionError as exc:
-            raise DataError(
-                f"cannot write to {directory} ({exc.strerror}); pass --data-dir a writable directory"
-            ) from None
         except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts and resets are OSErrors
             failures.append(f"{url}: {_describe(exc)}")
         finally:
-            temporary.unlink(missing_ok=True)
+            remove_quietly(temporary)
     raise DataError(f"could not download {expected.name}: " + "; ".join(failures))
 
 
