@@ -94,6 +94,30 @@ def test_predict_refuses_images_it_would_misread(model_path, images, message):
         model.predict(images)
 
 
+def test_predict_refuses_integer_images_of_only_0_and_1(model_path):
+    images = (numpy.arange(2 * 784).reshape(2, 28, 28) % 3 == 0).astype(int)
+    with pytest.raises(ArgumentError, match="integer images hold only 0 and 1, where pixels are read as 0..255"):
+        xpnet.load_model(model_path).predict(images)
+    assert xpnet.load_model(model_path).predict(images * 255).shape == (2,)
+
+
+def test_predict_memory_stays_flat_in_the_number_of_images(model_path):
+    """Four times the images, the same peak but for the answers (10 logits and a label each):
+    a float copy of every image would add 94 MB for the 30,000 more."""
+    import tracemalloc
+
+    model = xpnet.load_model(model_path, "numpy")
+    images = numpy.random.default_rng(0).integers(0, 256, (40_000, 28, 28), dtype=numpy.uint8)
+    peaks = []
+    for n in (10_000, 40_000):
+        tracemalloc.start()
+        assert model.predict(images[:n]).shape == (n,)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    answers = 30_000 * (10 * 4 + 8)  # float32 logits and int64 labels of the images added
+    assert peaks[1] - peaks[0] < answers + 1e6, f"peaks {peaks[0] / 1e6:.1f} and {peaks[1] / 1e6:.1f} MB"
+
+
 def test_load_model_takes_a_backend_a_name_or_none(model_path, monkeypatch):
     monkeypatch.delenv("XPNET_BACKEND", raising=False)
     assert xpnet.load_model(model_path).backend.name == "numpy"
@@ -191,3 +215,37 @@ def test_run_steps_stays_within_the_epoch_and_completes_it():
 def test_train_config_refuses_settings_it_cannot_train_with(settings, message):
     with pytest.raises(ConfigError, match=message):
         xpnet.TrainConfig(**settings)
+
+
+def test_a_dict_is_taken_as_the_config_and_its_unknown_settings_refused():
+    trainer = xpnet.Trainer("numpy", synthetic_splits(n_train=64), {"epochs": 1, "hidden": (8,), "batch_size": 32})
+    assert trainer.config == xpnet.TrainConfig(epochs=1, hidden=(8,), batch_size=32)
+    with pytest.raises(ConfigError, match="unknown settings colour"):
+        xpnet.Trainer("numpy", synthetic_splits(n_train=64), {"colour": "red"})
+    with pytest.raises(ConfigError, match="config must be a TrainConfig or a dict of its settings, got list"):
+        xpnet.Trainer("numpy", synthetic_splits(n_train=64), [1])
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (None, "data must be the splits xpnet.load_dataset\\(\\) returns \\(xpnet.Splits\\), got NoneType"),
+        ((numpy.zeros((4, 28, 28), numpy.uint8), numpy.zeros(4, numpy.uint8)), "got tuple"),
+        (synthetic_splits(n_train=0), "the train split holds no images: pass data with images in every split"),
+    ],
+    ids=["none", "a-tuple", "an-empty-training-split"],
+)
+def test_a_trainer_refuses_data_it_cannot_train_on(data, message):
+    with pytest.raises(DataError, match=message):
+        xpnet.Trainer("numpy", data)
+
+
+def test_a_checkpoint_continues_only_on_the_dataset_it_was_trained_on(tmp_path):
+    data = synthetic_splits(n_train=64)
+    trainer = xpnet.Trainer("numpy", dataclasses.replace(data, name="fashion-mnist"), {"epochs": 1, "hidden": (8,)})
+    trainer.fit(log=lambda line: None)
+    trainer.save(tmp_path / "fashion.npz")
+    with pytest.raises(ConfigError, match="trained on fashion-mnist, not mnist: continue it on xpnet.load_dataset"):
+        xpnet.Trainer(
+            "numpy", dataclasses.replace(data, name="mnist"), checkpoint=xpnet.load_checkpoint(tmp_path / "fashion.npz")
+        )

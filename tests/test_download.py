@@ -319,3 +319,19 @@ def test_data_verify_looks_where_train_reads_a_system_package_copy(tmp_path, mon
     monkeypatch.delenv("XPNET_DATA_DIR", raising=False)
     assert main(["data", "verify", "--dataset", "fashion-mnist"]) == 0
     assert f"{system_dir} holds the verified fashion-mnist files" in capsys.readouterr().out
+
+
+def test_a_data_directory_that_cannot_be_read_is_one_error(tmp_path, monkeypatch):
+    """chmod 000 as an unprivileged user (root reads anyway): the first read is refused."""
+    import errno
+
+    from xpnet.data import download
+
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(GZ["train-labels-idx1-ubyte"])
+
+    def refused(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(download, "content_sha256", refused)
+    with pytest.raises(DataError, match=f"cannot read {tmp_path} \\(Permission denied\\); check its permissions"):
+        prepare_data_dir(tmp_path)

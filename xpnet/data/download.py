@@ -148,10 +148,13 @@ def check_not_another_dataset(directory, dataset):
     """A directory the user names may hold any IDX data, but not another dataset xpnet knows:
     MNIST and Fashion-MNIST share their file names, so only the content tells them apart.
     The training labels decide (60 kB to hash, not 50 MB)."""
-    labels = find_file(directory, dataset.files[1].name)
-    if labels is None:
-        return
-    digest = content_sha256(labels)
+    try:
+        labels = find_file(directory, dataset.files[1].name)
+        if labels is None:
+            return
+        digest = content_sha256(labels)
+    except OSError as exc:  # no permission to read it: say so here, before any reader trips on it
+        raise DataError(f"cannot read {directory} ({exc.strerror}); check its permissions or pass --data-dir") from None
     for other in DATASETS.values():
         if other is not dataset and digest == other.files[1].sha256:
             raise DataError(

@@ -86,51 +86,57 @@ class MLP:
 
     # -- using a trained model -----------------------------------------------------------------
     def pixels(self, images):
-        """(pixels on the 0..255 scale, one image?) for uint8 images in 0..255 or float images in
-        [0, 1] (torchvision's ToTensor convention): a batch (n, 28, 28) or (n, 784), or one image."""
+        """(a batch of rows, one image?, the scale to 0..255) for uint8 images in 0..255 or float
+        images in [0, 1] (torchvision's ToTensor convention): a batch (n, 28, 28) or (n, 784), or
+        one image. Only shapes and types are checked here; each chunk's values by check_pixels."""
         images = numpy.asarray(images)
         n_in = self.sizes[0]
         row_size = int(numpy.prod(images.shape[1:])) if images.ndim >= 2 else None
         single = images.size == n_in and row_size != n_in
-        if single:
-            images = images.reshape(1, n_in)
-        elif row_size != n_in:
+        if not single and row_size != n_in:
             raise ArgumentError(
                 f"images must be a batch shaped (n, 28, 28) or (n, {n_in}), or one image of {n_in} pixels; "
                 f"got shape {images.shape}"
             )
-        if images.dtype == numpy.uint8:
-            return images, single
-        if images.dtype.kind in "iu" and images.size and (images.min() < 0 or images.max() > 255):
-            raise ArgumentError(
-                f"integer images must hold pixels in 0..255, got {images.min()}..{images.max()}; "
-                "for floats in [0, 1] pass a float array"
-            )
-        if images.dtype.kind in "iu":
-            return images, single
-        if images.dtype.kind != "f":
+        if images.dtype.kind not in "iuf":
             raise ArgumentError(f"images must be uint8 (0..255) or float ([0, 1]), got {images.dtype}")
-        if images.size and not (numpy.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
+        return images.reshape(-1, n_in), single, 255 if images.dtype.kind == "f" else 1
+
+    @staticmethod
+    def check_pixels(images):
+        """Raise ArgumentError for pixel values this model would misread (never a silent wrong answer)."""
+        if images.dtype == numpy.uint8 or not images.size:
+            return
+        low, high = images.min(), images.max()
+        if images.dtype.kind in "iu" and (low < 0 or high > 255):
+            raise ArgumentError(
+                f"integer images must hold pixels in 0..255, got {low}..{high}; for floats in [0, 1] pass a float array"
+            )
+        if images.dtype.kind in "iu" and high == 1:
+            raise ArgumentError(
+                "integer images hold only 0 and 1, where pixels are read as 0..255: pass images * 255, "
+                "or floats in [0, 1]"
+            )
+        if images.dtype.kind == "f" and not (numpy.isfinite(low) and numpy.isfinite(high) and low >= 0 and high <= 1):
             raise ArgumentError(
                 f"float images must lie in [0, 1] (as torchvision's ToTensor gives), got values from "
-                f"{images.min()} to {images.max()}; pass 0..255 pixels as uint8, or divide them by 255"
+                f"{low} to {high}; pass 0..255 pixels as uint8, or divide them by 255"
             )
-        return images.astype(numpy.float64) * 255, single
 
     def predict_logits(self, images, batch_size=None):
         """Logits (host, the model's dtype) for images as ``pixels`` takes them, batch_size at a
-        time (the backend's eval_rows when None)."""
+        time (the backend's eval_rows when None): each chunk is checked, scaled and normalised
+        on its own, so memory beyond the logits stays flat in the number of images."""
         batch_size = batch_size or self.backend.eval_rows
-        host, single = self.pixels(images)
-        if not len(host):  # no kernel is asked to run on no rows
-            return numpy.empty((0, self.sizes[-1]), self.dtype)
-        x = self.backend.asarray(self.normalize(host))
-        logits = numpy.concatenate(
-            [
-                self.backend.to_numpy(self.forward(x[start : start + batch_size]))
-                for start in range(0, len(x), batch_size)
-            ]
-        )
+        rows, single, scale = self.pixels(images)
+        logits = numpy.empty((len(rows), self.sizes[-1]), self.dtype)
+        for start in range(0, len(rows), batch_size):  # none for no rows: no kernel runs on nothing
+            chunk = rows[start : start + batch_size]
+            self.check_pixels(chunk)
+            x = self.backend.asarray(
+                self.normalize(numpy.multiply(chunk, scale, dtype=numpy.float64) if scale != 1 else chunk)
+            )
+            logits[start : start + len(chunk)] = self.backend.to_numpy(self.forward(x))
         return logits[0] if single else logits
 
     def predict_proba(self, images):

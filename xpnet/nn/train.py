@@ -22,6 +22,7 @@ import numpy
 from xpnet.backends import get_backend
 from xpnet.backends.base import Declined
 from xpnet.backends.steps import CHUNKS_PER_EPOCH, TrainingData
+from xpnet.data.mnist import Splits
 from xpnet.errors import ConfigError, DataError, XpnetError
 from xpnet.nn.checkpoint import Checkpoint
 from xpnet.nn.config import TrainConfig, resumed_config, seed_lr
@@ -66,13 +67,42 @@ class Diverged(XpnetError):
     """A step's loss was NaN or infinite; the message names the epoch and step."""
 
 
+def _as_config(config):
+    """config as a TrainConfig: None is the seed recipe, a dict its settings by name."""
+    if config is None:
+        return TrainConfig()
+    if isinstance(config, dict):
+        return TrainConfig.from_record(config)
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a TrainConfig or a dict of its settings, got {type(config).__name__}")
+    return config
+
+
+def _check_data(data, checkpoint):
+    """data is splits a run can train on, and the dataset the checkpoint (if any) was trained on."""
+    if not isinstance(data, Splits):
+        raise DataError(
+            f"data must be the splits xpnet.load_dataset() returns (xpnet.Splits), got {type(data).__name__}"
+        )
+    empty = [name for name in ("train", "validation", "test") if len(getattr(data, name)) == 0]
+    if empty:
+        splits = f"the {' and '.join(empty)} splits hold" if len(empty) > 1 else f"the {empty[0]} split holds"
+        raise DataError(f"{splits} no images: pass data with images in every split")
+    if checkpoint is not None and checkpoint.dataset and data.name and checkpoint.dataset != data.name:
+        raise ConfigError(
+            f"the checkpoint was trained on {checkpoint.dataset}, not {data.name}: "
+            f"continue it on xpnet.load_dataset({checkpoint.dataset!r})"
+        )
+
+
 class Trainer:
     """Owns the model, the loss, the optimiser and the device-resident data of one run.
 
     backend is a Backend or its name; data the splits of ``xpnet.load_dataset``; config a
-    TrainConfig (the seed recipe when None). checkpoint, from ``load_checkpoint``, continues
-    that run with its own settings; only the number of epochs is taken from config (a
-    setting it changes from the default that differs from the checkpoint's is a ConfigError).
+    TrainConfig, or a dict of its settings by name (the seed recipe when None). checkpoint, from
+    ``load_checkpoint``, continues that run with its own settings and on its dataset; only the
+    number of epochs is taken from config (a setting it changes from the default that differs
+    from the checkpoint's is a ConfigError).
 
     compiled: where the backend has a compiled path that lowers this run (Numba's compiled loop,
     CuPy's CUDA graphs), it takes many steps in one call; with compiled=False every step runs the
@@ -91,7 +121,8 @@ class Trainer:
     def __init__(self, backend, data, config=None, checkpoint=None, compiled=None, threads=None):
         if backend is None or isinstance(backend, str):
             backend = get_backend(backend)
-        config = config or TrainConfig()
+        config = _as_config(config)
+        _check_data(data, checkpoint)
         if checkpoint is not None:
             config = resumed_config(config, checkpoint.train_config())
         self.backend, self.config = backend, config
