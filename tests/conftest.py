@@ -1,3 +1,4 @@
+import collections
 import os
 
 import pytest
@@ -56,3 +57,16 @@ def seed_recipe_history(mnist_splits):
         return histories[backend.name]
 
     return history
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The skips once per reason, with their count: pytest's -rs repeats a reason per test line
+    (the CuPy advice 30 times on a machine without a GPU)."""
+    reasons = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):  # (file, line, "Skipped: reason")
+            reasons[report.longrepr[2].removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("skipped, by reason", sep="-")
+        for reason, count in reasons.most_common():
+            terminalreporter.line(f"{count:4d} skipped: {reason}")

@@ -336,6 +336,28 @@ def test_output_to_a_full_disk_is_one_line_and_a_failure(small_data_dir, command
     assert result.stderr == f"xpnet: error: {UNWRITABLE_MESSAGE.format(reason='No space left on device')}\n"
 
 
+def test_ctrl_c_while_the_cli_still_imports_is_the_same_one_line():
+    """Ctrl-C in the command's first fraction of a second lands in an import: made certain here by
+    an import hook that raises it when xpnet.cli is looked up, as the `xpnet` script would meet it."""
+    hook = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'xpnet.cli': raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from xpnet.__main__ import main\n"
+        "sys.exit(main())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", hook, "train"], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "xpnet: interrupted\n")
+
+
+def test_import_xpnet_loads_nothing_until_a_name_is_used():
+    code = "import sys, xpnet; print('numpy' in sys.modules, xpnet.TrainConfig().epochs, 'numpy' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "20", "True"]
+
+
 def test_bare_xpnet_lists_its_commands_and_version_works():
     result = subprocess.run([sys.executable, "-m", "xpnet"], capture_output=True, text=True)
     assert result.returncode == 0

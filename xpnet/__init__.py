@@ -16,43 +16,37 @@ The pieces are public too: ``get_backend`` gives the array backend whose ops the
 ``MLP`` puts them together with the input normalisation.
 """
 
-from xpnet.backends import Backend, available_backends, get_backend
-from xpnet.data import Split, Splits, load_dataset
-from xpnet.errors import ArgumentError, BackendUnavailable, ConfigError, DataError, XpnetError
-from xpnet.nn.checkpoint import load_checkpoint
-from xpnet.nn.layers import Linear, ReLU, Sequential
-from xpnet.nn.loss import SoftmaxCrossEntropy, softmax
-from xpnet.nn.model import MLP, confusion_matrix, load_model
-from xpnet.nn.optim import SGD
-from xpnet.nn.train import Diverged, History, TrainConfig, Trainer, seed_lr
+import importlib
+
+# Each public name by the module that defines it, imported at first use (PEP 562): `import xpnet`
+# costs nothing until a name is used, so the `xpnet` command answers Ctrl-C from its first moment
+# (xpnet/__main__.py) and `from xpnet import Trainer` works as ever.
+_HOMES = {
+    "xpnet.backends": ("Backend", "available_backends", "get_backend"),
+    "xpnet.data": ("Split", "Splits", "load_dataset"),
+    "xpnet.errors": ("ArgumentError", "BackendUnavailable", "ConfigError", "DataError", "XpnetError"),
+    "xpnet.nn.checkpoint": ("load_checkpoint",),
+    "xpnet.nn.layers": ("Linear", "ReLU", "Sequential"),
+    "xpnet.nn.loss": ("SoftmaxCrossEntropy", "softmax"),
+    "xpnet.nn.model": ("MLP", "confusion_matrix", "load_model"),
+    "xpnet.nn.optim": ("SGD",),
+    "xpnet.nn.train": ("Diverged", "History", "TrainConfig", "Trainer", "seed_lr"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name):
+    if name not in _HOME:
+        raise AttributeError(f"module 'xpnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_HOME})
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MLP",
-    "SGD",
-    "ArgumentError",
-    "Backend",
-    "BackendUnavailable",
-    "ConfigError",
-    "DataError",
-    "Diverged",
-    "History",
-    "Linear",
-    "ReLU",
-    "Sequential",
-    "SoftmaxCrossEntropy",
-    "Split",
-    "Splits",
-    "TrainConfig",
-    "Trainer",
-    "XpnetError",
-    "available_backends",
-    "confusion_matrix",
-    "get_backend",
-    "load_checkpoint",
-    "load_dataset",
-    "load_model",
-    "seed_lr",
-    "softmax",
-]
+__all__ = sorted(_HOME)
