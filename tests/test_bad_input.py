@@ -116,6 +116,8 @@ CASES = [
          "--json /nonexistent/x.json", "does not exist"),
     case("outputs", "evaluate-plot-to-a-directory", "evaluate --checkpoint {base} --plot . {data}", 2,
          "--plot . is a directory"),
+    case("outputs", "save-under-a-file", "train --save /etc/passwd/m.npz {data}", 2,
+         "--save /etc/passwd/m.npz: /etc/passwd is not a directory"),
     case("outputs", "save-and-plot-to-one-file", "train --save out.png --plot out.png {data}", 2,
          "--save and --plot both write out.png; give each its own file"),
     case("outputs", "bench-json-and-markdown-to-one-file", "bench --quick --json out.txt --markdown out.txt", 2,
@@ -146,6 +148,15 @@ CASES = [
             ("history", [1]), ("history", [{"epoch": 1}]), ("epoch_losses", ["nan"]), ("dataset", 7),
         ]
     ],
+    case("checkpoint", "dataset-unknown", "train --resume {edited} --epochs 2", 2, "not a usable xpnet checkpoint",
+         "dataset must be one this xpnet knows (mnist, fashion-mnist), got 'cifar-100'",
+         metadata={"dataset": "cifar-100"}),
+    case("checkpoint", "epoch-step-beyond-the-epoch", "train --resume {edited} --epochs 2 {data}", 2,
+         "the checkpoint's epoch_step 1000000 (with 4 epoch_losses) is no step within an epoch of 32 steps",
+         "the file is damaged", metadata={"epoch_step": 1_000_000}),
+    case("checkpoint", "hidden-contradicting-sizes", "evaluate --checkpoint {edited} {data}", 2,
+         "not a usable xpnet checkpoint", "config.hidden [100] contradicts the architecture's sizes [784, 8, 10]",
+         config={"hidden": [100]}),
     case("checkpoint", "optimizer-steps=-5", "evaluate --checkpoint {edited} {data}", 2,
          "not a usable xpnet checkpoint", "optimizer_steps", optimizer={"steps": -5}),
     case("checkpoint", "optimizer-without-a-name", "evaluate --checkpoint {edited} {data}", 2,
@@ -203,7 +214,7 @@ CASES = [
     case("datasets", "label-200", "train --data-dir {dataset}", 2, "holds label 200", "labels are 0 to 9",
          dataset={"labels": numpy.full(10_100, 200, numpy.uint8)}),
     case("datasets", "verify-another-dataset", "data verify --dataset fashion-mnist {data}", 1,
-         "are not fashion-mnist"),
+         "are not fashion-mnist", "run `xpnet data download --dataset fashion-mnist` to fetch them"),
 ]  # fmt: skip
 
 
@@ -297,7 +308,8 @@ def test_the_data_directory_of_another_dataset_is_refused_from_the_environment(m
         ["train", "--dataset", "fashion-mnist"], tmp_path, env={"XPNET_DATA_DIR": str(mnist_dir)}
     )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert f"{mnist_dir} holds mnist, not fashion-mnist" in result.stderr and seconds < FAST
+    message = f"{mnist_dir} (XPNET_DATA_DIR) holds mnist, not fashion-mnist: pass --data-dir a directory of"
+    assert message in result.stderr and "or unset XPNET_DATA_DIR" in result.stderr and seconds < FAST
 
 
 def test_plot_without_matplotlib_is_refused_before_training(small_data_dir, tmp_path):

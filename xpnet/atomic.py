@@ -78,6 +78,8 @@ def check_writable(path, flag):
     except XpnetError as exc:
         raise UsageError(str(exc)) from None
     directory = path.parent if target.parent == Path(os.path.realpath(path.parent)) else target.parent
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{flag} {path}: {directory} is not a directory; choose another path")
     if not directory.is_dir():
         raise UsageError(f"{flag} {path}: the directory {directory} does not exist; create it first or choose another")
     try:

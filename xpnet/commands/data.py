@@ -4,7 +4,7 @@ import sys
 
 from xpnet.data import load_dataset
 from xpnet.data.datasets import get_dataset
-from xpnet.data.download import check_file, data_location, prepare_data_dir
+from xpnet.data.download import check_file, data_location, download_command, prepare_data_dir
 from xpnet.data.mnist import find_file
 
 
@@ -26,7 +26,7 @@ def run(args):
         if failures:
             print(
                 f"xpnet data verify: {failures} of 4 files in {directory} are not {args.dataset}; "
-                "run `xpnet data download` to fetch them",
+                f"run `{download_command(args.dataset)}` to fetch them",
                 file=sys.stderr,
             )
             return 1

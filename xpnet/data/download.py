@@ -19,7 +19,7 @@ from tqdm import tqdm
 from xpnet.atomic import remove_quietly
 from xpnet.data.datasets import DATASETS, get_dataset
 from xpnet.data.idx import content_sha256
-from xpnet.data.mnist import find_file, missing_files, require_files, resolve_data_dir
+from xpnet.data.mnist import ENV_VAR, find_file, missing_files, require_files, resolve_data_dir
 from xpnet.errors import DataError
 
 TIMEOUT = 30.0  # seconds for the connection and for each read
@@ -144,10 +144,16 @@ def system_copy(dataset):
     return None
 
 
-def check_not_another_dataset(directory, dataset):
+def download_command(dataset_name):
+    """The command that fetches a dataset, as a user would type it."""
+    return "xpnet data download" + ("" if dataset_name == "mnist" else f" --dataset {dataset_name}")
+
+
+def check_not_another_dataset(directory, dataset, from_environment=False):
     """A directory the user names may hold any IDX data, but not another dataset xpnet knows:
     MNIST and Fashion-MNIST share their file names, so only the content tells them apart.
-    The training labels decide (60 kB to hash, not 50 MB)."""
+    The training labels decide (60 kB to hash, not 50 MB). from_environment: the directory is
+    $XPNET_DATA_DIR's, which the message then names."""
     try:
         labels = find_file(directory, dataset.files[1].name)
         if labels is None:
@@ -157,9 +163,11 @@ def check_not_another_dataset(directory, dataset):
         raise DataError(f"cannot read {directory} ({exc.strerror}); check its permissions or pass --data-dir") from None
     for other in DATASETS.values():
         if other is not dataset and digest == other.files[1].sha256:
+            source = f" ({ENV_VAR})" if from_environment else ""
+            instead = f", or unset {ENV_VAR} to use xpnet's own cache" if from_environment else ""
             raise DataError(
-                f"{directory} holds {other.name}, not {dataset.name}: pass --data-dir a directory of "
-                f"{dataset.name}'s files, or --dataset {other.name}"
+                f"{directory}{source} holds {other.name}, not {dataset.name}: pass --data-dir a directory of "
+                f"{dataset.name}'s files{instead}, or --dataset {other.name}"
             )
 
 
@@ -192,7 +200,7 @@ def ensure_dataset(dataset, directory, verify_existing, download=True):
                 continue
             reason = f"{present} is corrupt ({reason})"
         if not download:
-            raise DataError(f"{reason}; run `xpnet data download`")
+            raise DataError(f"{reason}; run `{download_command(dataset.name)}`")
         try:
             download_file(expected, directory, dataset.mirrors)
         except DataError as exc:
@@ -200,7 +208,10 @@ def ensure_dataset(dataset, directory, verify_existing, download=True):
                 raise DataError(
                     f"{reason} and could not be fetched again ({exc}); delete it and retry online, or pass --data-dir"
                 ) from None
-            raise DataError(f"{exc}. Offline? Put the four files in {directory} or pass --data-dir") from None
+            raise DataError(
+                f"{exc}. Offline? Put the four files in {directory}, or point --data-dir or {ENV_VAR} at a "
+                "directory holding them"
+            ) from None
     return directory
 
 
@@ -215,7 +226,7 @@ def prepare_data_dir(data_dir=None, dataset="mnist", download=True):
         return ensure_dataset(spec, directory, verify_existing=True, download=download)
     if not directory.is_dir():
         require_files(directory)  # raises the one-line "does not exist" error
-    check_not_another_dataset(directory, spec)
+    check_not_another_dataset(directory, spec, from_environment=not data_dir)
     if not missing_files(directory):
         return directory
     return ensure_dataset(spec, directory, verify_existing=False, download=download)

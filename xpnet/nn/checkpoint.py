@@ -21,6 +21,7 @@ import numpy
 
 from xpnet.atomic import atomic_path
 from xpnet.backends.base import ACTIVATIONS
+from xpnet.data.datasets import DATASETS
 from xpnet.errors import DataError
 from xpnet.nn.config import TrainConfig
 
@@ -172,8 +173,18 @@ def _parse(arrays):
             raise ValueError("rng_state is not a state of NumPy's default generator (PCG64)") from None
     dataset = metadata.get("dataset")
     _require(dataset is None or isinstance(dataset, str), f"dataset must be a name, got {dataset!r}")
+    _require(
+        dataset is None or dataset in DATASETS,
+        f"dataset must be one this xpnet knows ({', '.join(DATASETS)}), got {dataset!r}",
+    )
     shapes = expected_shapes(sizes)
     params = [_array(arrays, f"param.{i}", shape, sizes) for i, shape in enumerate(shapes)]
+    if config is not None and "hidden" in config:
+        hidden = config["hidden"]
+        _require(
+            isinstance(hidden, list) and hidden == list(sizes[1:-1]),
+            f"config.hidden {hidden!r} contradicts the architecture's sizes {sizes}",
+        )
     state_names = sorted({name.split(".")[1] for name in arrays if name.startswith("optimizer.")})
     _require(config is not None or not state_names, "a model saved on its own holds no optimiser state")
     optimizer_state = {

@@ -254,6 +254,13 @@ class Trainer:
         self.rng.bit_generator.state = checkpoint.rng_state
         self.history.epochs = [EpochStats(**e) for e in checkpoint.history]
         self.epoch = checkpoint.epoch
+        step = checkpoint.epoch_step
+        if step >= self.steps_per_epoch or (step and len(checkpoint.epoch_losses) != step):
+            raise DataError(
+                f"the checkpoint's epoch_step {step} (with {len(checkpoint.epoch_losses)} epoch_losses) is no "
+                f"step within an epoch of {self.steps_per_epoch} steps on this data: the file is damaged, or from "
+                "other data"
+            )
         if checkpoint.epoch_step:  # redraw the unfinished epoch's order from its generator state
             self._start_epoch()
             self.epoch_step = checkpoint.epoch_step
