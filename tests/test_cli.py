@@ -42,3 +42,10 @@ def test_train_prints_epochs_and_test_accuracy(mnist_dir):
     assert "Epoch 1 - Cost: " in result.stdout and "samples/s" in result.stdout
     accuracy = float(result.stdout.split("Test accuracy: ")[1].split()[0])
     assert accuracy > 0.9
+
+
+def test_a_batch_larger_than_the_training_set_is_said_once(small_data_dir):
+    result = run_xpnet("train", "--epochs", "2", "--batch-size", "1000000", "--data-dir", str(small_data_dir))
+    assert result.returncode == 0, result.stderr
+    note = "Batch size 1,000,000 is more than the 2,048 training images: each step takes them all"
+    assert result.stdout.count(note) == 1 and "Epoch 2 - Cost: " in result.stdout

@@ -94,12 +94,30 @@ def test_preprocessing_centres_the_digit_like_mnist(mnist_splits, tmp_path):
     assert centre == pytest.approx([14, 14], abs=1.0)
 
 
+def float_tiff_with_nan(path):
+    """A float TIFF of a bright square with a patch of NaN in one corner (64 pixels)."""
+    from PIL import Image
+
+    pixels = numpy.zeros((28, 28), numpy.float32)
+    pixels[8:20, 8:20] = 1.0
+    pixels[:8, :8] = numpy.nan
+    Image.fromarray(pixels, mode="F").save(path)
+
+
 @pytest.mark.parametrize(
-    "content, message", [(b"hello, not an image\n", "not an image Pillow can read"), (None, "file not found")]
+    "content, message",
+    [
+        (b"hello, not an image\n", "not an image Pillow can read"),
+        (None, "file not found"),
+        (float_tiff_with_nan, "64 of its 784 pixels are NaN or infinite; fill or crop them"),
+    ],
+    ids=["not-an-image", "missing", "float-with-nan"],
 )
 def test_bad_image_files_are_one_line_errors(checkpoint, tmp_path, content, message):
-    path = tmp_path / "digit.png"
-    if content is not None:
+    path = tmp_path / ("digit.tiff" if callable(content) else "digit.png")
+    if callable(content):
+        content(path)
+    elif content is not None:
         path.write_bytes(content)
     result = subprocess.run(
         [sys.executable, "-m", "xpnet", "predict", "--checkpoint", str(checkpoint), str(path)],

@@ -89,6 +89,11 @@ def run(args):
     config = trainer.config  # a resumed run keeps its checkpoint's settings
     sizes = "-".join(map(str, trainer.model.sizes))
     print(f"Training {sizes} on {backend.name} ({config.dtype}), data from {splits.directory}")
+    if config.batch_size > len(splits.train):
+        print(
+            f"Batch size {config.batch_size:,} is more than the {len(splits.train):,} training images: "
+            "each step takes them all (full-batch gradient descent)"
+        )
     if checkpoint is not None:
         print(f"Resuming {args.resume} after epoch {trainer.epoch}, up to epoch {config.epochs}")
 

@@ -35,6 +35,8 @@ def read_gray(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image = ImageOps.exif_transpose(image)
+                if image.mode == "F":
+                    _check_finite(path, numpy.asarray(image))
                 return _brightness(image)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
@@ -46,6 +48,13 @@ def read_gray(path):
         ) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{path}: not an image Pillow can read ({exc.__class__.__name__})") from None
+
+
+def _check_finite(path, pixels):
+    """A float image with NaN or infinite pixels has no brightness to read there: say so, once."""
+    bad = int(pixels.size - numpy.count_nonzero(numpy.isfinite(pixels)))
+    if bad:
+        raise DataError(f"{path}: {bad:,} of its {pixels.size:,} pixels are NaN or infinite; fill or crop them")
 
 
 def _brightness(image):
