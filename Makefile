@@ -39,8 +39,8 @@ notebook: $(VENV)/.installed-notebook
 	$(BIN)/jupyter lab notebooks/backprop_from_scratch.ipynb
 
 lint: $(VENV)/.installed-$(TEST_EXTRAS)
-	$(BIN)/ruff check xpnet tests bench conftest.py notebooks
-	$(BIN)/ruff format --check xpnet tests bench conftest.py notebooks
+	$(BIN)/ruff check src tests bench conftest.py notebooks
+	$(BIN)/ruff format --check src tests bench conftest.py notebooks
 
 verify: $(VENV)/.installed
 	$(BIN)/xpnet verify --dtype float32 $(ARGS)

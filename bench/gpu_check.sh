@@ -25,11 +25,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-out}
 PYTHON=${PYTHON:-python3}
 BACKENDS=${BACKENDS:-numpy,numba,cupy}  # a dry run without a GPU: BACKENDS=numpy,numba
-PEERS=${PEERS:-torch,torch-graphs,torch-step-graph,jax}  # xpnet/bench_peers.py says what each is
+PEERS=${PEERS:-torch,torch-graphs,torch-step-graph,jax}  # src/xpnet/bench_peers.py says what each is
 OPS=${OPS:-1} TRAIN=${TRAIN:-1}
 GPU_BACKEND=${BACKENDS##*,}
 mkdir -p "$OUT" && : >"$OUT/bench.log"
-export XPNET_DATA_DIR=${XPNET_DATA_DIR:-$PWD/.mnist} PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export XPNET_DATA_DIR=${XPNET_DATA_DIR:-$PWD/.mnist} PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX shares the GPU: it takes what it uses, not 75% of it
 status=0
 

@@ -5,7 +5,7 @@ parallel gather and SGD update swapped in (samples/s, median of 5 interleaved ep
 Numba's threads meet OpenBLAS's. Run: python bench/threads.py
 
 The serial kernels are the backend's own; the parallel ones are written here only to be
-measured (xpnet/backends/numba_kernels.py says what was chosen and why).
+measured (src/xpnet/backends/numba_kernels.py says what was chosen and why).
 """
 
 import statistics

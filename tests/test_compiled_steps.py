@@ -1,4 +1,4 @@
-"""The Numba backend's compiled training loop (xpnet/backends/numba_steps.py): each op of a
+"""The Numba backend's compiled training loop (src/xpnet/backends/numba_steps.py): each op of a
 compiled step within verify's one-op bounds, at any depth, dtype, batch size (1 included,
 where the products are gemv) and output layout; its gather, its cache, and its two threads.
 Whole runs against the reference loop for every setting are in test_fast_paths.py."""

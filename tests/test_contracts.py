@@ -1,4 +1,4 @@
-"""The backend contracts of xpnet/backends/base.py, as behaviour, on every backend (numpy,
+"""The backend contracts of src/xpnet/backends/base.py, as behaviour, on every backend (numpy,
 numba, the CuPy backend emulated on the CPU, and cupy itself where a GPU answers): inputs left
 as they were, bad labels and indices refused the same way, strided views handled, copies in
 and out, one rule for NaN. A range fault may surface at the call (CPU) or at the next read from

@@ -1,4 +1,4 @@
-"""The CuPy backend's compiled path (xpnet/backends/cupy_graphs.py): chunks of training steps
+"""The CuPy backend's compiled path (src/xpnet/backends/cupy_graphs.py): chunks of training steps
 captured as CUDA graphs and replayed.
 
 On a GPU, the graphs against the op-by-op path. Everywhere, the path's plumbing on the CPU

@@ -1,4 +1,4 @@
-"""The fast-path contract (xpnet/backends/steps.py): every compiled path runs exactly what the
+"""The fast-path contract (src/xpnet/backends/steps.py): every compiled path runs exactly what the
 reference loop runs, for every combination of the training settings, or declines it.
 
 The combinations come from TrainConfig's declaration, so a setting added later joins by itself:
@@ -6,7 +6,7 @@ both values of a bool, each of a setting's choices, and its declared example bes
 The test sets only what it must (the batch sizes and depths the compiled paths treat
 differently, a short run's epochs, rate and seed). In float64 a compiled run equals the
 reference loop within rtol 1e-9; in float32, where its roundings differ, each op of each
-compiled step is within verify's one-op bounds (xpnet/verify.py).
+compiled step is within verify's one-op bounds (src/xpnet/verify.py).
 """
 
 import dataclasses

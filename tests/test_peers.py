@@ -1,4 +1,4 @@
-"""The peers `xpnet bench` times (xpnet/bench_peers.py) do the same work as xpnet: from the
+"""The peers `xpnet bench` times (src/xpnet/bench_peers.py) do the same work as xpnet: from the
 same weights and batch, one SGD step of each equals the NumPy reference's step. Skipped where
 a peer is not installed (CI installs neither; `pip install 'xpnet[peers]'` adds both)."""
 

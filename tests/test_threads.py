@@ -1,4 +1,4 @@
-"""The BLAS thread policy (xpnet/threads.py): counts given, and auto's reading of the load."""
+"""The BLAS thread policy (src/xpnet/threads.py): counts given, and auto's reading of the load."""
 
 import numpy
 import pytest

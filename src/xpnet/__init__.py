@@ -20,7 +20,7 @@ import importlib
 
 # Each public name by the module that defines it, imported at first use (PEP 562): `import xpnet`
 # costs nothing until a name is used, so the `xpnet` command answers Ctrl-C from its first moment
-# (xpnet/__main__.py) and `from xpnet import Trainer` works as ever.
+# (src/xpnet/__main__.py) and `from xpnet import Trainer` works as ever.
 _HOMES = {
     "xpnet.backends": ("Backend", "available_backends", "get_backend"),
     "xpnet.data": ("Split", "Splits", "load_dataset"),

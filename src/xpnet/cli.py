@@ -1,4 +1,4 @@
-"""The command line: the parser and main(). Each subcommand's work is in xpnet/commands/.
+"""The command line: the parser and main(). Each subcommand's work is in src/xpnet/commands/.
 Every user error is one line on stderr and exit 2."""
 
 import argparse
@@ -157,7 +157,7 @@ def setting_flag(name):
 
 
 def add_setting_flags(parser):
-    """A flag for each TrainConfig setting, derived from its declaration (xpnet/nn/config.py):
+    """A flag for each TrainConfig setting, derived from its declaration (src/xpnet/nn/config.py):
     its type, default, help and choices. Whether a value is usable is TrainConfig's to say."""
     from xpnet.nn.config import TrainConfig
 

@@ -6,7 +6,7 @@ GPU's queued work is counted. JIT compile time is measured apart (Backend.prepar
 inside an epoch. Alongside, in the same process and run, the "floor": the same five matrix
 products per step (forward x2, grad W x2, grad x of layer 2) timed alone with NumPy, each in
 the layout Numba's compiled loop uses (the faster), and the peers that are installed
-(xpnet/bench_peers.py: PyTorch eager and torch.compile, JAX's jit of a step and of an epoch).
+(src/xpnet/bench_peers.py: PyTorch eager and torch.compile, JAX's jit of a step and of an epoch).
 Numbers are medians of repeats with their min-max spread: this machine is shared and noisy,
 so only ratios taken in one run are comparable.
 """

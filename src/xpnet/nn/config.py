@@ -1,7 +1,7 @@
 """A training run's settings, each declared once, as a field of TrainConfig.
 
 A field carries its type (the annotation), its default, its help and its check. The CLI's
-flags (xpnet/cli.py), the checks when a config is made, the checkpoint's record of a run and a
+flags (src/xpnet/cli.py), the checks when a config is made, the checkpoint's record of a run and a
 resume's conflict check all read the fields by name, so a new setting is one new field: every
 one of them picks it up, and a checkpoint saved before it existed loads with its default.
 """

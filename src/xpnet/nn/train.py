@@ -114,7 +114,7 @@ class Trainer:
     threads is how many threads each epoch may use (BLAS's, or from 128 rows those of Numba's
     compiled loop, each with one BLAS thread): None (BLAS's own, a thread per core), a count, or
     "auto" to give it the cores other processes leave, measured as the epoch runs
-    (xpnet/threads.py; the CLI's default; under load it gives up bit-for-bit reproducibility
+    (src/xpnet/threads.py; the CLI's default; under load it gives up bit-for-bit reproducibility
     for that, but for Numba's split steps on two cores).
     """
 
@@ -160,7 +160,7 @@ class Trainer:
             else self.compiled_steps.chunk_steps(self.steps_per_epoch)
         )
         # Only host BLAS needs the limit: a GPU backend uses none. Made once, since finding the
-        # libraries each time would cost 1-2 ms an epoch (xpnet/threads.py), and made last, after
+        # libraries each time would cost 1-2 ms an epoch (src/xpnet/threads.py), and made last, after
         # the backend has loaded what it loads (Numba brings SciPy's OpenBLAS).
         controller = blas_controller() if backend.xp is numpy else None
         steps_blas = None if self.compiled_steps is None else self.compiled_steps.blas_threads
