@@ -364,6 +364,18 @@ def test_ctrl_c_while_the_cli_still_imports_is_the_same_one_line():
     assert (result.returncode, result.stderr) == (130, "xpnet: interrupted\n")
 
 
+def test_a_script_beside_the_clone_imports_the_package_not_the_clone(tmp_path):
+    """The folder that holds a clone has a folder named xpnet in it, without __init__.py: a
+    namespace package to Python, found first on a script's path. The src layout puts the real
+    package on the path as a regular package, which wins."""
+    clone = tmp_path / "xpnet"
+    (clone / "tests").mkdir(parents=True)
+    (clone / "README.md").write_text("a clone\n")
+    code = "import xpnet; print(xpnet.load_dataset.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "load_dataset", result.stderr
+
+
 def test_import_xpnet_loads_nothing_until_a_name_is_used():
     code = "import sys, xpnet; print('numpy' in sys.modules, xpnet.TrainConfig().epochs, 'numpy' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
