@@ -204,7 +204,7 @@ def test_run_steps_stays_within_the_epoch_and_completes_it():
         ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
         ({"nesterov": True}, "Nesterov momentum needs a momentum above 0"),
         ({"weight_decay": -1e-3}, "weight decay must be a finite number >= 0"),
-        ({"schedule": "linear"}, "schedule must be 'constant' or 'cosine', got 'linear'"),
+        ({"schedule": "linear"}, "schedule must be one of 'constant', 'cosine', 'step', 'exponential', got 'linear'"),
         # Types too, from each setting's declaration: a truthy string is no Nesterov flag.
         ({"momentum": 0.9, "nesterov": "no"}, "nesterov must be True or False, got 'no'"),
         ({"epochs": True}, "epochs must be an integer, got True"),

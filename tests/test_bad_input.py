@@ -170,7 +170,7 @@ CASES = [
         for key, value, message in [
             ("batch_size", 0, "batch_size must be an integer >= 1"),
             ("lr", -1.0, "learning rate must be a finite number above 0"),
-            ("schedule", "linear", "schedule must be 'constant' or 'cosine', got 'linear'"),
+            ("schedule", "linear", "schedule must be one of 'constant', 'cosine', 'step', 'exponential', got 'linear'"),
             ("colour", "red", "unknown settings colour"),
             ("hidden", 200, "hidden must be a tuple of integers, got 200"),
             ("nesterov", "no", "nesterov must be True or False, got 'no'"),

@@ -7,7 +7,8 @@ import pytest
 
 from xpnet.backends import get_backend
 from xpnet.nn.layers import Parameter
-from xpnet.nn.optim import SGD, cosine_lr
+from xpnet.nn.optim import SGD
+from xpnet.nn.schedules import Schedule, cosine_lr
 
 
 def torch_sgd_reference(param, grads, lr, momentum, nesterov, weight_decay):
@@ -59,3 +60,77 @@ def test_optimiser_uses_the_scheduled_rate_per_step():
 def test_nesterov_without_momentum_is_refused():
     with pytest.raises(ValueError, match="Nesterov"):
         SGD(get_backend("numpy"), [], 0.1, nesterov=True)
+
+
+class TorchSchedulers:
+    """torch.optim.lr_scheduler's recursive rules (each get_lr from the rate before), stepped as
+    a user would: LinearLR(start_factor=1/N, total_iters=N-1) each step through the warmup, then,
+    as SequentialLR starts it at its milestone, CosineAnnealingLR(T_max) each step, or StepLR and
+    ExponentialLR each epoch. Independent of schedules.Schedule's closed forms."""
+
+    def __init__(self, name, lr, total_steps, steps_per_epoch, gamma, step_size, warmup_epochs):
+        self.name, self.base, self.gamma, self.step_size = name, lr, gamma, step_size
+        self.per_epoch, self.warmup = steps_per_epoch, warmup_epochs * steps_per_epoch
+        self.t_max = max(total_steps - self.warmup, 1)
+
+    def rates(self, steps):
+        n, rate = self.warmup, self.base / max(self.warmup, 1)
+        out = []
+        for k in range(steps):
+            if k < n:  # LinearLR: lr *= 1 + (end - start) / (total * start + (k - 1) * (end - start))
+                if k > 0:
+                    start, total = 1 / n, n - 1
+                    rate *= 1 + (1 - start) / (total * start + (k - 1) * (1 - start))
+            elif k == n:
+                rate = self.base  # SequentialLR: the next scheduler starts from the base rate
+            else:
+                rate = self.next_rate(rate, k - n)
+            out.append(rate)
+        return out
+
+    def next_rate(self, rate, j):
+        """The rate of step j after the warmup, from the rate of step j - 1."""
+        if self.name == "cosine":  # CosineAnnealingLR's recursive form, eta_min 0 (periodic past T_max)
+            if (j - 1 - self.t_max) % (2 * self.t_max) == 0:
+                return rate + self.base * (1 - math.cos(math.pi / self.t_max)) / 2
+            return (1 + math.cos(math.pi * j / self.t_max)) / (1 + math.cos(math.pi * (j - 1) / self.t_max)) * rate
+        epoch_starts = j % self.per_epoch == 0
+        if self.name == "step" and epoch_starts and (j // self.per_epoch) % self.step_size == 0:
+            return rate * self.gamma
+        if self.name == "exponential" and epoch_starts:
+            return rate * self.gamma
+        return rate
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "step", "exponential"])
+@pytest.mark.parametrize("warmup_epochs", [0, 2])
+def test_each_schedule_follows_torchs_schedulers_at_every_step_and_past_the_end(name, warmup_epochs):
+    steps_per_epoch, epochs = 7, 9
+    settings = dict(total_steps=steps_per_epoch * epochs, steps_per_epoch=steps_per_epoch, gamma=0.5, step_size=3)
+    schedule = Schedule(name, warmup_epochs=warmup_epochs, **settings)
+    torch = TorchSchedulers(name, 0.2, warmup_epochs=warmup_epochs, **settings)
+    steps = steps_per_epoch * (epochs + 3)  # three epochs past the end
+    expected = torch.rates(steps)
+    if name == "cosine":  # past the end xpnet holds 0, where torch's cosine climbs back (it is periodic)
+        expected[settings["total_steps"] :] = [0.0] * (steps - settings["total_steps"])
+    got = [schedule.lr_at(0.2, k) for k in range(steps)]
+    numpy.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_the_step_schedule_multiplies_by_gamma_every_step_size_epochs():
+    schedule = Schedule("step", total_steps=100, steps_per_epoch=10, gamma=0.1, step_size=3)
+    assert [schedule.lr_at(1.0, 10 * epoch) for epoch in range(7)] == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.01])
+    warm = Schedule("exponential", total_steps=40, steps_per_epoch=10, gamma=0.5, warmup_epochs=1)
+    assert [warm.lr_at(1.0, k) for k in (0, 4, 9, 10, 19, 20)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0, 0.5])
+
+
+def test_a_trainer_runs_the_configs_schedule_by_its_epochs():
+    from xpnet.data.synthetic import synthetic_splits
+    from xpnet.nn.train import TrainConfig, Trainer
+
+    config = TrainConfig(epochs=4, batch_size=50, lr=0.2, schedule="step", gamma=0.5, step_size=1, warmup_epochs=1)
+    trainer = Trainer("numpy", synthetic_splits(n_train=200), config)  # 4 steps an epoch
+    rates = [trainer.optimizer.lr_at(k) for k in range(16)]
+    assert rates == pytest.approx([0.05, 0.1, 0.15, 0.2] + [0.2] * 4 + [0.1] * 4 + [0.05] * 4)
+    losses = trainer.run_steps(4)  # the warmup's rates reach the steps
+    assert trainer.optimizer.steps_taken == 4 and numpy.isfinite(losses).all()

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy
 
 from xpnet.errors import ConfigError
-from xpnet.nn.optim import SCHEDULES, lr_error, momentum_error, weight_decay_error
+from xpnet.nn.optim import lr_error, momentum_error, weight_decay_error
+from xpnet.nn.schedules import NAMES, Schedule, gamma_error
 
 
 def seed_lr(batch_size=512):
@@ -27,7 +28,8 @@ def at_least(low):
 
 
 def one_of(*choices):
-    return lambda value: None if value in choices else f"must be {' or '.join(map(repr, choices))}"
+    names = " or ".join(map(repr, choices)) if len(choices) < 3 else f"one of {', '.join(map(repr, choices))}"
+    return lambda value: None if value in choices else f"must be {names}"
 
 
 def layer_sizes(value):
@@ -64,7 +66,10 @@ class TrainConfig:
     momentum: float = setting(0.0, "in [0, 1), e.g. 0.9", momentum_error, example=0.9)
     nesterov: bool = setting(False, "Nesterov momentum (needs --momentum > 0)")
     weight_decay: float = setting(0.0, "L2 penalty, >= 0", weight_decay_error, label="weight decay", example=1e-3)
-    schedule: str = setting("constant", "learning-rate schedule over the run", choices=tuple(SCHEDULES))
+    schedule: str = setting("constant", "learning-rate schedule over the run", choices=NAMES)
+    gamma: float = setting(0.1, "the step and exponential schedules' factor, in (0, 1]", gamma_error)
+    step_size: int = setting(10, "the step schedule's period in epochs", at_least(1))
+    warmup_epochs: int = setting(0, "epochs whose rate rises linearly to --lr before the schedule", at_least(0))
 
     def __post_init__(self):
         for declared in dataclasses.fields(self):
@@ -76,12 +81,28 @@ class TrainConfig:
                 raise ConfigError(f"{declared.metadata['label'] or declared.name} {problem}, got {value!r}")
         if self.nesterov and not self.momentum > 0:
             raise ConfigError("Nesterov momentum needs a momentum above 0, e.g. 0.9")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(
+                f"warmup_epochs must be below the run's {self.epochs} epochs, got {self.warmup_epochs}: "
+                "the schedule would never start"
+            )
         smallest = numpy.finfo(self.dtype).tiny
         if self.lr < smallest:
             raise ConfigError(
                 f"a learning rate of {self.lr:g} is below the smallest normal {self.dtype} ({smallest:.3g}): "
                 "every update would round to 0; use a larger lr or float64"
             )
+
+    def lr_schedule(self, steps_per_epoch):
+        """The run's schedules.Schedule, for epochs of steps_per_epoch steps."""
+        return Schedule(
+            self.schedule,
+            steps_per_epoch * self.epochs,
+            steps_per_epoch,
+            self.gamma,
+            self.step_size,
+            self.warmup_epochs,
+        )
 
     @classmethod
     def from_record(cls, record):

@@ -3,17 +3,7 @@
 import math
 
 from xpnet.errors import ConfigError
-
-
-def cosine_lr(base_lr, step, total_steps):
-    """lr * (1 + cos(pi * step / total)) / 2: from lr down to 0 over the run."""
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-
-SCHEDULES = {
-    "constant": lambda base_lr, step, total_steps: base_lr,
-    "cosine": cosine_lr,
-}
+from xpnet.nn.schedules import NAMES, Schedule
 
 
 # Each setting's range, as what is wrong with a value (None: nothing), so TrainConfig's
@@ -42,13 +32,14 @@ def check_sgd_settings(lr, momentum=0.0, nesterov=False, weight_decay=0.0, sched
             raise ConfigError(f"{name} {problem}, got {value}")
     if nesterov and not momentum > 0:
         raise ConfigError("Nesterov momentum needs a momentum above 0, e.g. 0.9")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown learning-rate schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if isinstance(schedule, str) and schedule not in NAMES:
+        raise ConfigError(f"unknown learning-rate schedule {schedule!r}: choose one of {', '.join(NAMES)}")
 
 
 class SGD:
     """Stochastic gradient descent with optional momentum (heavy-ball or Nesterov, as
-    torch.optim.SGD defines them), L2 weight decay, and a per-step learning-rate schedule.
+    torch.optim.SGD defines them), L2 weight decay, and a per-step learning-rate schedule:
+    a schedules.Schedule, or a schedule's name with the run's total_steps.
 
     state holds its arrays by name, one per parameter each, as checkpoints store them: a
     "velocity" with momentum, nothing without.
@@ -71,7 +62,7 @@ class SGD:
         self.backend = backend
         self.parameters = list(parameters)
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
-        self.schedule, self.total_steps = SCHEDULES[schedule], max(total_steps, 1)
+        self.schedule = Schedule(schedule, max(total_steps, 1)) if isinstance(schedule, str) else schedule
         self.steps_taken = 0
         self.state = {"velocity": [backend.xp.zeros_like(p.value) for p in self.parameters]} if momentum else {}
 
@@ -81,7 +72,7 @@ class SGD:
 
     def lr_at(self, step):
         """The learning rate of a step (counted from 0 over the run), by the schedule."""
-        return self.schedule(self.lr, step, self.total_steps)
+        return self.schedule.lr_at(self.lr, step)
 
     def apply(self, ops, lr):
         """Update every parameter from its gradient, in place, at rate lr, through ops: the

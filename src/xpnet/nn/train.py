@@ -145,8 +145,7 @@ class Trainer:
             config.momentum,
             config.nesterov,
             config.weight_decay,
-            config.schedule,
-            total_steps=self.steps_per_epoch * config.epochs,
+            config.lr_schedule(self.steps_per_epoch),
         )
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
         self.compiled_steps = self._compile_steps(compiled, TrainingData(self.train_x, self.train_y, data.train.images))
