@@ -136,13 +136,20 @@ def test_a_saved_model_predicts_but_cannot_be_resumed(model_path):
 CONFIG = xpnet.TrainConfig(epochs=2, batch_size=100, lr=0.05, momentum=0.9, nesterov=True, schedule="cosine")
 
 
-@pytest.mark.parametrize("name", ["numpy", "numba"])
-def test_a_run_saved_mid_epoch_resumes_bit_for_bit(name, tmp_path):
+ADAMW = dataclasses.replace(
+    CONFIG, optimizer="adamw", momentum=0.0, nesterov=False, lr=1e-3, weight_decay=0.01, schedule="step", step_size=1
+)
+
+
+@pytest.mark.parametrize(
+    "name, config", [("numpy", CONFIG), ("numba", CONFIG), ("numba", ADAMW)], ids=["numpy", "numba", "numba-adamw-step"]
+)
+def test_a_run_saved_mid_epoch_resumes_bit_for_bit(name, config, tmp_path):
     data = synthetic_splits(n_train=1000)
-    straight = xpnet.Trainer(name, data, CONFIG)
+    straight = xpnet.Trainer(name, data, config)
     straight.fit(log=lambda line: None)
 
-    first = xpnet.Trainer(name, data, CONFIG)
+    first = xpnet.Trainer(name, data, config)
     assert len(first.run_steps(3)) == 3 and (first.epoch, first.epoch_step) == (0, 3)
     first.save(tmp_path / "run.npz")
     resumed = xpnet.Trainer(name, data, xpnet.TrainConfig(epochs=2), xpnet.load_checkpoint(tmp_path / "run.npz"))

@@ -6,8 +6,10 @@ import numpy
 import pytest
 
 from xpnet.backends import get_backend
+from xpnet.errors import ConfigError
+from xpnet.nn.config import TrainConfig
 from xpnet.nn.layers import Parameter
-from xpnet.nn.optim import SGD
+from xpnet.nn.optim import SGD, Adam, AdamW
 from xpnet.nn.schedules import Schedule, cosine_lr
 
 
@@ -21,6 +23,61 @@ def torch_sgd_reference(param, grads, lr, momentum, nesterov, weight_decay):
             g = g + momentum * velocity if nesterov else velocity
         param = param - lr * g
     return param
+
+
+def torch_adam_reference(param, grads, lr, betas, eps, weight_decay, decoupled):
+    """torch.optim.Adam's and AdamW's documented algorithm (amsgrad off, not maximising), as its
+    pseudocode writes it: m_hat and v_hat formed, then the update."""
+    beta1, beta2 = betas
+    m, v = numpy.zeros_like(param), numpy.zeros_like(param)
+    for t, g in enumerate(grads, 1):
+        if decoupled:
+            param = param * (1 - lr * weight_decay)
+        elif weight_decay:
+            g = g + weight_decay * param
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g**2
+        m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+        param = param - lr * m_hat / (numpy.sqrt(v_hat) + eps)
+    return param, m, v
+
+
+@pytest.mark.parametrize("kind", [Adam, AdamW])
+@pytest.mark.parametrize("betas, eps, weight_decay", [((0.9, 0.999), 1e-8, 0.0), ((0.8, 0.99), 1e-3, 0.05)])
+def test_adam_and_adamw_match_torchs_definition_over_50_steps(backend, kind, betas, eps, weight_decay):
+    rng = numpy.random.default_rng(1)
+    start = rng.standard_normal((5, 3))
+    grads = [rng.standard_normal((5, 3)) * 10.0 ** rng.integers(-3, 2) for _ in range(50)]
+    parameter = Parameter(backend, start)
+    optimizer = kind(backend, [parameter], 0.01, betas, eps, weight_decay)
+    for g in grads:
+        parameter.grad[...] = backend.asarray(g)
+        optimizer.step()
+    expected, m, v = torch_adam_reference(start, grads, 0.01, betas, eps, weight_decay, kind is AdamW)
+    # The same float64 operations in another order and grouping (m_hat formed or folded into the
+    # step size): a few roundings a step, compounding over 50 steps.
+    numpy.testing.assert_allclose(backend.to_numpy(parameter.value), expected, rtol=1e-12, atol=1e-14)
+    numpy.testing.assert_allclose(backend.to_numpy(optimizer.state["exp_avg"][0]), m, rtol=1e-12, atol=1e-15)
+    numpy.testing.assert_allclose(backend.to_numpy(optimizer.state["exp_avg_sq"][0]), v, rtol=1e-12, atol=1e-18)
+    assert optimizer.steps_taken == 50
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"betas": (0.9, 1.0)}, "betas must be two numbers in \\[0, 1\\)"),
+        ({"eps": 0.0}, "eps must be a finite number above 0"),
+        ({"betas": (0.9,)}, "betas must be two numbers"),
+    ],
+)
+def test_adam_refuses_settings_it_cannot_train_with(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        Adam(get_backend("numpy"), [], 0.01, **settings)
+
+
+def test_momentum_belongs_to_sgd_alone():
+    with pytest.raises(ConfigError, match="momentum and Nesterov are SGD's settings, not adam's"):
+        TrainConfig(optimizer="adam", momentum=0.9)
 
 
 @pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.9, False, 1e-3), (0.9, True, 1e-3)])

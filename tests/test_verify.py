@@ -50,10 +50,10 @@ def wrong_backends(monkeypatch):
 
 def checks_per_step(layers, compiled):
     """Each layer's forward, the loss and its gradient, grad W and grad b of each layer and grad x
-    of all but the first, and the update of each W and b; and for a backend that compiles its
-    steps, one compiled step's gather, loss and gradient, and by layer its forward, ReLU mask
-    (all but the last), grad x (all but the first) and the updates of W and b."""
-    return layers + 2 + (3 * layers - 1) + 2 * layers + (3 + 5 * layers - 2 if compiled else 0)
+    of all but the first, and the SGD and AdamW updates of each W and b; and for a backend that
+    compiles its steps, one compiled step's gather, loss and gradient, and by layer its forward,
+    ReLU mask (all but the last), grad x (all but the first) and the updates of W and b."""
+    return layers + 2 + (3 * layers - 1) + 4 * layers + (3 + 5 * layers - 2 if compiled else 0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

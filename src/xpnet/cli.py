@@ -80,6 +80,14 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}; write sizes like 200 or 512,256") from None
 
 
+def number_list(text):
+    """'0.9,0.999' -> (0.9, 0.999)."""
+    try:
+        return tuple(number(part) for part in text.split(","))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}; write numbers like 0.9,0.999") from None
+
+
 def thread_count(text):
     """--threads: 'auto' or a count from 1 to the cores this process may use."""
     from xpnet.threads import check_threads
@@ -168,7 +176,8 @@ def add_setting_flags(parser):
         elif meta["choices"] is not None:
             options["choices"] = list(meta["choices"])
         else:
-            options["type"] = {int: integer, float: number, tuple: int_list, str: str}[declared.type]
+            lists = {int: int_list, float: number_list}
+            options["type"] = {int: integer, float: number, tuple: lists[meta["element"]], str: str}[declared.type]
         parser.add_argument(setting_flag(declared.name), **options)
 
 

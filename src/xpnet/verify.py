@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy
 
 from xpnet.backends import get_backend
+from xpnet.backends.base import AdamRule
 from xpnet.nn.config import TrainConfig, seed_lr
 from xpnet.nn.train import Trainer
 
@@ -112,9 +113,35 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
             updated = on_candidate(p)
             candidate.sgd_update(updated, on_candidate(g), lr)
             check(f"layer {i + 1} update {label}", updated, p - lr * g, 2, numpy.abs(p) + lr * numpy.abs(g))
+            check(f"layer {i + 1} adamw update {label}", *adam_step(ref, candidate, on_candidate, rounded, p, g))
         if i > 0:
             grad_y = rounded(grads_ref[2])
     return checks
+
+
+# Adam's constants for verify's check (AdamW's decay, so that both of its terms are exercised),
+# a rate of Adam's usual size, and its state after ADAM_STEPS - 1 earlier steps.
+ADAM_RULE = AdamRule(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True)
+ADAM_LR = 1e-3
+
+
+def adam_step(ref, candidate, on_candidate, rounded, p, g):
+    """(the candidate's parameter after one adam_update, the float64 reference's, the reduction
+    length and magnitude of its bound), from moments that earlier gradients g/2 and g/3 left.
+    Each of the update's quantities passes through at most 14 roundings (decay 2, each moment
+    2 and the square 1, the root and its correction 2, eps 1, the step size 2, the product and
+    quotient 2, the subtraction 1; sqrt and division are correctly rounded), each relative to
+    |p| + lr * |m_hat| / (sqrt(v_hat) + eps), the size of what is summed."""
+    m = rounded(0.9 * (0.1 * g / 2) + 0.1 * g / 3)
+    v = rounded(0.999 * (0.001 * (g / 2) ** 2) + 0.001 * (g / 3) ** 2)
+    arrays = [p, g, m, v]
+    expected = [array.copy() for array in arrays]
+    ref.adam_update(*expected, ADAM_LR, 3, ADAM_RULE)
+    got = [on_candidate(array) for array in arrays]
+    candidate.adam_update(*got, ADAM_LR, 3, ADAM_RULE)
+    m_hat, v_hat = expected[2] / (1 - 0.9**3), expected[3] / (1 - 0.999**3)
+    ratio = numpy.abs(m_hat) / (numpy.sqrt(v_hat) + ADAM_RULE.eps)
+    return got[0], expected[0], 14, numpy.abs(p) + ADAM_LR * (ratio + ADAM_RULE.weight_decay * numpy.abs(p))
 
 
 def loss_magnitude(logits, labels):

@@ -9,7 +9,8 @@ Contracts, the same on every backend (tests/test_backends.py checks their behavi
 
 - An op writes only into the arguments it names as outputs: ``out`` and ``grad_out``, the
   ``grad_*`` buffers of ``linear_backward``, ``param`` and ``velocity`` of ``sgd_update`` (and
-  ``params`` and ``velocities`` of ``sgd_update_all``). Every
+  ``params`` and ``velocities`` of ``sgd_update_all``), ``param``, ``exp_avg`` and ``exp_avg_sq``
+  of ``adam_update``. Every
   other argument is left as it was. An output left as None is allocated and returned.
 - ``asarray`` and ``to_numpy`` always copy: a backend's array never shares memory with a host
   array its caller holds, so writing to one never changes the other.
@@ -25,6 +26,7 @@ Contracts, the same on every backend (tests/test_backends.py checks their behavi
 - ``count_correct`` counts a row with any NaN logit as wrong: NaN is no prediction.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy
@@ -46,6 +48,17 @@ def check_activation(name):
 def activation_code(name):
     """An activation's code in a kernel (Numba's and CUDA's alike): its index in ACTIVATIONS."""
     return ACTIVATIONS.index(name)
+
+
+class AdamRule(NamedTuple):
+    """Adam's constants, as torch.optim.Adam names them; decoupled: AdamW's weight decay (param
+    scaled by 1 - lr * weight_decay), else Adam's (weight_decay * param added to the gradient)."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
 
 
 class Declined(NamedTuple):
@@ -297,3 +310,29 @@ class Backend:
             velocity += step
             step = step + momentum * velocity if nesterov else velocity
         param -= lr * step
+
+    def adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, step, rule):
+        """param -= lr * m_hat / (sqrt(v_hat) + eps), in place, where g = grad (+ weight_decay *
+        param for Adam; AdamW first scales param by 1 - lr * weight_decay), m = beta1 * m + (1 -
+        beta1) * g and v = beta2 * v + (1 - beta2) * g * g (exp_avg and exp_avg_sq, updated in
+        place), m_hat = m / (1 - beta1 ** step), v_hat = v / (1 - beta2 ** step), step counted
+        from 1: torch.optim.Adam and AdamW, in their order of operations. rule is an AdamRule.
+        """
+        self._check("param", param, kind="float")
+        for name, array in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            self._check(name, array, param.shape, param.dtype)
+        if not (isinstance(step, (int, numpy.integer)) and step >= 1):
+            raise ArgumentError(f"step counts Adam's updates from 1, got {step!r}")
+        self._adam_update(param, grad, exp_avg, exp_avg_sq, lr, int(step), rule)
+
+    def _adam_update(self, param, grad, exp_avg, exp_avg_sq, lr, step, rule):
+        xp = self.xp
+        if rule.weight_decay and rule.decoupled:
+            param *= 1 - lr * rule.weight_decay
+        g = grad + rule.weight_decay * param if rule.weight_decay and not rule.decoupled else grad
+        exp_avg *= rule.beta1
+        exp_avg += (1 - rule.beta1) * g
+        exp_avg_sq *= rule.beta2
+        exp_avg_sq += (1 - rule.beta2) * g * g
+        denominator = xp.sqrt(exp_avg_sq) / math.sqrt(1 - rule.beta2**step) + rule.eps
+        param -= (lr / (1 - rule.beta1**step)) * exp_avg / denominator

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from xpnet.errors import ConfigError
-from xpnet.nn.optim import lr_error, momentum_error, weight_decay_error
+from xpnet.nn.optim import OPTIMIZERS, betas_error, eps_error, lr_error, momentum_error, weight_decay_error
 from xpnet.nn.schedules import NAMES, Schedule, gamma_error
 
 
@@ -36,14 +36,16 @@ def layer_sizes(value):
     return None if value and min(value) >= 1 else "must be one or more layer sizes >= 1, e.g. (200,)"
 
 
-def setting(default, help, check=None, choices=None, label=None, example=None):
+def setting(default, help, check=None, choices=None, label=None, example=None, element=int):
     """A TrainConfig field: its default, its help (the CLI flag's), and its check, which returns
     None for a usable value or what is wrong with it ("must be ..."), said of its label (the
     field's name when None); choices, where the value is one of a list; example, a usable value
-    other than the default, which the tests of the compiled paths try beside it."""
+    other than the default, which the tests of the compiled paths try beside it; element, the
+    type of a tuple's items."""
     if choices is not None:
         check = one_of(*choices)
     metadata = {"help": help, "check": check, "choices": choices, "label": label, "example": example}
+    metadata["element"] = element
     return field(default=default, metadata=metadata)
 
 
@@ -63,8 +65,11 @@ class TrainConfig:
     hidden: tuple = setting((200,), "hidden layer sizes, e.g. 200 or 512,256,128,64", layer_sizes)
     seed: int = setting(0, "for the initial weights and the batch order", at_least(0))
     dtype: str = setting("float32", "floating-point type", choices=("float32", "float64"))
-    momentum: float = setting(0.0, "in [0, 1), e.g. 0.9", momentum_error, example=0.9)
+    optimizer: str = setting("sgd", "the update rule, as torch.optim's SGD, Adam and AdamW", choices=tuple(OPTIMIZERS))
+    momentum: float = setting(0.0, "SGD's, in [0, 1), e.g. 0.9", momentum_error, example=0.9)
     nesterov: bool = setting(False, "Nesterov momentum (needs --momentum > 0)")
+    betas: tuple = setting((0.9, 0.999), "Adam's and AdamW's averaging factors", betas_error, element=float)
+    eps: float = setting(1e-8, "Adam's and AdamW's term beside the root, above 0", eps_error)
     weight_decay: float = setting(0.0, "L2 penalty, >= 0", weight_decay_error, label="weight decay", example=1e-3)
     schedule: str = setting("constant", "learning-rate schedule over the run", choices=NAMES)
     gamma: float = setting(0.1, "the step and exponential schedules' factor, in (0, 1]", gamma_error)
@@ -81,6 +86,10 @@ class TrainConfig:
                 raise ConfigError(f"{declared.metadata['label'] or declared.name} {problem}, got {value!r}")
         if self.nesterov and not self.momentum > 0:
             raise ConfigError("Nesterov momentum needs a momentum above 0, e.g. 0.9")
+        if self.optimizer != "sgd" and (self.momentum or self.nesterov):
+            raise ConfigError(
+                f"momentum and Nesterov are SGD's settings, not {self.optimizer}'s: its averaging is --betas"
+            )
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(
                 f"warmup_epochs must be below the run's {self.epochs} epochs, got {self.warmup_epochs}: "
@@ -134,10 +143,13 @@ def _typed(declared, value):
         return float(value)
     if kind is str and isinstance(value, str):
         return value
-    if kind is tuple and isinstance(value, (tuple, list)) and all(_is_integer(v) for v in value):
-        return tuple(int(v) for v in value)
+    element = declared.metadata["element"]
+    is_element = _is_integer if element is int else lambda v: _is_integer(v) or isinstance(v, (float, numpy.floating))
+    if kind is tuple and isinstance(value, (tuple, list)) and all(is_element(v) for v in value):
+        return tuple(element(v) for v in value)
     wanted = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
-    raise ConfigError(f"{name} must be {wanted.get(kind, 'a tuple of integers')}, got {value!r}")
+    items = "integers" if element is int else "numbers"
+    raise ConfigError(f"{name} must be {wanted.get(kind, f'a tuple of {items}')}, got {value!r}")
 
 
 def resumed_config(config, saved):

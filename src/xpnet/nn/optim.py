@@ -2,6 +2,7 @@
 
 import math
 
+from xpnet.backends.base import AdamRule
 from xpnet.errors import ConfigError
 from xpnet.nn.schedules import NAMES, Schedule
 
@@ -20,16 +21,21 @@ def weight_decay_error(weight_decay):
     return None if math.isfinite(weight_decay) and weight_decay >= 0 else "must be a finite number >= 0"
 
 
-def check_sgd_settings(lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant"):
-    """Raise ConfigError, saying what to use instead, for settings SGD cannot train with."""
-    for name, value, error in (
-        ("the learning rate", lr, lr_error),
-        ("momentum", momentum, momentum_error),
-        ("weight decay", weight_decay, weight_decay_error),
-    ):
+def check_ranges(*settings):
+    """Raise ConfigError for the first (name, value, error) whose error(value) says what is wrong."""
+    for name, value, error in settings:
         problem = error(value)
         if problem is not None:
             raise ConfigError(f"{name} {problem}, got {value}")
+
+
+def check_sgd_settings(lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant"):
+    """Raise ConfigError, saying what to use instead, for settings SGD cannot train with."""
+    check_ranges(
+        ("the learning rate", lr, lr_error),
+        ("momentum", momentum, momentum_error),
+        ("weight decay", weight_decay, weight_decay_error),
+    )
     if nesterov and not momentum > 0:
         raise ConfigError("Nesterov momentum needs a momentum above 0, e.g. 0.9")
     if isinstance(schedule, str) and schedule not in NAMES:
@@ -66,6 +72,10 @@ class SGD:
         self.steps_taken = 0
         self.state = {"velocity": [backend.xp.zeros_like(p.value) for p in self.parameters]} if momentum else {}
 
+    @classmethod
+    def from_config(cls, backend, parameters, config, schedule):
+        return cls(backend, parameters, config.lr, config.momentum, config.nesterov, config.weight_decay, schedule)
+
     def current_lr(self):
         """The learning rate of the next step, by the schedule."""
         return self.lr_at(self.steps_taken)
@@ -86,3 +96,81 @@ class SGD:
         """Update every parameter from its gradient at the scheduled rate, and count the step."""
         self.apply(self.backend, self.current_lr())
         self.steps_taken += 1
+
+
+def betas_error(betas):
+    ok = len(betas) == 2 and all(math.isfinite(b) and 0 <= b < 1 for b in betas)
+    return None if ok else "must be two numbers in [0, 1), e.g. 0.9,0.999"
+
+
+def eps_error(eps):
+    return None if math.isfinite(eps) and eps > 0 else "must be a finite number above 0"
+
+
+class Adam:
+    """Adam, as torch.optim.Adam defines it (bias-corrected moving averages of the gradient and
+    its square, eps added to the corrected root), with L2 weight decay added to the gradient;
+    the backend's adam_update has the equation. A per-step learning-rate schedule as SGD's.
+
+    state holds "exp_avg" and "exp_avg_sq", one per parameter each, as torch names them; the
+    bias correction counts steps_taken, which checkpoints keep.
+    """
+
+    name = "adam"
+    decoupled = False  # AdamW's weight decay
+
+    def __init__(
+        self,
+        backend,
+        parameters,
+        lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        schedule="constant",
+        total_steps=1,
+    ):
+        check_ranges(
+            ("the learning rate", lr, lr_error),
+            ("weight decay", weight_decay, weight_decay_error),
+            ("betas", tuple(betas), betas_error),
+            ("eps", eps, eps_error),
+        )
+        self.backend, self.parameters, self.lr = backend, list(parameters), lr
+        self.rule = AdamRule(float(betas[0]), float(betas[1]), float(eps), float(weight_decay), self.decoupled)
+        self.schedule = Schedule(schedule, max(total_steps, 1)) if isinstance(schedule, str) else schedule
+        self.steps_taken = 0
+        zeros = lambda: [backend.xp.zeros_like(p.value) for p in self.parameters]  # noqa: E731
+        self.state = {"exp_avg": zeros(), "exp_avg_sq": zeros()}
+
+    current_lr, lr_at = SGD.current_lr, SGD.lr_at
+
+    @classmethod
+    def from_config(cls, backend, parameters, config, schedule):
+        return cls(backend, parameters, config.lr, config.betas, config.eps, config.weight_decay, schedule)
+
+    def apply(self, ops, lr):
+        """Update every parameter from its gradient, in place, at rate lr: the step's bias
+        correction counts this step (steps_taken + 1)."""
+        state = zip(self.parameters, self.state["exp_avg"], self.state["exp_avg_sq"])
+        for p, exp_avg, exp_avg_sq in state:
+            ops.adam_update(p.value, p.grad, exp_avg, exp_avg_sq, lr, self.steps_taken + 1, self.rule)
+
+    step = SGD.step
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay, as torch.optim.AdamW defines it: each step first scales
+    the parameters by 1 - lr * weight_decay (torch's default weight_decay there is 0.01)."""
+
+    name = "adamw"
+    decoupled = True
+
+
+# Each optimiser by the name TrainConfig's `optimizer` setting gives (and checkpoints record).
+OPTIMIZERS = {kind.name: kind for kind in (SGD, Adam, AdamW)}
+
+
+def make_optimizer(backend, parameters, config, steps_per_epoch):
+    """The optimiser a TrainConfig names (OPTIMIZERS), with its settings and schedule."""
+    return OPTIMIZERS[config.optimizer].from_config(backend, parameters, config, config.lr_schedule(steps_per_epoch))

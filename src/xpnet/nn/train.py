@@ -31,7 +31,7 @@ from xpnet.nn.layers import Buffers
 from xpnet.nn.loss import SoftmaxCrossEntropy
 from xpnet.nn.memory import check_memory
 from xpnet.nn.model import MLP, pixel_statistics
-from xpnet.nn.optim import SGD
+from xpnet.nn.optim import make_optimizer
 from xpnet.threads import ThreadPolicy, blas_controller
 
 # A host's compiled chunks grow to this long (Trainer._grow_chunks): each return to Python
@@ -138,15 +138,7 @@ class Trainer:
         self.val_x, self.val_y = self._to_device(data.validation)
         self.test_x, self.test_y = self._to_device(data.test)
         self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
-        self.optimizer = SGD(
-            backend,
-            self.model.parameters(),
-            config.lr,
-            config.momentum,
-            config.nesterov,
-            config.weight_decay,
-            config.lr_schedule(self.steps_per_epoch),
-        )
+        self.optimizer = make_optimizer(backend, self.model.parameters(), config, self.steps_per_epoch)
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
         self.compiled_steps = self._compile_steps(compiled, TrainingData(self.train_x, self.train_y, data.train.images))
         # How far the compiled steps run between returns to Python (so the progress bar moves and
