@@ -48,6 +48,7 @@ SHIM = r"""
 struct dim3 { unsigned x, y, z; };
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
 using std::exp;  // CUDA's float overloads, as in device code
+using std::tanh;
 using std::log;
 using std::nan;
 

@@ -303,3 +303,24 @@ def test_ctrl_c_around_this_threads_call_frees_the_second_thread_and_the_run_goe
     numpy.testing.assert_array_equal(*losses)
     for got, expected in zip(interrupted.model.parameters(), whole.model.parameters()):
         numpy.testing.assert_array_equal(got.value, expected.value)
+
+
+def test_every_kernel_that_inlines_another_files_is_keyed_by_their_digest():
+    """Numba keys a function's disk cache by its own file: a cached kernel that calls another
+    file's kernels would keep the old ones after an edit of that file (seen: a new activation
+    code treated as none by a stale forward pass). So numba_steps and numba_rules define no
+    cached kernel of their own outside _loop_over's closure, whose key holds the files' digest."""
+    from numba.core.caching import NullCache
+
+    from xpnet.backends import numba_rules
+
+    for module in (numba_steps, numba_rules):
+        own = [
+            name
+            for name, value in vars(module).items()
+            if hasattr(value, "py_func")
+            and value.py_func.__module__ == module.__name__
+            and not value.py_func.__qualname__.startswith("_loop_over.")  # the closures the digest keys
+        ]
+        cached = [name for name in own if not isinstance(getattr(module, name)._cache, NullCache)]
+        assert cached == [], f"{module.__name__} caches {cached} by its own file alone"

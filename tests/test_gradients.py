@@ -10,6 +10,7 @@ A wrong gradient (a dropped term, a missing mask) is off by far more than 1e-6.
 import numpy
 import pytest
 
+from xpnet.backends.base import ACTIVATIONS
 from xpnet.nn.layers import Linear, ReLU, Sequential
 from xpnet.nn.loss import SoftmaxCrossEntropy
 from xpnet.nn.model import MLP
@@ -42,7 +43,7 @@ def away_from_zero(rng, shape, margin=0.1):
     return values * rng.choice([-1.0, 1.0], shape)
 
 
-@pytest.mark.parametrize("activation", ["identity", "relu"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_linear_gradients(backend, activation):
     rng = numpy.random.default_rng(1)
     layer = Linear(backend, 7, 5, rng, "float64", activation)

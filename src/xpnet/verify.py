@@ -85,7 +85,8 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
     for i, (layer, (W, b)) in enumerate(zip(layers, params)):
         y_ref = ref.linear_forward(x, W, b, layer.activation)
         y = candidate.linear_forward(on_candidate(x), on_candidate(W), on_candidate(b), layer.activation)
-        check(f"layer {i + 1} forward", y, y_ref, W.shape[1] + 1, numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b))
+        magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
+        check(f"layer {i + 1} forward", y, y_ref, *forward_bound(layer.activation, y_ref, magnitude, W.shape[1] + 1))
         inputs.append(x)
         outputs.append(rounded(y_ref))
         x = outputs[-1]
@@ -157,10 +158,45 @@ def _backward(backend, dtype, x, W, grad_y, output, activation, need_x):
     return [g for g in grads if g is not None]
 
 
+# Each activation in float64, and the roundings its own evaluation adds to a forward result: the
+# documented maximum error of tanh is 2 ulp in glibc's libm (x86-64, "Known Maximum Errors in Math
+# Functions") and in CUDA's tanh and tanhf (its Programming Guide's table of accuracy); sigmoid,
+# 0.5 * tanh(z / 2) + 0.5, adds one rounding to that (its halvings are exact).
+ACTIVATION_FUNCTIONS = {
+    "identity": (lambda z: z, 0),
+    "relu": (lambda z: numpy.maximum(z, 0), 0),
+    "tanh": (numpy.tanh, 2),
+    "sigmoid": (lambda z: 0.5 * numpy.tanh(0.5 * z) + 0.5, 3),
+}
+
+
 def activation_grad(activation, grad_y, output):
     """grad_y * f'(z) in float64, from the layer's output y = f(z): what a backward pass's
-    activation step gives, exactly (a mask)."""
-    return grad_y * (output > 0) if activation == "relu" else grad_y
+    activation step gives (for relu exactly: a mask)."""
+    if activation == "relu":
+        return grad_y * (output > 0)
+    if activation == "tanh":
+        return (1 - output * output) * grad_y
+    if activation == "sigmoid":
+        return (1 - output) * output * grad_y
+    return grad_y
+
+
+def activation_grad_bound(activation, grad_y, output):
+    """(reduction length, magnitude) of an activation step's bound: relu's mask is exact; tanh's
+    and sigmoid's products and difference round three times, each relative to their terms."""
+    if activation == "tanh":
+        return 2, (1 + output * output) * numpy.abs(grad_y)
+    if activation == "sigmoid":
+        return 2, (1 + numpy.abs(output)) * numpy.abs(output) * numpy.abs(grad_y)
+    return 0, 0.0
+
+
+def forward_bound(activation, y, magnitude, terms):
+    """(reduction length, magnitude) of a forward check of output y: the product's terms and
+    bias, then the activation's own roundings, relative to |y| as well."""
+    roundings = ACTIVATION_FUNCTIONS[activation][1]
+    return terms + roundings, magnitude + (numpy.abs(y) if roundings else 0.0)
 
 
 def verify(candidates, data, steps=5, dtype="float32", hidden=(200,), batch_size=512, seed=0, lr=None):
@@ -215,10 +251,10 @@ def check_compiled_step(step, trainer, reference_model, labels):
     check("gather", inputs[0], own_x, 0, 0.0)
     for i, layer in enumerate(layers):
         W, b, x = before[2 * i], before[2 * i + 1], inputs[i]
-        expected = x @ W.T + b
         magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
-        expected = numpy.maximum(expected, 0) if layer.activation == "relu" else expected
-        check(f"layer {i + 1} forward", inputs[i + 1], expected, W.shape[1] + 1, magnitude)
+        expected = ACTIVATION_FUNCTIONS[layer.activation][0](x @ W.T + b)
+        bound = forward_bound(layer.activation, expected, magnitude, W.shape[1] + 1)
+        check(f"layer {i + 1} forward", inputs[i + 1], expected, *bound)
 
     logits, classes = inputs[-1], inputs[-1].shape[1]
     loss_ref, grad_ref = reference_model.backend.softmax_cross_entropy(logits, labels)
@@ -231,24 +267,29 @@ def check_compiled_step(step, trainer, reference_model, labels):
         W, b, x = before[2 * i], before[2 * i + 1], inputs[i]
         activation = layers[i].activation
         grad_z = activation_grad(activation, grad_y, inputs[i + 1])
+        # What grad_z carries into the sums below: the activation step's roundings (none for a
+        # mask) and the size they are relative to, at least |grad_z|.
+        roundings, grad_z_size = activation_grad_bound(activation, grad_y, inputs[i + 1])
+        roundings, grad_z_size = (roundings + 1, grad_z_size) if roundings else (0, numpy.abs(grad_z))
         if activation != "identity":
-            check(f"layer {i + 1} backward {activation} gradient", host(buffers.grads_z[i][:batch]), grad_z, 0, 0.0)
+            bound = activation_grad_bound(activation, grad_y, inputs[i + 1])
+            check(f"layer {i + 1} backward {activation} gradient", host(buffers.grads_z[i][:batch]), grad_z, *bound)
         if i > 0:
             grad_y = host(buffers.grad_x(i)[:batch])
-            magnitude = numpy.abs(grad_z) @ numpy.abs(W)
-            check(f"layer {i + 1} backward grad x", grad_y, grad_z @ W, W.shape[0], magnitude)
+            magnitude = grad_z_size @ numpy.abs(W)
+            check(f"layer {i + 1} backward grad x", grad_y, grad_z @ W, W.shape[0] + roundings, magnitude)
         gradients = {
-            "W": (grad_z.T @ x, numpy.abs(grad_z).T @ numpy.abs(x)),
-            "b": (grad_z.sum(0), numpy.abs(grad_z).sum(0)),
+            "W": (grad_z.T @ x, grad_z_size.T @ numpy.abs(x)),
+            "b": (grad_z.sum(0), grad_z_size.sum(0)),
         }
         for j, (name, (grad, grad_magnitude)) in zip((2 * i, 2 * i + 1), gradients.items()):
             velocity = velocities[j] if velocities else None
             expected, magnitude, new_velocity = sgd_reference(optimizer, before[j], grad, grad_magnitude, lr, velocity)
-            # The gradient's roundings (batch terms) and the update's own, at most eight.
-            check(f"layer {i + 1} update {name}", after[j], expected, batch + 8, magnitude)
+            # The gradient's roundings (batch terms, and grad_z's own) and the update's, at most eight.
+            check(f"layer {i + 1} update {name}", after[j], expected, batch + roundings + 8, magnitude)
             if new_velocity is not None:
                 got, (expected, magnitude) = host(optimizer.state["velocity"][j]), new_velocity
-                check(f"layer {i + 1} velocity {name}", got, expected, batch + 8, magnitude)
+                check(f"layer {i + 1} velocity {name}", got, expected, batch + roundings + 8, magnitude)
     return checks
 
 

@@ -14,8 +14,11 @@ Contracts, the same on every backend (tests/test_backends.py checks their behavi
   other argument is left as it was. An output left as None is allocated and returned.
 - ``asarray`` and ``to_numpy`` always copy: a backend's array never shares memory with a host
   array its caller holds, so writing to one never changes the other.
-- An activation is named: "identity" (none) or "relu" (ACTIVATIONS); a backend fuses it into
-  the layer's forward and backward ops.
+- An activation is named: "identity" (none), "relu", "tanh" or "sigmoid" (ACTIVATIONS); a
+  backend fuses it into the layer's forward and backward ops. Each one's derivative is known
+  from its output y, which is all the backward pass keeps: relu's is y > 0, tanh's 1 - y * y,
+  sigmoid's y * (1 - y). (sigmoid is computed as 0.5 * tanh(z / 2) + 0.5, the same function
+  without exp's overflow.)
 - Shapes must fit, and the floating arrays of one op share one dtype, float32 or float64:
   nothing is cast silently (cast with ``asarray(a, dtype)``). Labels and row indices are
   integer arrays within [0, classes) and [0, rows). A fault is an ArgumentError (a ValueError)
@@ -35,7 +38,7 @@ from xpnet.errors import ArgumentError
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 # The activations a layer's ops fuse, by name; a kernel takes a name's index here as its code.
-ACTIVATIONS = ("identity", "relu")
+ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid")
 
 
 def check_activation(name):
@@ -180,6 +183,13 @@ class Backend:
         out += b
         if activation == "relu":
             self.xp.maximum(out, 0, out=out)
+        elif activation == "tanh":
+            self.xp.tanh(out, out=out)
+        elif activation == "sigmoid":
+            out *= 0.5
+            self.xp.tanh(out, out=out)
+            out *= 0.5
+            out += 0.5
         return out
 
     def linear_backward(
@@ -188,10 +198,10 @@ class Backend:
         """grad_W = g.T @ x, grad_b = sum over rows of g, grad_x = g @ W, with g = grad_z = grad_y * f'(z).
 
         f is the layer's named activation and output its result y = f(z), from which f' is
-        known (relu: y > 0); identity needs no output and takes g = grad_y. grad_x is computed
-        only when a buffer is passed (the first layer's input gradient has no use); grad_z
-        receives g (allocated when None). Returns (grad_W, grad_b, grad_x), grad_x None unless
-        asked for.
+        known (relu: y > 0, tanh: 1 - y * y, sigmoid: y * (1 - y)); identity needs no output and
+        takes g = grad_y. grad_x is computed only when a buffer is passed (the first layer's
+        input gradient has no use); grad_z receives g (allocated when None). Returns (grad_W,
+        grad_b, grad_x), grad_x None unless asked for.
         """
         n_out, n_in = self._check("W", W, ndim=2, kind="float").shape
         batch = len(self._check("x", x, (None, n_in), W.dtype))
@@ -213,6 +223,14 @@ class Backend:
     def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
         if activation == "relu":
             self._relu_backward(output, grad_y, grad_z)
+        elif activation == "tanh":  # grad_z = grad_y * (1 - y * y)
+            self.xp.multiply(output, output, out=grad_z)
+            self.xp.subtract(1, grad_z, out=grad_z)
+            grad_z *= grad_y
+        elif activation == "sigmoid":  # grad_z = grad_y * y * (1 - y)
+            self.xp.subtract(1, output, out=grad_z)
+            grad_z *= output
+            grad_z *= grad_y
         self.xp.matmul(grad_z.T, x, out=grad_W)
         self.xp.sum(grad_z, axis=0, out=grad_b)
         if grad_x is not None:

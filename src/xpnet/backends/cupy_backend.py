@@ -53,11 +53,11 @@ __global__ void activation_grad_and_sum_rows(const T* grad_y, const T* output, i
     if (j < cols) {  // no return: every thread of the block must reach the barrier
         for (int i = lane; i < rows; i += SUM_LANES) {
             long long k = (long long)i * cols + j;
-            T g = grad_y[k];
-            if (activation == ACTIVATION_RELU) {
-                if (!(output[k] > 0)) g = 0;
-                grad_z[k] = g;
-            }
+            T g = grad_y[k], y = output[k];
+            if (activation == ACTIVATION_RELU) g = y > 0 ? g : (T)0;
+            else if (activation == ACTIVATION_TANH) g = (1 - y * y) * g;
+            else if (activation == ACTIVATION_SIGMOID) g = (1 - y) * y * g;
+            if (activation != ACTIVATION_IDENTITY) grad_z[k] = g;
             sum += g;
         }
     }
@@ -177,7 +177,11 @@ __global__ void check_range(const long long* values, long long stop, int n, int*
 _ADD_BIAS_ACTIVATE = (
     "T b, int32 activation",
     "T y",
-    f"T v = y + b; y = (activation == {activation_code('relu')} && v < 0) ? (T)0 : v;",
+    f"""T v = y + b;
+       if (activation == {activation_code("relu")} && v < 0) v = 0;
+       else if (activation == {activation_code("tanh")}) v = tanh(v);
+       else if (activation == {activation_code("sigmoid")}) v = tanh(v * (T)0.5) * (T)0.5 + (T)0.5;
+       y = v;""",
 )
 _SGD_UPDATE = (
     "T grad, T lr, T momentum, bool nesterov, T weight_decay",

@@ -21,7 +21,7 @@ from numba.extending import intrinsic
 
 from xpnet.backends.base import activation_code
 
-IDENTITY, RELU = activation_code("identity"), activation_code("relu")
+IDENTITY, RELU, TANH, SIGMOID = (activation_code(name) for name in ("identity", "relu", "tanh", "sigmoid"))
 _cache_warned = False
 
 
@@ -50,6 +50,10 @@ def add_bias_activate(out, b, activation):
             value = out[i, j] + b[j]
             if activation == RELU and value < 0:  # `value < 0`, not max(): NaN passes through as in NumPy
                 value = 0
+            elif activation == TANH:
+                value = math.tanh(value)
+            elif activation == SIGMOID:  # as Backend._linear_forward computes it, operation by operation
+                value = math.tanh(value * 0.5) * 0.5 + 0.5
             out[i, j] = value
 
 
@@ -64,6 +68,12 @@ def activation_grad_and_sum_rows(grad_y, output, activation, grad_z, grad_b):
             g = grad_y[i, j]
             if activation == RELU:  # multiply by the mask, as NumPy does, rather than branch: it vectorises (6x)
                 g *= output[i, j] > 0
+                grad_z[i, j] = g
+            elif activation == TANH:
+                g = (1 - output[i, j] * output[i, j]) * g
+                grad_z[i, j] = g
+            elif activation == SIGMOID:
+                g = (1 - output[i, j]) * output[i, j] * g
                 grad_z[i, j] = g
             grad_b[j] += g
 

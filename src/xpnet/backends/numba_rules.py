@@ -9,9 +9,10 @@ optimiser. To add one: a rule type, its update kernel, and an entry in LOWERED a
 
 from typing import NamedTuple
 
+from numba import njit
 from numba.extending import overload
 
-from xpnet.backends.numba_kernels import kernel, product, sgd_update
+from xpnet.backends.numba_kernels import product, sgd_update
 from xpnet.nn.optim import SGD
 
 
@@ -32,7 +33,9 @@ def lower_sgd(optimizer):
     return SGDRule(momentum, bool(optimizer.nesterov), weight_decay, tuple(velocities[0::2]), tuple(velocities[1::2]))
 
 
-@kernel
+# Not cached on its own: a copy cached against this file would keep inlining numba_kernels as
+# they were when it was built. The loop that calls it is cached, keyed by both files' digest.
+@njit(nogil=True)
 def sgd_update_rows(rule, blas, layer, w0, w1, W, grad_W, b, grad_b, grad_z, x, lr):
     """Rows w0:w1 of the layer's W and b, from grad_W = grad_z.T @ x (grad_z holds those rows'
     columns of the output gradient) and grad_b. Without momentum the update is the product's own:

@@ -33,6 +33,7 @@ import weakref
 from typing import NamedTuple
 
 import numpy
+from numba import njit
 
 from xpnet.backends import numba_kernels, numba_rules, numba_sync, steps
 from xpnet.backends.base import ACTIVATIONS, activation_code
@@ -109,7 +110,10 @@ def lowering_problem(model, optimizer):
     return steps.lowering_problem(model, optimizer, tuple(numba_rules.LOWERED), ACTIVATIONS)
 
 
-@kernel
+# These two inline numba_kernels' kernels and are not cached on their own: a copy cached against
+# this file would keep the kernels as they were when it was built. They are compiled into the
+# loop, whose cache the digest of those files keys (_loop_over).
+@njit(nogil=True)
 def _forward(blas, x, model, outputs, r0, r1):
     """Rows r0:r1 of every layer's output (outputs[l]) from x, those rows of the first layer's
     input: each layer's product, bias and activation."""
@@ -120,7 +124,7 @@ def _forward(blas, x, model, outputs, r0, r1):
         x = out
 
 
-@kernel
+@njit(nogil=True)
 def _gather_forward_backward(blas, source, model, buffers, indices, r0, r1, rows, part):
     """Rows r0:r1 of a batch of `rows`: gathered from the source's rows at `indices`, forward,
     the loss (this part's share in loss_parts), and every layer's backward pass but the update:

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy
 
+from xpnet.backends.base import ACTIVATIONS
 from xpnet.errors import ConfigError
 from xpnet.nn.optim import OPTIMIZERS, betas_error, eps_error, lr_error, momentum_error, weight_decay_error
 from xpnet.nn.schedules import NAMES, Schedule, gamma_error
+
+HIDDEN_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "identity")
 
 
 def seed_lr(batch_size=512):
@@ -63,6 +66,7 @@ class TrainConfig:
         label="the learning rate",
     )
     hidden: tuple = setting((200,), "hidden layer sizes, e.g. 200 or 512,256,128,64", layer_sizes)
+    activation: str = setting("relu", "the hidden layers' activation", choices=HIDDEN_ACTIVATIONS)
     seed: int = setting(0, "for the initial weights and the batch order", at_least(0))
     dtype: str = setting("float32", "floating-point type", choices=("float32", "float64"))
     optimizer: str = setting("sgd", "the update rule, as torch.optim's SGD, Adam and AdamW", choices=tuple(OPTIMIZERS))

@@ -132,7 +132,9 @@ class Trainer:
         sizes = [data.train.images[0].size, *config.hidden, n_classes]
         check_memory(backend, sizes, config, sum(len(s) for s in (data.train, data.validation, data.test)))
         mean, std = pixel_statistics(data.train.images)
-        self.model = MLP(backend, sizes, dtype=config.dtype, mean=mean, std=std, rng=self.rng)
+        self.model = MLP(
+            backend, sizes, dtype=config.dtype, mean=mean, std=std, rng=self.rng, activation=config.activation
+        )
         self.loss = SoftmaxCrossEntropy(backend)
         self.train_x, self.train_y = self._to_device(data.train)
         self.val_x, self.val_y = self._to_device(data.validation)
