@@ -23,8 +23,7 @@ import time
 
 import cupy
 import numpy
-from rich.console import Console
-from rich.table import Table
+from tables import print_table
 
 from xpnet.backends import get_backend
 from xpnet.data.synthetic import synthetic_splits
@@ -127,16 +126,6 @@ def epoch_parts(backend, batch_size, dtype, repeats=7):
             backend.synchronize()
             times[name].append(time.perf_counter() - start)
     return [(str(batch_size), name, f"{1e3 * numpy.median(t):.3f}") for name, t in times.items()]
-
-
-def print_table(title, columns, rows, markdown):
-    table = Table(*columns, title=title)
-    for row in rows:
-        table.add_row(*row)
-    Console(width=120).print(table)
-    if markdown:
-        lines = [title, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-        markdown.write("\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n\n")
 
 
 def main():

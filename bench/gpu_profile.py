@@ -27,8 +27,7 @@ import sys
 import traceback
 
 import numpy
-from rich.console import Console
-from rich.table import Table
+from tables import print_table
 
 N_SAMPLES = 50_000
 CHAIN_LENGTHS = (100, 2000)
@@ -177,17 +176,6 @@ def jax_hlo_rows(batch_size):
     return rows
 
 
-def print_table(title, columns, rows, markdown):
-    table = Table(*columns, title=title)
-    for row in rows:
-        table.add_row(*row)
-    Console(width=160).print(table)
-    if markdown:
-        lines = [title, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-        markdown.write("\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n\n")
-        markdown.flush()
-
-
 def attempt(part, *args):
     """part(*args), or [] with its traceback printed: one failing measurement loses its own rows."""
     try:
@@ -205,7 +193,9 @@ def main():
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     with open(args.markdown, "w") if args.markdown else contextlib.nullcontext() as markdown:
         columns = ("kernel", *(f"{n} nodes, ms" for n in CHAIN_LENGTHS), "us per node")
-        print_table("Empty kernels chained in one CUDA graph, replayed", columns, attempt(node_cost_rows), markdown)
+        print_table(
+            "Empty kernels chained in one CUDA graph, replayed", columns, attempt(node_cost_rows), markdown, width=160
+        )
         per_step, by_name, hlo = [], [], []
         for batch_size in batch_sizes:
             contenders = [attempt(xpnet_epoch, batch_size), *peer_epochs(batch_size)]
@@ -214,11 +204,11 @@ def main():
             by_name += rows[1] if rows else []
             hlo += attempt(jax_hlo_rows, batch_size)
         columns = ("batch", "contender", "kernels/step", "busy us/step", "span us/step", "gap us/kernel")
-        print_table("One warm epoch's kernels (CUPTI), float32, 784-200-10", columns, per_step, markdown)
+        print_table("One warm epoch's kernels (CUPTI), float32, 784-200-10", columns, per_step, markdown, width=160)
         columns = ("batch", "contender", "kernel", "per step", "mean us")
-        print_table("The kernels by name, most time first", columns, by_name, markdown)
+        print_table("The kernels by name, most time first", columns, by_name, markdown, width=160)
         columns = ("batch", "precision", "fusions", "custom calls", "dots", "gathers")
-        print_table("JAX's compiled scanned epoch (HLO instructions)", columns, hlo, markdown)
+        print_table("JAX's compiled scanned epoch (HLO instructions)", columns, hlo, markdown, width=160)
     return 0
 
 

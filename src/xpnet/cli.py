@@ -72,20 +72,20 @@ def number(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def int_list(text):
-    """'512,256,128' -> (512, 256, 128), each at least 1."""
-    try:
-        return tuple(positive_int(part) for part in text.split(","))
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}; write sizes like 200 or 512,256") from None
+def comma_list(parse_item, advice):
+    """A flag's type for comma-separated items, each parsed by parse_item: '512,256' -> (512, 256)."""
+
+    def parse(text):
+        try:
+            return tuple(parse_item(part) for part in text.split(","))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}; {advice}") from None
+
+    return parse
 
 
-def number_list(text):
-    """'0.9,0.999' -> (0.9, 0.999)."""
-    try:
-        return tuple(number(part) for part in text.split(","))
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}; write numbers like 0.9,0.999") from None
+int_list = comma_list(positive_int, "write sizes like 200 or 512,256")  # each at least 1
+number_list = comma_list(number, "write numbers like 0.9,0.999")
 
 
 def thread_count(text):

@@ -293,13 +293,20 @@ class Backend:
         as torch.optim.SGD defines them. velocity is needed, and updated in place, only when
         momentum is above 0. grad is left as it was.
         """
+        self._check_sgd_arguments(param, grad, velocity, momentum)
+        self._sgd_update(param, grad, lr, velocity, momentum, nesterov, weight_decay)
+
+    def _check_sgd_arguments(self, param, grad, velocity, momentum, dtype=None):
+        """A param of a float dtype (dtype's, where given: the update's others'), and its grad
+        and velocity (with momentum) of its shape and dtype."""
         self._check("param", param, kind="float")
+        if dtype is not None:
+            self._check("param", param, dtype=dtype)
         self._check("grad", grad, param.shape, param.dtype)
         if momentum:
             if velocity is None:
-                raise ArgumentError("momentum needs a velocity buffer shaped like param (zeros to start)")
+                raise ArgumentError("momentum needs a velocity buffer shaped like each param (zeros to start)")
             self._check("velocity", velocity, param.shape, param.dtype)
-        self._sgd_update(param, grad, lr, velocity, momentum, nesterov, weight_decay)
 
     def sgd_update_all(self, params, grads, lr, velocities=None, momentum=0.0, nesterov=False, weight_decay=0.0):
         """sgd_update of each params[i] from grads[i] (and velocities[i], with momentum), all at
@@ -309,12 +316,7 @@ class Backend:
         if not len(params) == len(grads) == len(velocities):
             raise ArgumentError(f"{len(params)} params need as many grads and velocities")
         for param, grad, velocity in zip(params, grads, velocities):
-            self._check("param", param, dtype=params[0].dtype if params else None, kind="float")
-            self._check("grad", grad, param.shape, param.dtype)
-            if momentum:
-                if velocity is None:
-                    raise ArgumentError("momentum needs a velocity buffer shaped like each param (zeros to start)")
-                self._check("velocity", velocity, param.shape, param.dtype)
+            self._check_sgd_arguments(param, grad, velocity, momentum, getattr(params[0], "dtype", None))
         self._sgd_update_all(params, grads, lr, velocities, momentum, nesterov, weight_decay)
 
     def _sgd_update_all(self, params, grads, lr, velocities, momentum, nesterov, weight_decay):
