@@ -4,7 +4,7 @@ import math
 
 from xpnet.backends.base import AdamRule
 from xpnet.errors import ConfigError
-from xpnet.nn.schedules import NAMES, Schedule
+from xpnet.nn.schedules import Schedule
 
 
 # Each setting's range, as what is wrong with a value (None: nothing), so TrainConfig's
@@ -29,26 +29,43 @@ def check_ranges(*settings):
             raise ConfigError(f"{name} {problem}, got {value}")
 
 
-def check_sgd_settings(lr, momentum=0.0, nesterov=False, weight_decay=0.0, schedule="constant"):
-    """Raise ConfigError, saying what to use instead, for settings SGD cannot train with."""
-    check_ranges(
-        ("the learning rate", lr, lr_error),
-        ("momentum", momentum, momentum_error),
-        ("weight decay", weight_decay, weight_decay_error),
-    )
-    if nesterov and not momentum > 0:
-        raise ConfigError("Nesterov momentum needs a momentum above 0, e.g. 0.9")
-    if isinstance(schedule, str) and schedule not in NAMES:
-        raise ConfigError(f"unknown learning-rate schedule {schedule!r}: choose one of {', '.join(NAMES)}")
+class Optimizer:
+    """What every optimiser shares: its parameters, its base rate and per-step schedule (a
+    schedules.Schedule, or a schedule's name with the run's total_steps), and the count of steps
+    taken. A subclass names itself (name, as checkpoints record it), keeps its arrays in `state`
+    by name, one per parameter each, as checkpoints store them, and updates in apply(ops, lr)."""
+
+    name = None
+
+    def __init__(self, backend, parameters, lr, schedule, total_steps):
+        self.backend, self.parameters, self.lr = backend, list(parameters), lr
+        self.schedule = Schedule.of(schedule, total_steps)
+        self.steps_taken = 0
+        self.state = {}
+
+    def current_lr(self):
+        """The learning rate of the next step, by the schedule."""
+        return self.lr_at(self.steps_taken)
+
+    def lr_at(self, step):
+        """The learning rate of a step (counted from 0 over the run), by the schedule."""
+        return self.schedule.lr_at(self.lr, step)
+
+    def apply(self, ops, lr):
+        """Update every parameter from its gradient, in place, at rate lr, through ops: the
+        backend, or a compiled path's own version of it."""
+        raise NotImplementedError
+
+    def step(self):
+        """Update every parameter from its gradient at the scheduled rate, and count the step."""
+        self.apply(self.backend, self.current_lr())
+        self.steps_taken += 1
 
 
-class SGD:
+class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum (heavy-ball or Nesterov, as
-    torch.optim.SGD defines them), L2 weight decay, and a per-step learning-rate schedule:
-    a schedules.Schedule, or a schedule's name with the run's total_steps.
-
-    state holds its arrays by name, one per parameter each, as checkpoints store them: a
-    "velocity" with momentum, nothing without.
+    torch.optim.SGD defines them) and L2 weight decay. state holds a "velocity" with momentum,
+    nothing without.
     """
 
     name = "sgd"
@@ -64,38 +81,27 @@ class SGD:
         schedule="constant",
         total_steps=1,
     ):
-        check_sgd_settings(lr, momentum, nesterov, weight_decay, schedule)
-        self.backend = backend
-        self.parameters = list(parameters)
-        self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
-        self.schedule = Schedule(schedule, max(total_steps, 1)) if isinstance(schedule, str) else schedule
-        self.steps_taken = 0
-        self.state = {"velocity": [backend.xp.zeros_like(p.value) for p in self.parameters]} if momentum else {}
+        check_ranges(
+            ("the learning rate", lr, lr_error),
+            ("momentum", momentum, momentum_error),
+            ("weight decay", weight_decay, weight_decay_error),
+        )
+        if nesterov and not momentum > 0:
+            raise ConfigError("Nesterov momentum needs a momentum above 0, e.g. 0.9")
+        super().__init__(backend, parameters, lr, schedule, total_steps)
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+        if momentum:
+            self.state["velocity"] = [backend.xp.zeros_like(p.value) for p in self.parameters]
 
     @classmethod
     def from_config(cls, backend, parameters, config, schedule):
         return cls(backend, parameters, config.lr, config.momentum, config.nesterov, config.weight_decay, schedule)
 
-    def current_lr(self):
-        """The learning rate of the next step, by the schedule."""
-        return self.lr_at(self.steps_taken)
-
-    def lr_at(self, step):
-        """The learning rate of a step (counted from 0 over the run), by the schedule."""
-        return self.schedule.lr_at(self.lr, step)
-
     def apply(self, ops, lr):
-        """Update every parameter from its gradient, in place, at rate lr, through ops: the
-        backend, or a compiled path's own version of it (CuPy's graphs pass ops whose products
-        can be captured, and lr as a device array)."""
+        """CuPy's graphs pass ops whose products can be captured, and lr as a device array."""
         values, grads = [p.value for p in self.parameters], [p.grad for p in self.parameters]
         velocities = self.state.get("velocity")
         ops.sgd_update_all(values, grads, lr, velocities, self.momentum, self.nesterov, self.weight_decay)
-
-    def step(self):
-        """Update every parameter from its gradient at the scheduled rate, and count the step."""
-        self.apply(self.backend, self.current_lr())
-        self.steps_taken += 1
 
 
 def betas_error(betas):
@@ -107,10 +113,10 @@ def eps_error(eps):
     return None if math.isfinite(eps) and eps > 0 else "must be a finite number above 0"
 
 
-class Adam:
+class Adam(Optimizer):
     """Adam, as torch.optim.Adam defines it (bias-corrected moving averages of the gradient and
     its square, eps added to the corrected root), with L2 weight decay added to the gradient;
-    the backend's adam_update has the equation. A per-step learning-rate schedule as SGD's.
+    the backend's adam_update has the equation.
 
     state holds "exp_avg" and "exp_avg_sq", one per parameter each, as torch names them; the
     bias correction counts steps_taken, which checkpoints keep.
@@ -136,14 +142,10 @@ class Adam:
             ("betas", tuple(betas), betas_error),
             ("eps", eps, eps_error),
         )
-        self.backend, self.parameters, self.lr = backend, list(parameters), lr
+        super().__init__(backend, parameters, lr, schedule, total_steps)
         self.rule = AdamRule(float(betas[0]), float(betas[1]), float(eps), float(weight_decay), self.decoupled)
-        self.schedule = Schedule(schedule, max(total_steps, 1)) if isinstance(schedule, str) else schedule
-        self.steps_taken = 0
-        zeros = lambda: [backend.xp.zeros_like(p.value) for p in self.parameters]  # noqa: E731
-        self.state = {"exp_avg": zeros(), "exp_avg_sq": zeros()}
-
-    current_lr, lr_at = SGD.current_lr, SGD.lr_at
+        for name in ("exp_avg", "exp_avg_sq"):
+            self.state[name] = [backend.xp.zeros_like(p.value) for p in self.parameters]
 
     @classmethod
     def from_config(cls, backend, parameters, config, schedule):
@@ -155,8 +157,6 @@ class Adam:
         state = zip(self.parameters, self.state["exp_avg"], self.state["exp_avg_sq"])
         for p, exp_avg, exp_avg_sq in state:
             ops.adam_update(p.value, p.grad, exp_avg, exp_avg_sq, lr, self.steps_taken + 1, self.rule)
-
-    step = SGD.step
 
 
 class AdamW(Adam):

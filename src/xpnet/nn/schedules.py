@@ -17,6 +17,8 @@ the run as if it began there (SequentialLR with one milestone at N).
 import math
 from dataclasses import dataclass
 
+from xpnet.errors import ConfigError
+
 NAMES = ("constant", "cosine", "step", "exponential")
 
 
@@ -44,7 +46,12 @@ class Schedule:
 
     def __post_init__(self):
         if self.name not in NAMES:
-            raise ValueError(f"unknown learning-rate schedule {self.name!r}: choose one of {', '.join(NAMES)}")
+            raise ConfigError(f"unknown learning-rate schedule {self.name!r}: choose one of {', '.join(NAMES)}")
+
+    @classmethod
+    def of(cls, schedule, total_steps=1):
+        """schedule itself where it is a Schedule; else the schedule of that name over total_steps."""
+        return cls(schedule, max(total_steps, 1)) if isinstance(schedule, str) else schedule
 
     def lr_at(self, base_lr, step):
         """The rate of step `step` (counted from 0 over the run; past its end too)."""
