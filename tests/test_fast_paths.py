@@ -86,13 +86,13 @@ def combinations():
     """Usable configs, chosen greedily from every usable one until each pair of values that some
     usable config holds is held by a chosen one (the first of the most new pairs, so the same
     configs each run)."""
-    candidates = list(every_usable_config())
-    uncovered = set().union(*map(pairs, candidates))
+    candidates = [(config, pairs(config)) for config in every_usable_config()]
+    uncovered = set().union(*(held for _, held in candidates))
     chosen = []
     while uncovered:
-        best = max(candidates, key=lambda config: len(pairs(config) & uncovered))
+        best, held = max(candidates, key=lambda candidate: len(candidate[1] & uncovered))
         chosen.append(best)
-        uncovered -= pairs(best)
+        uncovered -= held
     return chosen
 
 

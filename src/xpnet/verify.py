@@ -121,9 +121,9 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
 
 
 # Adam's constants for verify's check (AdamW's decay, so that both of its terms are exercised),
-# a rate of Adam's usual size, and its state after ADAM_STEPS - 1 earlier steps.
+# a rate of Adam's usual size, and the step checked: the third, after gradients g/2 and g/3.
 ADAM_RULE = AdamRule(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True)
-ADAM_LR = 1e-3
+ADAM_LR, ADAM_STEP = 1e-3, 3
 
 
 def adam_step(ref, candidate, on_candidate, rounded, p, g):
@@ -133,14 +133,15 @@ def adam_step(ref, candidate, on_candidate, rounded, p, g):
     2 and the square 1, the root and its correction 2, eps 1, the step size 2, the product and
     quotient 2, the subtraction 1; sqrt and division are correctly rounded), each relative to
     |p| + lr * |m_hat| / (sqrt(v_hat) + eps), the size of what is summed."""
-    m = rounded(0.9 * (0.1 * g / 2) + 0.1 * g / 3)
-    v = rounded(0.999 * (0.001 * (g / 2) ** 2) + 0.001 * (g / 3) ** 2)
+    b1, b2 = ADAM_RULE.beta1, ADAM_RULE.beta2
+    m = rounded(b1 * ((1 - b1) * g / 2) + (1 - b1) * g / 3)
+    v = rounded(b2 * ((1 - b2) * (g / 2) ** 2) + (1 - b2) * (g / 3) ** 2)
     arrays = [p, g, m, v]
     expected = [array.copy() for array in arrays]
-    ref.adam_update(*expected, ADAM_LR, 3, ADAM_RULE)
+    ref.adam_update(*expected, ADAM_LR, ADAM_STEP, ADAM_RULE)
     got = [on_candidate(array) for array in arrays]
-    candidate.adam_update(*got, ADAM_LR, 3, ADAM_RULE)
-    m_hat, v_hat = expected[2] / (1 - 0.9**3), expected[3] / (1 - 0.999**3)
+    candidate.adam_update(*got, ADAM_LR, ADAM_STEP, ADAM_RULE)
+    m_hat, v_hat = expected[2] / (1 - b1**ADAM_STEP), expected[3] / (1 - b2**ADAM_STEP)
     ratio = numpy.abs(m_hat) / (numpy.sqrt(v_hat) + ADAM_RULE.eps)
     return got[0], expected[0], 14, numpy.abs(p) + ADAM_LR * (ratio + ADAM_RULE.weight_decay * numpy.abs(p))
 
@@ -190,6 +191,16 @@ def activation_grad_bound(activation, grad_y, output):
     if activation == "sigmoid":
         return 2, (1 + numpy.abs(output)) * numpy.abs(output) * numpy.abs(grad_y)
     return 0, 0.0
+
+
+def activation_grad_carried(activation, grad_y, output):
+    """(roundings, size) that an activation step's g = grad_y * f'(z) carries into the sums
+    taken over it: its own roundings (none for a mask) and the size they are relative to, at
+    least |g|."""
+    length, size = activation_grad_bound(activation, grad_y, output)
+    if not length:
+        return 0, numpy.abs(activation_grad(activation, grad_y, output))
+    return length + 1, size
 
 
 def forward_bound(activation, y, magnitude, terms):
@@ -267,10 +278,7 @@ def check_compiled_step(step, trainer, reference_model, labels):
         W, b, x = before[2 * i], before[2 * i + 1], inputs[i]
         activation = layers[i].activation
         grad_z = activation_grad(activation, grad_y, inputs[i + 1])
-        # What grad_z carries into the sums below: the activation step's roundings (none for a
-        # mask) and the size they are relative to, at least |grad_z|.
-        roundings, grad_z_size = activation_grad_bound(activation, grad_y, inputs[i + 1])
-        roundings, grad_z_size = (roundings + 1, grad_z_size) if roundings else (0, numpy.abs(grad_z))
+        roundings, grad_z_size = activation_grad_carried(activation, grad_y, inputs[i + 1])
         if activation != "identity":
             bound = activation_grad_bound(activation, grad_y, inputs[i + 1])
             check(f"layer {i + 1} backward {activation} gradient", host(buffers.grads_z[i][:batch]), grad_z, *bound)

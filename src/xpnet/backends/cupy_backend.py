@@ -409,10 +409,11 @@ class CupyBackend(Backend):
         addresses = lambda arrays: self._device_table(map(self._address, arrays), numpy.uint64)  # noqa: E731
         tables = [addresses(params), addresses(grads)]
         tables.append(addresses(velocities) if momentum else tables[0])  # read only with momentum
-        tables.append(self._device_table(numpy.cumsum([p.size for p in params]), numpy.int64))
+        ends = numpy.cumsum([p.size for p in params])
+        tables.append(self._device_table(ends, numpy.int64))
         lr = lr.reshape(1) if isinstance(lr, self.xp.ndarray) else self.xp.full(1, lr, dtype)
         args = (*tables, numpy.int32(len(params)), lr, cast(momentum), numpy.bool_(nesterov), cast(weight_decay))
-        self._launch("sgd_update_all", sum(p.size for p in params), args, dtype)
+        self._launch("sgd_update_all", int(ends[-1]), args, dtype)
 
     def _sgd_update(self, param, grad, lr, velocity, momentum, nesterov, weight_decay):
         """One fused kernel; CuPy's elementwise kernels take any strides. lr may be a 0-d device
