@@ -364,6 +364,23 @@ def test_ctrl_c_while_the_cli_still_imports_is_the_same_one_line():
     assert (result.returncode, result.stderr) == (130, "xpnet: interrupted\n")
 
 
+def test_an_interrupt_a_library_wrapped_is_the_same_one_line():
+    """Ctrl-C inside a Python callback of C code comes back as a SystemError caused by it (seen
+    with Numba): here the subcommand's import raises that, inside the CLI's handling."""
+    hook = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'xpnet.commands.data':\n"
+        "            raise SystemError('a callback returned a result with an exception set') from KeyboardInterrupt()\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from xpnet.__main__ import main\n"
+        "sys.exit(main())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", hook, "data", "info"], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "xpnet: interrupted\n")
+
+
 def test_a_script_beside_the_clone_imports_the_package_not_the_clone(tmp_path):
     """The folder that holds a clone has a folder named xpnet in it, without __init__.py: a
     namespace package to Python, found first on a script's path. The src layout puts the real

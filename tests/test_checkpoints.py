@@ -225,6 +225,31 @@ def test_ctrl_c_between_epochs_still_saves_the_last_whole_one():
     assert info.value.checkpoint.epoch == 2 and info.value.checkpoint.epoch_step == 0
 
 
+def interrupt_wrapped_by_c_code():
+    """What a KeyboardInterrupt raised inside a Python callback of C code comes back as: seen
+    with Numba unpickling a constant when Ctrl-C landed there."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as interrupt:
+        raise SystemError("<function _numba_unpickle> returned a result with an exception set") from interrupt
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["an-interrupt-inside-c-code", "any-other-error"])
+def test_an_interrupt_wrapped_by_a_library_still_saves_the_last_whole_epoch(wrapped):
+    from xpnet.data.synthetic import synthetic_splits
+
+    def log(line):
+        if line.startswith("Epoch 2"):
+            if wrapped:
+                interrupt_wrapped_by_c_code()
+            raise SystemError("a library's own fault")
+
+    trainer = Trainer(get_backend("numpy"), synthetic_splits(n_train=512), TrainConfig(epochs=5, batch_size=128))
+    with pytest.raises(TrainingInterrupted if wrapped else SystemError) as info:
+        trainer.fit(log=log)
+    assert not wrapped or info.value.checkpoint.epoch == 2
+
+
 def save_in_format_1(checkpoint, path):
     """A checkpoint laid out as xpnet wrote it before format 2 (xpnet-checkpoint/1): sizes, dtype,
     mean and std at the top of the metadata, the run's settings as they were then, SGD's step

@@ -10,7 +10,7 @@ import sys
 
 from xpnet.backends import REGISTRY
 from xpnet.bench_peers import PEERS
-from xpnet.errors import UsageError, XpnetError
+from xpnet.errors import UsageError, XpnetError, is_interrupt
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -307,7 +307,9 @@ def main(argv=None):
     except XpnetError as exc:
         print(f"xpnet: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as exc:
+        if not is_interrupt(exc):
+            raise
         print("xpnet: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

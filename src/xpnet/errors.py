@@ -23,3 +23,14 @@ class BackendUnavailable(XpnetError):
 
 class DataError(XpnetError):
     """A dataset file is missing, corrupt or not what its name promises."""
+
+
+def is_interrupt(exc):
+    """Whether exc is a KeyboardInterrupt, or was raised by one: one that lands while a library's
+    C code runs a Python callback comes back wrapped (seen: Numba unpickling a constant, as a
+    SystemError whose cause is the KeyboardInterrupt)."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -5,6 +5,8 @@ import time
 
 from tqdm import tqdm
 
+from xpnet.errors import is_interrupt
+
 
 class TrainingInterrupted(Exception):
     """Ctrl-C; carries the state after the last whole epoch, from which a resume is exact."""
@@ -34,7 +36,9 @@ def fit_trainer(trainer, log=print, progress=False, after_epoch=None):
         while trainer.epoch < trainer.config.epochs:
             _fit_epoch(trainer, log, progress, after_epoch)
         trainer.history.test_accuracy = trainer.test_accuracy()
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not is_interrupt(exc):
+            raise
         raise TrainingInterrupted(trainer.last_whole_epoch) from None
     log(f"Test accuracy: {trainer.history.test_accuracy:.4f}")
     return trainer.history
