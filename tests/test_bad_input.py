@@ -463,6 +463,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
+@pytest.mark.slow  # 10 s: inflating and hashing a gigabyte
 def test_a_gzip_bomb_is_refused_at_its_first_byte_too_many_in_bounded_memory(tmp_path):
     path = gzip_bomb(tmp_path / "train-images-idx3-ubyte.gz")
     assert path.stat().st_size < 5 * 2**20

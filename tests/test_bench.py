@@ -113,6 +113,7 @@ def test_compile_time_is_reported_apart_and_never_timed():
     assert all(s < 0.5 for s in seconds)  # four steps of 512 take far less than the sleep
 
 
+@pytest.mark.slow  # 15 s: a whole quick bench, every contender
 def test_quick_bench_writes_json_that_round_trips_markdown_and_a_plot(tmp_path, capsys):
     json_path, markdown_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     assert (

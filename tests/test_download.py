@@ -216,6 +216,7 @@ def test_stale_parts_go_only_where_their_process_can_be_probed(tmp_path, monkeyp
     assert all(part.exists() for part in parts.values())
 
 
+@pytest.mark.slow  # 10 s: two processes download the whole dataset
 def test_two_processes_downloading_at_once_end_with_one_correct_copy(server, tmp_path):
     processes = [start_download(f"{server}/slow", tmp_path) for _ in range(2)]
     for process in processes:

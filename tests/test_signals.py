@@ -68,8 +68,9 @@ def straight_run(mnist_dir, tmp_path_factory):
     "signals, prelude, code, word",
     [
         ([signal.SIGINT], "", 130, "interrupted"),
-        ([signal.SIGINT], CTRL_C_DURING_SAVE, 130, "interrupted"),
-        ([signal.SIGINT, signal.SIGINT], "", 130, "interrupted"),
+        # The two rarer cases, 5 s each, run in the slow tier.
+        pytest.param([signal.SIGINT], CTRL_C_DURING_SAVE, 130, "interrupted", marks=pytest.mark.slow),
+        pytest.param([signal.SIGINT, signal.SIGINT], "", 130, "interrupted", marks=pytest.mark.slow),
         ([signal.SIGTERM], "", 143, "terminated"),
     ],
     ids=["ctrl-c", "ctrl-c-during-the-save", "two-ctrl-c-at-once", "sigterm"],
