@@ -97,8 +97,8 @@ def test_the_gather_from_uint8_pixels_gives_mlp_normalizes_bits_for_every_pixel_
     numpy.testing.assert_array_equal(out, model.normalize(pixels[rows]))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("batch", [7, 128])
+# Each dtype once, and each layout once: the loop compiles afresh for each (rows, dtype, layout).
+@pytest.mark.parametrize("dtype, batch", [("float32", 7), ("float64", 128)])
 def test_the_loop_trains_from_the_uint8_images_as_from_the_normalised_rows(dtype, batch):
     """The trainer hands the loop the images as loaded, which it normalises as it gathers them (a
     quarter of the bytes to fetch): the bits of the loop gathering the trainer's normalised rows."""

@@ -99,6 +99,7 @@ def test_a_stopped_run_saves_and_its_printed_command_resumes_it_exactly(
         numpy.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # 7 s: three trainings in processes of their own
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core here: numba's steps are not split")
 def test_numbas_split_steps_stop_on_ctrl_c_and_resume_on_either_thread_count(mnist_dir, tmp_path):
     """Ctrl-C while numba's compiled loop runs its steps on two threads of its own (batch 512):

@@ -95,7 +95,11 @@ def test_readme_recipe_reaches_982_test_accuracy(mnist_splits, backend):
     assert history.test_accuracy >= 0.982
 
 
-@pytest.mark.parametrize("backend", ["numba", "cupy", EmulatedCupyBackend.name], indirect=True)
+# The emulation's run takes 6 s: the slow tier (the fast-path tests compare its graphs in float64 too).
+EMULATED_SLOW = pytest.param(EmulatedCupyBackend.name, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("backend", ["numba", "cupy", EMULATED_SLOW], indirect=True)
 def test_float64_training_matches_numpy_after_50_steps(mnist_splits, backend):
     # 50 steps of 128 read 6,400 rows: a training split of 8,192 real images serves them, and the
     # CPU emulation of CuPy copies a fifth of MNIST's bytes into each gather's guarded buffer.
