@@ -1,29 +1,12 @@
-"""How many threads BLAS may use, chosen by measurement while training.
+"""How many threads BLAS may use, chosen by measurement while training (--threads auto).
 
-Two processes that each run OpenBLAS with a thread per core slow each other several times
-over on a shared machine: each one's threads spin waiting for work while the other's hold the
-cores (measured on the 2-core machine: two numba trainings at once each ran at 0.22-0.27x of
-one alone, two numpy ones at 0.03-0.24x; with one thread each, 0.98x of one alone at one thread).
-
-Timing each count in turn does not find the way out: while the other process keeps its
-threads, one thread is slower for me than two, so both keep two (measured: auto by timing
-gave 0.27x, as two threads did). What does is counting the cores other processes keep busy:
---threads auto runs the first steps of every epoch (at least 0.1 s, at most all but its last
-chunk, at the count it chose last) while reading the machine's busy CPU time (/proc/stat) against
-this process's own, and gives BLAS the cores nobody else is using, at least one, for the rest
-of the epoch and its validation. Alone it takes every core; beside a twin, each takes one.
-The trainer counts again within an epoch after a chunk of steps that ran twice as slowly as
-the first chunk after the last count (ThreadPolicy.run_epoch): load that arrives mid-epoch.
-The limit is set with threadpoolctl on every BLAS library loaded (NumPy's, and SciPy's when
-present; a trainer's, those loaded when it was made), not with environment variables a user
-must know.
-
-The default of `xpnet train` and `xpnet bench` (the Trainer's default, None, leaves BLAS its
-own count). What it costs is reproducibility under load: OpenBLAS rounds differently at
-different thread counts (measured: the step's products at 1 and 2 threads differ in their
-last bits), so two runs, or a run and its resume, that auto steered differently part ways.
-Alone, auto takes every core every epoch, so runs repeat bit for bit; a fixed count keeps
-them so whatever the load.
+Two processes that each run OpenBLAS with a thread per core slow each other several times over,
+their threads spinning for cores the other holds. Auto counts the cores other processes keep
+busy (/proc/stat against this process's own CPU time) during the first steps of every epoch, and
+again after a chunk that ran twice as slowly, and gives BLAS the rest, at least one (set with
+threadpoolctl on every BLAS library loaded). Its cost: OpenBLAS rounds differently at different
+thread counts, so runs it steered differently part ways in the last bits. Why, and what was
+measured: docs/design.md, "Threads".
 """
 
 import contextlib

@@ -1,20 +1,11 @@
 """`xpnet verify`: every backend checked against the NumPy float64 reference, op by op, on
 real data, at every training step.
 
-Method. The reference (NumPy, float64) trains for N steps from the seed. At each step, every
-candidate backend runs each op of that step (each layer's forward, the loss, each layer's
-backward, each update) on exactly the reference's inputs rounded to the candidate's dtype,
-and its result is compared with the reference's. Comparing each step from identical states,
-rather than letting each backend train on its own, keeps every bound a one-op bound: float32
-runs drift apart step by step through chaotic training, and a bound for that drift would
-need a model of the whole trajectory. Since every backend runs the same layer code, ops that
-agree at every step on real states mean the runs agree.
-
-Tolerance. A result that sums K terms obeys |computed - exact| <= K * u * sum|terms|
-(u = eps / 2, whatever the summation order). Each check passes K and that magnitude
-(|x| @ |W|.T + |b| for a forward, and so on) and allows (K + 1) * eps * magnitude, the +1
-for the final rounding. Nothing here is tuned: the bound follows from the dtype and the
-sums. Ops without arithmetic (gathers, masks) must match exactly.
+At each step of the reference run every candidate runs each op on exactly the reference's inputs
+rounded to its dtype, so every bound is a one-op bound. A result summing K terms may differ by
+(K + 1) * eps * sum|terms|, the +1 for the final rounding; ops without arithmetic must match
+exactly. Nothing is tuned. Why comparing from identical states suffices, and how each bound is
+counted: docs/design.md, "Verification".
 """
 
 import dataclasses

@@ -2,7 +2,7 @@
 measured about it. No Numba here: `xpnet bench` reads the layout threshold without loading it.
 
 The loop calls the BLAS NumPy itself uses (its bundled ILP64 OpenBLAS): Numba's own np.dot,
-through SciPy's OpenBLAS, was 5-15% slower at batch 128 and 512 (bench/README.md).
+through SciPy's OpenBLAS, was 5-15% slower at batch 128 and 512 (bench/history.md).
 """
 
 import contextlib

@@ -1,30 +1,13 @@
 """The CuPy backend's compiled path: a trainer's steps captured as CUDA graphs and replayed.
 
-Op by op, a step is some twenty kernel launches, each a trip through Python and CuPy's
-dispatch, and at MNIST's sizes a kernel can finish sooner than Python launches the next
-(bench/gpu_ops.py measures both sides). A CUDA graph records the launches of a chunk of steps
-once and replays them in one call, so the GPU runs the chunk back to back. The step is the
-reference step, made of the backend's own ops; only the products go another way (below).
-
-What a replay needs, and how it is met:
-- Every array keeps its address between capture and replay. The batch, each layer's output
-  and gradients, and the chunk's rows, learning rates and losses live in buffers of this
-  object, made before capture. The temporaries the ops make come from a memory pool of its
-  own that nobody else allocates from, so no later allocation lands where a graph writes.
-- What changes between replays is read from those buffers: before a replay the chunk's rows
-  are copied from the epoch's order, and its learning rates uploaded when they change (once,
-  under a constant schedule).
-- CuPy refuses cuBLAS calls while a stream is being captured (cupy_backends/cuda/libs/
-  cublas.pyx, setStream), so the captured products call cuBLAS's gemm through ctypes, on a
-  handle of this object bound to the capture stream (CublasGemm).
-- Capture runs on a side stream (the legacy default stream cannot be captured), after one
-  uncaptured step of each batch size on it, which compiles kernels and fills the pool and
-  whose update is then undone; replays and the copies around them run on the current stream,
-  ordered with the rest of the trainer's work.
-
-Nothing inside a graph checks: the labels are checked once here against the classes, and the
-order is the trainer's permutation of the rows, as numba_steps.CompiledLoop trusts it too.
-Where capture fails, a warning says why and the same steps run uncaptured.
+Op by op a step is some twenty launches through Python, and at MNIST's sizes a kernel can finish
+sooner than Python launches the next. A graph records an epoch of steps once and replays it in
+one call. Every array keeps its address (buffers of this object and a memory pool of its own);
+the chunk's rows and rates are copied in before a replay; the products call cuBLAS through
+ctypes (CublasGemm), since CuPy refuses cuBLAS calls during capture. Nothing inside a graph
+checks: the labels are checked once here, and the order is the trainer's permutation of the
+rows. Where capture fails, a warning says why and the same steps run uncaptured. The whole
+story: docs/design.md, "CuPy's CUDA graphs".
 """
 
 import ctypes

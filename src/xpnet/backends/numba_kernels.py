@@ -5,7 +5,7 @@ bias gradient's column sums (one pass over the output gradient), softmax + cross
 gradient (one pass per row), the SGD update (in place, no temporary), the batch gather and the
 count of correct rows. NumbaBackend (numba_backend.py) calls them op by op; the compiled loop
 (numba_steps.py) inlines them. They are serial: `parallel=True` versions made an epoch 5 to 20
-times slower beside OpenBLAS's threads on two cores (bench/README.md, "Threads").
+times slower beside OpenBLAS's threads on two cores (bench/history.md, "Threads").
 
 cache=True stores machine code beside the module, or, in a read-only install, in Numba's
 per-user cache (~/.cache/numba, or $NUMBA_CACHE_DIR).

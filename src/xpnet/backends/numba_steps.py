@@ -1,28 +1,14 @@
 """The Numba backend's compiled training loop: many steps per call, no Python between them.
 
-Op by op, a step is about fifteen backend calls, each a trip through Python and its argument
-checks; at batch 1 that is most of a step. Here the whole step (gather, forward, loss,
-backward, update) is one @njit function built from the backend's own kernels
-(numba_kernels.py) and the optimiser's lowered rule (numba_rules.py), for any depth, both
-dtypes, and the activations and optimisers those files lower; compile_steps declines the rest.
-What the loop adds to the reference step, each measured (bench/README.md, "One step declared once"):
-
-- The batch is gathered from the uint8 images as loaded, normalised on the way with
-  MLP.normalize's operations (so its bits), each row's cache lines prefetched eight rows ahead.
-- The products call NumPy's own BLAS through ctypes (blas.py), so the update can be the weight
-  gradient's product (numba_rules.py), and below FEATURE_MAJOR_BELOW rows layer outputs are
-  kept feature-major, where OpenBLAS multiplies them faster.
-- From SPLIT_FROM rows a step is cut in SPLIT_PARTS parts, run on two threads of the loop's own
-  (this one and a second kept for it), each with one BLAS thread: both gather and run forward
-  and backward on their half of the rows, meet at a barrier, update their half of each layer's
-  rows, and meet again. At a thread count of one the parts run one after the other, so the
-  bits are the same either way; validation beside such steps is counted on the same two threads.
-
-So a compiled step rounds differently from the reference step: `xpnet verify` checks each of
-its ops against float64 within the same one-op bounds. The loop is deterministic, so a run
-resumes bit for bit. It trusts what nothing inside it checks: CompiledLoop makes every buffer
-from the model's own sizes, checks the labels once, and is handed the trainer's order, a
-permutation of the rows. It is cached on disk with a digest of the files it inlines (_loop_over).
+The whole step (gather, forward, loss, backward, update) is one @njit function built from the
+backend's own kernels (numba_kernels.py) and the optimiser's lowered rule (numba_rules.py), for
+any depth and both dtypes; compile_steps declines what those files do not lower. It gathers the
+batch from the uint8 images, calls NumPy's BLAS through ctypes (blas.py), keeps small batches
+feature-major, and from SPLIT_FROM rows splits each step between two threads of its own with
+the same bits on one thread or two. It trusts what nothing inside it checks: CompiledLoop makes
+every buffer from the model's own sizes, checks the labels once, and is handed the trainer's
+order, a permutation of the rows. Why each mechanism is there: docs/design.md, "Numba's compiled
+loop"; what each measured: bench/history.md.
 """
 
 import hashlib

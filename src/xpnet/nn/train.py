@@ -36,7 +36,7 @@ from xpnet.threads import ThreadPolicy, blas_controller
 
 # A host's compiled chunks grow to this long (Trainer._grow_chunks): each return to Python
 # between them costs more than its code (the steps leave the caches cold); grown, an epoch at
-# batch 128 to 2048 ran 1-5% faster on a 2-core machine (bench/README.md, "One step declared once").
+# batch 128 to 2048 ran 1-5% faster on a 2-core machine (bench/history.md, "One step declared once").
 CHUNK_SECONDS = 0.02
 # ... up to a sixth of an epoch: auto checks the load only with more than five chunks to come.
 FEWEST_CHUNKS = 6
