@@ -20,6 +20,7 @@ def readme_python_example():
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
+@pytest.mark.slow  # on real MNIST; tests/test_docs.py runs it on generated data in the quick tier
 def test_the_readme_python_example_runs_as_written(mnist_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # it saves a file where it runs
     namespace = {}

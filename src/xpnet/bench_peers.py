@@ -13,6 +13,8 @@ precision (`precision="highest"`), the comparison that means something, and its 
 also at its default, labelled as TF32.
 """
 
+from typing import NamedTuple
+
 import numpy
 
 from xpnet.bench import N_SAMPLES, Contender, seed_lr
@@ -46,14 +48,8 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
     tutorials do (compiled in the warm-up epoch, the last, smaller batch included)."""
     import torch
 
-    torch_dtype = getattr(torch, dtype)
-    torch.manual_seed(0)
-    model = torch_mlp([784, *hidden, 10], torch_dtype, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size))
+    model, optimizer, x_all, y_all, generator = torch_training(batch_size, hidden, dtype, device, n_samples)
     forward = model if compile_mode is None else torch.compile(model, mode=compile_mode)
-    x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
-    y_all = torch.randint(0, 10, (n_samples,), device=device)
-    generator = numpy.random.default_rng(0)
     # CUDA-graph replays reuse their output memory; torch's documentation asks to mark where each
     # training step begins.
     begin_step = torch.compiler.cudagraph_mark_step_begin if compile_mode == "reduce-overhead" else (lambda: None)
@@ -110,19 +106,13 @@ def torch_step_graph_contender(batch_size, hidden=(200,), dtype="float32", n_sam
     optimizer.step() (capturable=True where this torch's SGD has it; plain SGD keeps no state a
     replay could get wrong). Three eager steps on a side stream warm up first, as the documentation
     asks. The last, smaller batch runs eager, as JAX's scan leaves it to its jitted step."""
-    import inspect
-
     import torch
 
-    torch_dtype, device = getattr(torch, dtype), "cuda"
-    torch.manual_seed(0)
-    model = torch_mlp([784, *hidden, 10], torch_dtype, device)
-    capturable = {"capturable": True} if "capturable" in inspect.signature(torch.optim.SGD).parameters else {}
-    optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size), **capturable)
-    x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
-    y_all = torch.randint(0, 10, (n_samples,), device=device)
+    device = "cuda"
+    model, optimizer, x_all, y_all, generator = torch_training(
+        batch_size, hidden, dtype, device, n_samples, capturable=True
+    )
     rows = torch.zeros(batch_size, dtype=torch.int64, device=device)
-    generator = numpy.random.default_rng(0)
 
     def captured_step():
         torch_sgd_step(model, optimizer, x_all[rows], y_all[rows])
@@ -161,6 +151,34 @@ def torch_step_graph_contender(batch_size, hidden=(200,), dtype="float32", n_sam
 
 def compile_mode_label(compile_mode):
     return {None: "eager", "default": "compile"}.get(compile_mode, f"compile {compile_mode}")
+
+
+class TorchTraining(NamedTuple):
+    """What each PyTorch contender trains: xpnet's MLP from seed 0, its SGD, the epoch's random
+    rows and labels on the device, and the generator of each epoch's row order."""
+
+    model: object
+    optimizer: object
+    x_all: object
+    y_all: object
+    generator: numpy.random.Generator
+
+
+def torch_training(batch_size, hidden, dtype, device, n_samples, capturable=False):
+    """A TorchTraining; capturable asks torch's SGD for a CUDA-graph-safe step, where it has the flag."""
+    import inspect
+
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    model = torch_mlp([784, *hidden, 10], torch_dtype, device)
+    has_flag = "capturable" in inspect.signature(torch.optim.SGD).parameters
+    options = {"capturable": True} if capturable and has_flag else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size), **options)
+    x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
+    y_all = torch.randint(0, 10, (n_samples,), device=device)
+    return TorchTraining(model, optimizer, x_all, y_all, numpy.random.default_rng(0))
 
 
 def torch_mlp(sizes, torch_dtype, device):
