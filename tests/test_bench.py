@@ -9,16 +9,20 @@ from pathlib import Path
 import pytest
 
 import xpnet.bench
+import xpnet.bench_report
+from xpnet.backends import get_backend
 from xpnet.backends.numpy_backend import NumpyBackend
 from xpnet.bench import (
     OPENBLAS_SETTLE_SECONDS,
     Contender,
+    Result,
+    StepRule,
     backend_contender,
     floor_contender,
     measure,
     time_interleaved,
 )
-from xpnet.bench_report import SCHEMA, epoch_milliseconds, load_results
+from xpnet.bench_report import SCHEMA, epoch_milliseconds, load_results, rows, run_report
 from xpnet.cli import main
 from xpnet.data.synthetic import synthetic_splits
 
@@ -111,6 +115,34 @@ def test_compile_time_is_reported_apart_and_never_timed():
     (seconds,) = time_interleaved([contender], repeats=2)
     assert SlowCompile.prepare_calls == 1  # timing never compiles
     assert all(s < 0.5 for s in seconds)  # four steps of 512 take far less than the sleep
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_a_rule_trains_every_row_with_its_optimizer_and_activation_and_names_it(name):
+    """Adam's rows run the reference loop (the compiled paths decline Adam), so numba has no
+    '(op by op)' twin; tanh's keep the compiled loop."""
+    splits = synthetic_splits(n_train=1024)
+    for rule, compiled in ((StepRule("adam", "tanh"), False), (StepRule("sgd", "tanh"), name == "numba")):
+        contender = backend_contender(get_backend(name), 512, splits=splits, rule=rule)
+        trainer = contender.run_epoch.__self__
+        assert (trainer.config.optimizer, trainer.config.lr, trainer.model.activation) == (
+            rule.optimizer, rule.lr(512), "tanh"
+        )  # fmt: skip
+        assert contender.name == f"{name}{rule.label()}" and contender.extra["compiled"] is compiled
+    assert StepRule("adam", "tanh").label() == " [adam, tanh]" and StepRule().label() == ""
+    assert StepRule().lr(512) == pytest.approx(0.0512) and StepRule("adam").lr(512) == 1e-3
+
+
+def test_a_rules_rows_keep_their_numpy_ratio_and_show_their_names_in_the_console(monkeypatch, capsys):
+    results = [
+        Result("numpy [adam]", 128, (200,), "float32", 100.0, (90.0, 110.0)),
+        Result("numba [adam]", 128, (200,), "float32", 150.0, (140.0, 160.0)),
+    ]
+    assert [row[6] for row in rows(results)] == ["1.00", "1.50"]
+    monkeypatch.setattr(xpnet.bench_report, "collect", lambda *args: results)
+    assert run_report([], [128], [(200,)], "float32", 1, (), None, None, 1, rule=StepRule("adam")) == 0
+    out = capsys.readouterr().out
+    assert "numba [adam]" in out and "sgd" not in out and "adam and relu" in out
 
 
 @pytest.mark.slow  # 15 s: a whole quick bench, every contender

@@ -1,6 +1,7 @@
 """The peers `xpnet bench` times (src/xpnet/bench_peers.py) do the same work as xpnet: from the
-same weights and batch, one SGD step of each equals the NumPy reference's step. Skipped where
-a peer is not installed (CI installs neither; `pip install 'xpnet[peers]'` adds both)."""
+same weights and batches, each peer's steps equal the NumPy reference's, for each update rule
+and activation the bench times. Skipped where a peer is not installed (CI installs neither;
+`pip install 'xpnet[peers]'` adds both)."""
 
 import importlib.util
 
@@ -8,17 +9,27 @@ import numpy
 import pytest
 
 import xpnet
+from xpnet.bench import StepRule
 from xpnet.data.synthetic import synthetic_splits
 
+# (rule, rate, steps): Adam's bias corrections change from step to step, so it takes three.
+RULES = [(StepRule(), 0.05, 1), (StepRule("sgd", "sigmoid"), 0.05, 1), (StepRule("adam", "tanh"), 0.01, 3)]
+RULE_IDS = ["sgd-relu", "sgd-sigmoid", "adam-tanh"]
 
-def reference_step(lr=0.05):
-    """A float64 784-32-16-10 trainer's first batch, its weights before and after one step."""
-    config = xpnet.TrainConfig(batch_size=64, hidden=(32, 16), dtype="float64", lr=lr)
-    trainer = xpnet.Trainer("numpy", synthetic_splits(n_train=64), config, compiled=False)
-    x, y = trainer.batch(0)
+
+def reference_steps(rule, lr, steps):
+    """A float64 784-32-16-10 trainer's batches, and its weights before and after its steps."""
+    config = xpnet.TrainConfig(
+        batch_size=64, hidden=(32, 16), dtype="float64", lr=lr, optimizer=rule.optimizer, activation=rule.activation
+    )
+    trainer = xpnet.Trainer("numpy", synthetic_splits(n_train=64 * steps), config, compiled=False)
     before = [p.value.copy() for p in trainer.model.parameters()]
-    trainer.step(x, y)
-    return x, y, before, [p.value for p in trainer.model.parameters()], lr
+    batches = []
+    for k in range(steps):
+        x, y = trainer.batch(k)
+        batches.append((x.copy(), y.copy()))
+        trainer.step(x, y)
+    return batches, before, [p.value for p in trainer.model.parameters()]
 
 
 def needs(module):
@@ -32,31 +43,38 @@ RTOL = 1e-10
 
 
 @needs("torch")
-def test_torch_takes_the_same_sgd_step():
+@pytest.mark.parametrize("rule, lr, steps", RULES, ids=RULE_IDS)
+def test_torch_takes_the_same_steps(rule, lr, steps):
     import torch
 
     from xpnet.bench_peers import torch_mlp, torch_sgd_step
 
-    x, y, before, after, lr = reference_step()
-    model = torch_mlp([784, 32, 16, 10], torch.float64, "cpu")
+    batches, before, after = reference_steps(rule, lr, steps)
+    model = torch_mlp([784, 32, 16, 10], torch.float64, "cpu", rule.activation)
     with torch.no_grad():
         for parameter, value in zip(model.parameters(), before):
             parameter.copy_(torch.from_numpy(value))
-    torch_sgd_step(model, torch.optim.SGD(model.parameters(), lr=lr), torch.from_numpy(x), torch.from_numpy(y))
+    optimizer = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[rule.optimizer](model.parameters(), lr=lr)
+    for x, y in batches:
+        torch_sgd_step(model, optimizer, torch.from_numpy(x), torch.from_numpy(y))
     for parameter, expected in zip(model.parameters(), after):
         numpy.testing.assert_allclose(parameter.detach().numpy(), expected, rtol=RTOL, atol=0)
 
 
 @needs("jax")
-def test_jax_takes_the_same_sgd_step():
+@pytest.mark.parametrize("rule, lr, steps", RULES, ids=RULE_IDS)
+def test_jax_takes_the_same_steps(rule, lr, steps):
     import jax
 
-    from xpnet.bench_peers import jax_sgd_step
+    from xpnet.bench_peers import jax_start, jax_train_step
 
     jax.config.update("jax_enable_x64", True)
-    x, y, before, after, lr = reference_step()
-    params = [(before[i], before[i + 1]) for i in range(0, len(before), 2)]
-    params, _ = jax.jit(jax_sgd_step(lr))(params, x, y, numpy.arange(len(y)))
+    batches, before, after = reference_steps(rule, lr, steps)
+    carry = jax_start(rule, [(before[i], before[i + 1]) for i in range(0, len(before), 2)])
+    step = jax.jit(jax_train_step(rule, lr))
+    for x, y in batches:
+        carry, _ = step(carry, x, y, numpy.arange(len(y)))
+    params = carry if rule.optimizer == "sgd" else carry[0]
     got = [numpy.asarray(array) for pair in params for array in pair]
     for value, expected in zip(got, after):
         numpy.testing.assert_allclose(value, expected, rtol=RTOL, atol=0)

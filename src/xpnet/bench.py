@@ -15,6 +15,7 @@ import statistics
 import time
 import tracemalloc
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy
 
@@ -31,6 +32,35 @@ GPU_WARM_UP_SECONDS = 0.3
 # next: measured on the 2-core machine, one core busy for 110 ms after the last call. A
 # contender whose products run on BLAS's threads is followed by this long untimed.
 OPENBLAS_SETTLE_SECONDS = 0.2
+
+
+class StepRule(NamedTuple):
+    """What each timed step computes besides the products: the update rule and the hidden layers'
+    activation, the same for every row of a run. SGD runs at seed_lr(batch) (1e-4 per sample, so no
+    row diverges); Adam at torch's default rate, 1e-3."""
+
+    optimizer: str = "sgd"
+    activation: str = "relu"
+
+    def lr(self, batch_size):
+        return seed_lr(batch_size) if self.optimizer == "sgd" else 1e-3
+
+    def config(self, batch_size, hidden, dtype):
+        """The TrainConfig of xpnet's rows."""
+        return TrainConfig(
+            batch_size=batch_size, lr=self.lr(batch_size), hidden=hidden, dtype=dtype,
+            optimizer=self.optimizer, activation=self.activation,
+        )  # fmt: skip
+
+    def label(self):
+        """'' for SGD and ReLU, else what differs, as a row's name ends: ' [adam, tanh]'."""
+        changed = [value for value, default in zip(self, StepRule()) if value != default]
+        return f" [{', '.join(changed)}]" if changed else ""
+
+
+SGD_RELU = StepRule()
+# The rules the peers write too (bench_peers.py): xpnet's own rows take any TrainConfig.
+BENCH_OPTIMIZERS, BENCH_ACTIVATIONS = ("sgd", "adam"), ("relu", "tanh", "sigmoid")
 
 
 @dataclass
@@ -152,21 +182,22 @@ def measure(contenders, batch_size, hidden, dtype, repeats, log=print):
     return results
 
 
-def backend_contender(backend, batch_size, hidden=(200,), dtype="float32", splits=None, compiled=None, threads=None):
+def backend_contender(
+    backend, batch_size, hidden=(200,), dtype="float32", splits=None, compiled=None, threads=None, rule=SGD_RELU
+):
     """A backend's training epoch, with the trainer's BLAS thread policy; compiled=False times
     its reference loop even where it has a compiled one (the row named "<backend> (op by op)"),
     to show what compiling the loop buys."""
     compile_seconds = backend.prepare(dtype)
     splits = splits or synthetic_splits()
-    config = TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=dtype)
-    trainer = Trainer(backend, splits, config, compiled=compiled, threads=threads)
+    trainer = Trainer(backend, splits, rule.config(batch_size, hidden, dtype), compiled=compiled, threads=threads)
     if trainer.compiled_steps is not None:
         start = time.perf_counter()
         trainer.compiled_steps.prepare(trainer.step_losses)
         compile_seconds += time.perf_counter() - start
     host = backend.xp is numpy
     return Contender(
-        backend.name if compiled is not False else f"{backend.name} (op by op)",
+        (backend.name if compiled is not False else f"{backend.name} (op by op)") + rule.label(),
         trainer.train_epoch,
         backend.synchronize,
         len(splits.train),
@@ -212,7 +243,7 @@ def floor_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMP
     )
 
 
-def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=None):
+def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=None, rule=SGD_RELU):
     """Largest relative difference of the loss and of the weights after `steps` free-running
     steps from the same seed, against the NumPy float64 reference."""
     from xpnet.backends import get_backend
@@ -220,7 +251,7 @@ def agreement(backend, dtype, steps=10, batch_size=512, hidden=(200,), splits=No
     splits = splits or synthetic_splits(n_train=steps * batch_size)
     runs = []
     for b, d in ((get_backend("numpy"), "float64"), (backend, dtype)):
-        trainer = Trainer(b, splits, TrainConfig(batch_size=batch_size, lr=seed_lr(batch_size), hidden=hidden, dtype=d))
+        trainer = Trainer(b, splits, rule.config(batch_size, hidden, d))
         losses = trainer.run_steps(steps)
         runs.append((losses, [b.to_numpy(p.value).astype(numpy.float64) for p in trainer.model.parameters()]))
     (ref_loss, ref_w), (loss, w) = runs

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy
 
-from xpnet.bench import N_SAMPLES, Contender, seed_lr
+from xpnet.bench import N_SAMPLES, SGD_RELU, Contender
 
 # Their thread pools keep spinning after their work. Measured on the 2-core machine, a floor
 # epoch at batch 128 started right after JAX's epoch ran at half speed (136k against 268k
@@ -42,13 +42,15 @@ PEERS = (*TORCH_COMPILE_MODES, TORCH_STEP_GRAPH, "jax")
 JAX_FLOAT32, JAX_DEFAULT = "highest", None
 
 
-def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES, compile_mode=None):
+def torch_contender(
+    batch_size, hidden=(200,), dtype="float32", device="cpu", n_samples=N_SAMPLES, compile_mode=None, rule=SGD_RELU
+):
     """PyTorch on the same MLP, data and SGD: eager (compile_mode None), the anchor a user would
     otherwise pick, or with the model wrapped in torch.compile(mode=compile_mode) as its
     tutorials do (compiled in the warm-up epoch, the last, smaller batch included)."""
     import torch
 
-    model, optimizer, x_all, y_all, generator = torch_training(batch_size, hidden, dtype, device, n_samples)
+    model, optimizer, x_all, y_all, generator = torch_training(batch_size, hidden, dtype, device, n_samples, rule)
     forward = model if compile_mode is None else torch.compile(model, mode=compile_mode)
     # CUDA-graph replays reuse their output memory; torch's documentation asks to mark where each
     # training step begins.
@@ -63,7 +65,7 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
 
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     return Contender(
-        f"torch {compile_mode_label(compile_mode)} ({torch_device_label(device)})",
+        f"torch {compile_mode_label(compile_mode)} ({torch_device_label(device)}){rule.label()}",
         epoch,
         synchronize,
         n_samples,
@@ -75,11 +77,11 @@ def torch_contender(batch_size, hidden=(200,), dtype="float32", device="cpu", n_
     )
 
 
-def torch_peer(name, device, batch_size, hidden=(200,), dtype="float32"):
+def torch_peer(name, device, batch_size, hidden=(200,), dtype="float32", rule=SGD_RELU):
     """The contender of one of torch's peers (a name of PEERS) on one device."""
     if name == TORCH_STEP_GRAPH:
-        return torch_step_graph_contender(batch_size, hidden, dtype)
-    return torch_contender(batch_size, hidden, dtype, device, compile_mode=TORCH_COMPILE_MODES[name])
+        return torch_step_graph_contender(batch_size, hidden, dtype, rule=rule)
+    return torch_contender(batch_size, hidden, dtype, device, compile_mode=TORCH_COMPILE_MODES[name], rule=rule)
 
 
 def torch_device_label(device):
@@ -100,7 +102,7 @@ def torch_extra(device):
     return extra
 
 
-def torch_step_graph_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
+def torch_step_graph_contender(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES, rule=SGD_RELU):
     """PyTorch with the whole step captured once by torch.cuda.graph and replayed per batch: the
     batch's rows copied into a static buffer and gathered inside the graph, forward, backward and
     optimizer.step() (capturable=True where this torch's SGD has it; plain SGD keeps no state a
@@ -110,7 +112,7 @@ def torch_step_graph_contender(batch_size, hidden=(200,), dtype="float32", n_sam
 
     device = "cuda"
     model, optimizer, x_all, y_all, generator = torch_training(
-        batch_size, hidden, dtype, device, n_samples, capturable=True
+        batch_size, hidden, dtype, device, n_samples, rule, capturable=True
     )
     rows = torch.zeros(batch_size, dtype=torch.int64, device=device)
 
@@ -138,7 +140,7 @@ def torch_step_graph_contender(batch_size, hidden=(200,), dtype="float32", n_sam
             torch_sgd_step(model, optimizer, x_all[order[full:]], y_all[order[full:]])
 
     return Contender(
-        f"torch step graph ({torch_device_label(device)})",
+        f"torch step graph ({torch_device_label(device)}){rule.label()}",
         epoch,
         torch.cuda.synchronize,
         n_samples,
@@ -154,8 +156,8 @@ def compile_mode_label(compile_mode):
 
 
 class TorchTraining(NamedTuple):
-    """What each PyTorch contender trains: xpnet's MLP from seed 0, its SGD, the epoch's random
-    rows and labels on the device, and the generator of each epoch's row order."""
+    """What each PyTorch contender trains: xpnet's MLP from seed 0, its optimizer, the epoch's
+    random rows and labels on the device, and the generator of each epoch's row order."""
 
     model: object
     optimizer: object
@@ -164,32 +166,35 @@ class TorchTraining(NamedTuple):
     generator: numpy.random.Generator
 
 
-def torch_training(batch_size, hidden, dtype, device, n_samples, capturable=False):
-    """A TorchTraining; capturable asks torch's SGD for a CUDA-graph-safe step, where it has the flag."""
+def torch_training(batch_size, hidden, dtype, device, n_samples, rule, capturable=False):
+    """A TorchTraining of the rule's optimizer and activation; capturable asks the optimizer for a
+    CUDA-graph-safe step, where this torch's has the flag."""
     import inspect
 
     import torch
 
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
-    model = torch_mlp([784, *hidden, 10], torch_dtype, device)
-    has_flag = "capturable" in inspect.signature(torch.optim.SGD).parameters
+    model = torch_mlp([784, *hidden, 10], torch_dtype, device, rule.activation)
+    kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[rule.optimizer]
+    has_flag = "capturable" in inspect.signature(kind).parameters
     options = {"capturable": True} if capturable and has_flag else {}
-    optimizer = torch.optim.SGD(model.parameters(), lr=seed_lr(batch_size), **options)
+    optimizer = kind(model.parameters(), lr=rule.lr(batch_size), **options)
     x_all = torch.randn(n_samples, 784, dtype=torch_dtype, device=device)
     y_all = torch.randint(0, 10, (n_samples,), device=device)
     return TorchTraining(model, optimizer, x_all, y_all, numpy.random.default_rng(0))
 
 
-def torch_mlp(sizes, torch_dtype, device):
-    """torch.nn.Linear layers of the given sizes with ReLU between them: xpnet's MLP."""
+def torch_mlp(sizes, torch_dtype, device, activation="relu"):
+    """torch.nn.Linear layers of the given sizes with the activation between them: xpnet's MLP."""
     import torch
 
+    hidden_activation = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}[activation]
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(torch.nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
+            layers.append(hidden_activation())
     return torch.nn.Sequential(*layers).to(device=device, dtype=torch_dtype)
 
 
@@ -207,8 +212,8 @@ def torch_sgd_step(forward, optimizer, x, y):
     return loss
 
 
-def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES):
-    """JAX on its default device (the GPU where jax has one): jit of one SGD step (the gather
+def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPLES, rule=SGD_RELU):
+    """JAX on its default device (the GPU where jax has one): jit of one training step (the gather
     inside it), and jit of the epoch, a lax.scan over its full batches (the last, partial batch
     by the step function). On a GPU in float32, each at float32 precision, and the scanned epoch
     also at JAX's default precision (TF32 there); elsewhere the precision changes nothing."""
@@ -229,32 +234,33 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
     full = n_samples // batch_size
 
     def contender(name, by_scan, precision=JAX_FLOAT32):
-        sgd_step = jax_sgd_step(seed_lr(batch_size), precision)
-        step = jax.jit(sgd_step)
+        train_step = jax_train_step(rule, rule.lr(batch_size), precision)
+        step = jax.jit(train_step)
 
         @jax.jit
-        def scanned(params, x_all, y_all, order):
+        def scanned(carry, x_all, y_all, order):
             batches = order[: full * batch_size].reshape(full, batch_size)
-            return jax.lax.scan(lambda p, rows: sgd_step(p, x_all, y_all, rows), params, batches)
+            return jax.lax.scan(lambda c, rows: train_step(c, x_all, y_all, rows), carry, batches)
 
-        state = {"params": jax.tree_util.tree_map(jnp.asarray, start), "order": numpy.random.default_rng(0)}
+        params = jax.tree_util.tree_map(jnp.asarray, start)
+        state = {"carry": jax_start(rule, params), "order": numpy.random.default_rng(0)}
 
         def epoch():
             order = jnp.asarray(state["order"].permutation(n_samples))
-            params, first = state["params"], 0
+            carry, first = state["carry"], 0
             if by_scan:
-                params, _ = scanned(params, x_all, y_all, order)
+                carry, _ = scanned(carry, x_all, y_all, order)
                 first = full * batch_size
             for begin in range(first, n_samples, batch_size):
-                params, _ = step(params, x_all, y_all, order[begin : begin + batch_size])
-            state["params"] = params
+                carry, _ = step(carry, x_all, y_all, order[begin : begin + batch_size])
+            state["carry"] = carry
 
         def synchronize():
-            jax.block_until_ready(state["params"])
+            jax.block_until_ready(state["carry"])
 
         return Contender(
-            name, epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__}, peer=True,
-            settle_seconds=JAX_SETTLE_SECONDS, gpu=device != "cpu",
+            name + rule.label(), epoch, synchronize, n_samples, host_arrays=False, extra={"jax": jax.__version__},
+            peer=True, settle_seconds=JAX_SETTLE_SECONDS, gpu=device != "cpu",
         )  # fmt: skip
 
     if device == "cpu" or dtype != "float32":
@@ -269,17 +275,33 @@ def jax_contenders(batch_size, hidden=(200,), dtype="float32", n_samples=N_SAMPL
     ]
 
 
-def jax_sgd_step(lr, precision=JAX_FLOAT32):
-    """sgd_step(params, x_all, y_all, rows) -> (params, loss): one plain SGD step on the rows'
-    mean cross-entropy, params a list of (W, b) with y = x @ W.T + b, as JAX users write it.
-    precision is each product's (and so its transposes' in the backward pass): "highest" keeps
-    float32 products at float32 on a GPU; None is JAX's default."""
+def jax_start(rule, params):
+    """A training step's carry at the start: the params for SGD; for Adam, the params, the first
+    and second moments (zeros) and the step count."""
     import jax
     import jax.numpy as jnp
 
+    if rule.optimizer == "sgd":
+        return params
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return params, zeros, zeros, jnp.zeros((), jnp.int32)
+
+
+def jax_train_step(rule, lr, precision=JAX_FLOAT32):
+    """train_step(carry, x_all, y_all, rows) -> (carry, loss): one step of the rule's optimizer on
+    the rows' mean cross-entropy, params a list of (W, b) with y = f(x @ W.T + b), as JAX users
+    write it: plain SGD, or Adam as torch.optim.Adam defines it (betas 0.9 and 0.999, eps 1e-8 added
+    to the bias-corrected root). precision is each product's (and so its transposes' in the
+    backward pass): "highest" keeps float32 products at float32 on a GPU; None is JAX's default."""
+    import jax
+    import jax.numpy as jnp
+
+    hidden_activation = {"relu": jax.nn.relu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}[rule.activation]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+
     def mean_loss(params, x, y):
         for W, b in params[:-1]:
-            x = jax.nn.relu(jnp.matmul(x, W.T, precision=precision) + b)
+            x = hidden_activation(jnp.matmul(x, W.T, precision=precision) + b)
         W, b = params[-1]
         log_p = jax.nn.log_softmax(jnp.matmul(x, W.T, precision=precision) + b)
         return -jnp.mean(jnp.take_along_axis(log_p, y[:, None], axis=1))
@@ -287,5 +309,21 @@ def jax_sgd_step(lr, precision=JAX_FLOAT32):
     def sgd_step(params, x_all, y_all, rows):
         loss, grads = jax.value_and_grad(mean_loss)(params, x_all[rows], y_all[rows])
         return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), loss
+
+    def adam_step(carry, x_all, y_all, rows):
+        params, m, v, t = carry
+        loss, grads = jax.value_and_grad(mean_loss)(params, x_all[rows], y_all[rows])
+        t = t + 1
+        m = jax.tree_util.tree_map(lambda m, g: beta1 * m + (1 - beta1) * g, m, grads)
+        v = jax.tree_util.tree_map(lambda v, g: beta2 * v + (1 - beta2) * g * g, v, grads)
+        step_size = lr / (1 - beta1**t)
+        root_correction = jnp.sqrt(1 - beta2**t)
+
+        def update(p, m, v):
+            return p - step_size * m / (jnp.sqrt(v) / root_correction + eps)
+
+        return (jax.tree_util.tree_map(update, params, m, v), m, v, t), loss
+
+    return sgd_step if rule.optimizer == "sgd" else adam_step
 
     return sgd_step

@@ -7,10 +7,11 @@ import os
 import platform
 import sys
 
+from rich.markup import escape
 from rich.table import Table
 
 from xpnet.atomic import write_text
-from xpnet.bench import N_SAMPLES, Result, agreement, backend_contender, floor_contender, measure
+from xpnet.bench import N_SAMPLES, SGD_RELU, Result, agreement, backend_contender, floor_contender, measure
 from xpnet.bench_peers import GPU_ONLY_PEERS, TORCH_COMPILE_MODES, TORCH_STEP_GRAPH, jax_contenders, torch_peer
 from xpnet.commands import console as wide_console
 
@@ -85,7 +86,9 @@ def torch_runs(torch_peers, devices, log=print):
     ]
 
 
-def collect(backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, log=print, threads=None):
+def collect(
+    backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, log=print, threads=None, rule=SGD_RELU
+):
     """The results of every row. peers names those to time, from xpnet.bench_peers.PEERS: "torch" (eager,
     on each device torch has), "torch-compile" (torch.compile, likewise), "torch-graphs" (its
     CUDA-graph mode, on a GPU only), "torch-step-graph" (the whole step captured, a GPU only) and "jax"."""
@@ -97,27 +100,29 @@ def collect(backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_ste
         log("jax is not installed: JAX rows left out (pip install 'xpnet[peers]' to add them)")
     compile_seconds = {b.name: b.prepare(dtype) for b in backends}  # first call: the real cost
     for hidden in hiddens:
-        agreements = {b.name: agreement(b, dtype, steps=agreement_steps, hidden=hidden) for b in backends}
+        agreements = {b.name: agreement(b, dtype, steps=agreement_steps, hidden=hidden, rule=rule) for b in backends}
         for batch_size in batch_sizes:
             contenders = [floor_contender(batch_size, hidden, dtype)]
             for backend in backends:
-                contender = backend_contender(backend, batch_size, hidden, dtype, threads=threads)
+                contender = backend_contender(backend, batch_size, hidden, dtype, threads=threads, rule=rule)
                 contender.compile_seconds += compile_seconds[backend.name]
                 contender.extra["loss_rel_diff"], contender.extra["weight_rel_diff"] = agreements[backend.name]
                 contenders.append(contender)
                 if contender.extra["compiled"]:  # what the compiled loop buys over the same kernels called one by one
-                    contenders.append(
-                        backend_contender(backend, batch_size, hidden, dtype, compiled=False, threads=threads)
+                    op_by_op = backend_contender(
+                        backend, batch_size, hidden, dtype, compiled=False, threads=threads, rule=rule
                     )
-            contenders += [torch_peer(name, device, batch_size, hidden, dtype) for device, name in runs]
-            contenders += jax_contenders(batch_size, hidden, dtype) if with_jax else []
+                    contenders.append(op_by_op)
+            contenders += [torch_peer(name, device, batch_size, hidden, dtype, rule) for device, name in runs]
+            contenders += jax_contenders(batch_size, hidden, dtype, rule=rule) if with_jax else []
             results += measure(contenders, batch_size, hidden, dtype, repeats, log)
     return results
 
 
 def rows(results):
     """Table rows: each result with its speedup over numpy and its fraction of the floor."""
-    reference = {(r.hidden, r.batch_size): r.samples_per_second for r in results if r.name == "numpy"}
+    # A rule other than SGD and ReLU ends every name: " [adam, tanh]" (StepRule.label).
+    reference = {(r.hidden, r.batch_size): r.samples_per_second for r in results if r.name.split(" [")[0] == "numpy"}
     floor = {(r.hidden, r.batch_size): r.samples_per_second for r in results if r.name.startswith("floor")}
     for r in results:
         key = (r.hidden, r.batch_size)
@@ -192,21 +197,22 @@ def run_report(
     agreement_steps,
     plot_path=None,
     threads=None,
+    rule=SGD_RELU,
 ):
     console = wide_console(width=170)  # bench's table has twelve columns
     results = collect(
-        backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, log=console.print, threads=threads
+        backends, batch_sizes, hiddens, dtype, repeats, peers, agreement_steps, console.print, threads, rule
     )
     title = (
-        f"Training throughput, {dtype}, 50,000-sample epochs, median of {repeats} "
-        f"(agreement: {agreement_steps} steps vs NumPy float64)"
+        f"Training throughput, {dtype}, {rule.optimizer} and {rule.activation}, 50,000-sample epochs, "
+        f"median of {repeats} (agreement: {agreement_steps} steps vs NumPy float64)"
     )
     table = Table(title=title)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("name", "hidden") else "right")
     table_rows = list(rows(results))
     for row in table_rows:
-        table.add_row(*row)
+        table.add_row(*map(escape, row))  # a name's " [adam]" is text, not rich's markup
     console.print(table)
     launched = sys.argv[0].endswith(("xpnet", os.path.join("xpnet", "__main__.py")))  # xpnet, or python -m xpnet
     command = "xpnet " + " ".join(sys.argv[1:]) if launched else "xpnet bench"
@@ -215,6 +221,7 @@ def run_report(
             "schema": SCHEMA,
             "command": command,
             "machine": machine(),
+            "rule": rule._asdict(),
             "results": [r.to_json() for r in results],
         }
         write_text(json_path, json.dumps(document, indent=2))

@@ -9,6 +9,7 @@ import os
 import sys
 
 from xpnet.backends import REGISTRY
+from xpnet.bench import BENCH_ACTIVATIONS, BENCH_OPTIMIZERS
 from xpnet.bench_peers import PEERS
 from xpnet.errors import UsageError, XpnetError, is_interrupt
 
@@ -223,6 +224,10 @@ def add_bench_parser(commands):
         "--hidden", type=int_list, nargs="+", default=None, help="one or more architectures, e.g. --hidden 200 800 2048"
     )
     add_dtype_flag(bench)
+    bench.add_argument(
+        "--optimizer", choices=BENCH_OPTIMIZERS, default="sgd", help="every row's update rule (adam at lr 1e-3)"
+    )
+    bench.add_argument("--activation", choices=BENCH_ACTIVATIONS, default="relu", help="every row's hidden activation")
     bench.add_argument("--repeats", type=positive_int, default=None, help="timed epochs per row (default 3; --quick 1)")
     bench.add_argument("--quick", action="store_true", help="batch 128 and 512, one timed epoch: under a minute")
     add_threads_flag(bench)

@@ -1,7 +1,7 @@
 """`xpnet bench`."""
 
 from xpnet.backends import available_backends, get_backend
-from xpnet.bench import N_SAMPLES
+from xpnet.bench import N_SAMPLES, StepRule
 from xpnet.bench_peers import PEERS
 from xpnet.bench_report import run_report
 from xpnet.commands import check_outputs
@@ -49,4 +49,5 @@ def report(args, backends, batch_sizes, repeats):
         agreement_steps=3 if args.quick else 10,
         plot_path=args.plot,
         threads=args.threads,
+        rule=StepRule(args.optimizer, args.activation),
     )
