@@ -312,6 +312,22 @@ def test_the_data_directory_of_another_dataset_is_refused_from_the_environment(m
     assert message in result.stderr and "or unset XPNET_DATA_DIR" in result.stderr and seconds < FAST
 
 
+def test_resuming_another_datasets_run_from_the_environment_never_offers_a_refused_flag(
+    mnist_dir, base_checkpoint, tmp_path
+):
+    """--resume refuses --dataset, so the advice for a Fashion-MNIST run names what fixed it instead."""
+    checkpoint = edited(base_checkpoint, tmp_path, {"metadata": {"dataset": "fashion-mnist"}})
+    before = tree_hashes(tmp_path)
+    result, seconds = run_xpnet(
+        ["train", "--resume", str(checkpoint), "--epochs", "2"], tmp_path, env={"XPNET_DATA_DIR": str(mnist_dir)}
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and seconds < FAST, result.stderr
+    assert "holds mnist, not fashion-mnist" in lines[0] and "or unset XPNET_DATA_DIR" in lines[0]
+    assert lines[0].endswith(f"({checkpoint} was trained on fashion-mnist)") and "--dataset" not in lines[0]
+    assert tree_hashes(tmp_path) == before
+
+
 def test_plot_without_matplotlib_is_refused_before_training(small_data_dir, tmp_path):
     result, seconds = run_xpnet(
         ["train", "--plot", "curves.png", "--data-dir", str(small_data_dir)],

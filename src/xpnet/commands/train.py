@@ -10,6 +10,7 @@ from xpnet.backends import get_backend
 from xpnet.cli import setting_flag
 from xpnet.commands import check_outputs
 from xpnet.data import load_dataset
+from xpnet.data.download import AnotherDataset
 from xpnet.data.mnist import resolve_data_dir
 from xpnet.errors import UsageError, XpnetError
 from xpnet.nn.checkpoint import load_checkpoint
@@ -84,7 +85,12 @@ def run(args):
     if checkpoint is not None and checkpoint.dataset and dataset != checkpoint.dataset:
         raise UsageError(f"{args.resume} was trained on {checkpoint.dataset}, not {dataset}; drop --dataset")
     backend = get_backend(args.backend)
-    splits = load_dataset(dataset, args.data_dir)
+    try:
+        splits = load_dataset(dataset, args.data_dir)
+    except AnotherDataset as exc:
+        if args.dataset or checkpoint is None:
+            raise
+        raise exc.fixed(f"{args.resume} was trained on {dataset}") from None
     trainer = Trainer(backend, splits, config, checkpoint, threads=args.threads)
     config = trainer.config  # a resumed run keeps its checkpoint's settings
     sizes = "-".join(map(str, trainer.model.sizes))

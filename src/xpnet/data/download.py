@@ -149,6 +149,27 @@ def download_command(dataset_name):
     return "xpnet data download" + ("" if dataset_name == "mnist" else f" --dataset {dataset_name}")
 
 
+class AnotherDataset(DataError):
+    """A directory named for one dataset holds another: what to do instead, in one line. Where
+    the dataset cannot change (a checkpoint records it), fixed_by says why, and --dataset is not
+    offered."""
+
+    def __init__(self, directory, found, wanted, from_environment, fixed_by=None):
+        self.directory, self.found, self.wanted = directory, found, wanted
+        self.from_environment, self.fixed_by = from_environment, fixed_by
+        source = f" ({ENV_VAR})" if from_environment else ""
+        instead = f", or unset {ENV_VAR} to use xpnet's own cache" if from_environment else ""
+        last = f" ({fixed_by})" if fixed_by else f", or --dataset {found}"
+        super().__init__(
+            f"{directory}{source} holds {found}, not {wanted}: pass --data-dir a directory of "
+            f"{wanted}'s files{instead}{last}"
+        )
+
+    def fixed(self, by):
+        """The same fault where the dataset is fixed, by what fixed it."""
+        return AnotherDataset(self.directory, self.found, self.wanted, self.from_environment, by)
+
+
 def check_not_another_dataset(directory, dataset, from_environment=False):
     """A directory the user names may hold any IDX data, but not another dataset xpnet knows:
     MNIST and Fashion-MNIST share their file names, so only the content tells them apart.
@@ -163,12 +184,7 @@ def check_not_another_dataset(directory, dataset, from_environment=False):
         raise DataError(f"cannot read {directory} ({exc.strerror}); check its permissions or pass --data-dir") from None
     for other in DATASETS.values():
         if other is not dataset and digest == other.files[1].sha256:
-            source = f" ({ENV_VAR})" if from_environment else ""
-            instead = f", or unset {ENV_VAR} to use xpnet's own cache" if from_environment else ""
-            raise DataError(
-                f"{directory}{source} holds {other.name}, not {dataset.name}: pass --data-dir a directory of "
-                f"{dataset.name}'s files{instead}, or --dataset {other.name}"
-            )
+            raise AnotherDataset(directory, other.name, dataset.name, from_environment)
 
 
 def data_location(data_dir=None, dataset="mnist"):
