@@ -9,6 +9,7 @@ import numpy
 import pytest
 
 import xpnet
+from tests.cuda_host import CXX, EmulatedCupyBackend
 from xpnet.data.synthetic import synthetic_splits
 from xpnet.errors import ArgumentError, ConfigError, DataError
 
@@ -127,6 +128,24 @@ def test_load_model_takes_a_backend_a_name_or_none(model_path, monkeypatch):
     assert xpnet.load_model(model_path, backend).backend is backend
 
 
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+def test_a_saved_model_predicts_with_the_activation_it_was_trained_with_on_every_backend(activation, tmp_path):
+    data = synthetic_splits(n_train=512)
+    trainer = xpnet.Trainer("numpy", data, xpnet.TrainConfig(epochs=1, hidden=(32, 16), activation=activation))
+    trainer.fit(log=lambda line: None)
+    trainer.model.save(tmp_path / "model.npz")
+    images = data.test.images
+    expected = trainer.model.predict_proba(images)
+    emulated = [EmulatedCupyBackend()] if CXX is not None else []  # CuPy's kernels, run on the CPU
+    for backend in (xpnet.get_backend("numpy"), xpnet.get_backend("numba"), *emulated):
+        model = xpnet.load_model(tmp_path / "model.npz", backend)
+        assert model.activation == activation
+        numpy.testing.assert_allclose(model.predict_proba(images), expected, rtol=1e-5, atol=1e-6)
+    relu = xpnet.MLP(xpnet.get_backend("numpy"), [784, 32, 16, 10], mean=trainer.model.mean, std=trainer.model.std)
+    relu.load_params([p.value for p in trainer.model.parameters()])
+    assert numpy.abs(relu.predict_proba(images) - expected).max() > 1e-3  # the activation matters
+
+
 def test_a_saved_model_predicts_but_cannot_be_resumed(model_path):
     checkpoint = xpnet.load_checkpoint(model_path)
     assert checkpoint.config is None and checkpoint.sizes == [784, 200, 10]
@@ -142,8 +161,13 @@ ADAMW = dataclasses.replace(
 )
 
 
+GELU = dataclasses.replace(CONFIG, activation="gelu", hidden=(32,))
+
+
 @pytest.mark.parametrize(
-    "name, config", [("numpy", CONFIG), ("numba", CONFIG), ("numba", ADAMW)], ids=["numpy", "numba", "numba-adamw-step"]
+    "name, config",
+    [("numpy", CONFIG), ("numba", CONFIG), ("numba", ADAMW), ("numba", GELU)],
+    ids=["numpy", "numba", "numba-adamw-step", "numba-gelu"],
 )
 def test_a_run_saved_mid_epoch_resumes_bit_for_bit(name, config, tmp_path):
     data = synthetic_splits(n_train=1000)

@@ -15,13 +15,15 @@ largest magnitude: a result that cancels to near zero (a softmax gradient p - 1 
 Ops that do no arithmetic (gather, ReLU, masks, argmax) must match exactly.
 """
 
+import math
+
 import numpy
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xpnet.backends import get_backend
-from xpnet.backends.base import ACTIVATIONS
+from xpnet.backends.base import ACTIVATIONS, PRE_ACTIVATION
 from xpnet.verify import activation_grad_carried, error_bound, forward_bound
 
 DTYPES = ["float32", "float64"]
@@ -71,16 +73,28 @@ REFERENCE_ACTIVATIONS = {
         lambda g, y: g * y * (1 - y),
         lambda rng, shape: rng.uniform(0, 1, shape),
     ),
+    # torch.nn.GELU(approximate="none"): z * Phi(z); its derivative from z, the pre-activation
+    # (wide draws reach the tail where 1 + erf cancels).
+    "gelu": (
+        lambda z: z * normal_cdf(z),
+        lambda g, z: g * (normal_cdf(z) + z * numpy.exp(-z * z / 2) / math.sqrt(2 * math.pi)),
+        lambda rng, shape: rng.normal(0, 4, shape),
+    ),
 }
+
+
+def normal_cdf(z):
+    """Phi(z) = (1 + erf(z / sqrt(2))) / 2, erf from Python's math module, in float64."""
+    return numpy.vectorize(lambda v: (1 + math.erf(v / math.sqrt(2))) / 2)(z)
 
 
 def reference_linear(x, W, b, activation):
     return REFERENCE_ACTIVATIONS[activation][0](x @ W.T + b)
 
 
-def reference_linear_backward(x, W, grad_y, activation, output):
-    """The gradients of a layer whose activation gave output."""
-    g = REFERENCE_ACTIVATIONS[activation][1](grad_y, output)
+def reference_linear_backward(x, W, grad_y, activation, saved):
+    """The gradients of a layer whose activation gave output saved (its pre-activation for gelu)."""
+    g = REFERENCE_ACTIVATIONS[activation][1](grad_y, saved)
     return [g.T @ x, g.sum(axis=0), g @ W]
 
 
@@ -103,8 +117,24 @@ def test_linear_forward(backend, dtype, shape, activation):
     got = backend.linear_forward(on(backend, x, dtype), on(backend, W, dtype), on(backend, b, dtype), activation)
     ref = reference_linear(x, W, b, activation)
     magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
-    # The activation's own error (tanh's documented 2 ulp, sigmoid's one rounding more) is verify's.
-    assert_within_bound(host(backend, got), ref, dtype, *forward_bound(activation, ref, magnitude, n_in + 1))
+    # The activation's own error (tanh's documented 2 ulp, sigmoid's one rounding more, gelu's
+    # relative to |z|) is verify's.
+    bound = forward_bound(activation, ref, magnitude, n_in + 1, x @ W.T + b)
+    assert_within_bound(host(backend, got), ref, dtype, *bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_pre_out_receives_the_pre_activation_where_the_backward_pass_needs_it(backend, dtype, activation):
+    """gelu's forward writes z = x @ W.T + b into pre_out, as an identity layer computes it; the
+    others leave pre_out as it was."""
+    rng = numpy.random.default_rng(5)
+    x, W, b = draw(rng, (7, 13), dtype), draw(rng, (5, 13), dtype), draw(rng, 5, dtype)
+    arguments = [on(backend, array, dtype) for array in (x, W, b)]
+    pre_out = on(backend, numpy.full((7, 5), 3.0), dtype)
+    backend.linear_forward(*arguments, activation, pre_out=pre_out)
+    z = host(backend, backend.linear_forward(*arguments, "identity"))
+    numpy.testing.assert_array_equal(host(backend, pre_out), z if activation in PRE_ACTIVATION else 3.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -115,23 +145,23 @@ def test_linear_backward(backend, dtype, shape, activation, input_grad):
     batch, n_in, n_out = shape
     rng = numpy.random.default_rng(sum(shape) + 1)
     x, W, grad_y = draw(rng, (batch, n_in), dtype), draw(rng, (n_out, n_in), dtype), draw(rng, (batch, n_out), dtype)
-    make_output = REFERENCE_ACTIVATIONS[activation][2]
-    output = None if make_output is None else make_output(rng, (batch, n_out)).astype(dtype).astype(numpy.float64)
+    make_saved = REFERENCE_ACTIVATIONS[activation][2]  # the output y, or for gelu the pre-activation z
+    saved = None if make_saved is None else make_saved(rng, (batch, n_out)).astype(dtype).astype(numpy.float64)
 
     grad_x = backend.empty((batch, n_in), dtype) if input_grad else None
-    out = None if output is None else on(backend, output, dtype)
+    on_backend = None if saved is None else on(backend, saved, dtype)
     grads = backend.linear_backward(
         on(backend, x, dtype),
         on(backend, W, dtype),
         on(backend, grad_y, dtype),
         grad_x=grad_x,
         activation=activation,
-        output=out,
+        **{"pre_activation" if activation in PRE_ACTIVATION else "output": on_backend},
     )
     got = [host(backend, a) for a in grads if a is not None]
-    ref = reference_linear_backward(x, W, grad_y, activation, output)
+    ref = reference_linear_backward(x, W, grad_y, activation, saved)
     # g's own roundings (none for a mask) and their size, then the sums over it.
-    roundings, size = activation_grad_carried(activation, grad_y, output)
+    roundings, size = activation_grad_carried(activation, grad_y, saved)
     magnitudes = [size.T @ numpy.abs(x), size.sum(axis=0), size @ numpy.abs(W)]
     lengths = [batch + roundings, batch + roundings, n_out + roundings]
     for g, r, m, k in zip(got, ref, magnitudes, lengths):

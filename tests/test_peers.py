@@ -13,8 +13,13 @@ from xpnet.bench import StepRule
 from xpnet.data.synthetic import synthetic_splits
 
 # (rule, rate, steps): Adam's bias corrections change from step to step, so it takes three.
-RULES = [(StepRule(), 0.05, 1), (StepRule("sgd", "sigmoid"), 0.05, 1), (StepRule("adam", "tanh"), 0.01, 3)]
-RULE_IDS = ["sgd-relu", "sgd-sigmoid", "adam-tanh"]
+RULES = [
+    (StepRule(), 0.05, 1),
+    (StepRule("sgd", "sigmoid"), 0.05, 1),
+    (StepRule("sgd", "gelu"), 0.05, 1),
+    (StepRule("adam", "tanh"), 0.01, 3),
+]
+RULE_IDS = ["sgd-relu", "sgd-sigmoid", "sgd-gelu", "adam-tanh"]
 
 
 def reference_steps(rule, lr, steps):

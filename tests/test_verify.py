@@ -14,11 +14,11 @@ class DropsOneReluGradient(NumbaBackend):
 
     name = "drops-one-relu-gradient"
 
-    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, saved, grad_z):
         if activation == "relu":
             grad_y = grad_y.copy()
-            grad_y[tuple(numpy.argwhere(output > 0)[0])] = 0
-        super()._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z)
+            grad_y[tuple(numpy.argwhere(saved > 0)[0])] = 0
+        super()._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, activation, saved, grad_z)
 
 
 class CompiledLoopWithAWrongRate(numba_steps.CompiledLoop):

@@ -60,7 +60,7 @@ class StepRule(NamedTuple):
 
 SGD_RELU = StepRule()
 # The rules the peers write too (bench_peers.py): xpnet's own rows take any TrainConfig.
-BENCH_OPTIMIZERS, BENCH_ACTIVATIONS = ("sgd", "adam"), ("relu", "tanh", "sigmoid")
+BENCH_OPTIMIZERS, BENCH_ACTIVATIONS = ("sgd", "adam"), ("relu", "tanh", "sigmoid", "gelu")
 
 
 @dataclass

@@ -189,7 +189,8 @@ def torch_mlp(sizes, torch_dtype, device, activation="relu"):
     """torch.nn.Linear layers of the given sizes with the activation between them: xpnet's MLP."""
     import torch
 
-    hidden_activation = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}[activation]
+    kinds = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid, "gelu": torch.nn.GELU}
+    hidden_activation = kinds[activation]  # GELU: approximate="none", erf's exact form, as xpnet's
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(torch.nn.Linear(n_in, n_out))
@@ -296,7 +297,12 @@ def jax_train_step(rule, lr, precision=JAX_FLOAT32):
     import jax
     import jax.numpy as jnp
 
-    hidden_activation = {"relu": jax.nn.relu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}[rule.activation]
+    hidden_activation = {
+        "relu": jax.nn.relu,
+        "tanh": jnp.tanh,
+        "sigmoid": jax.nn.sigmoid,
+        "gelu": lambda z: jax.nn.gelu(z, approximate=False),
+    }[rule.activation]
     beta1, beta2, eps = 0.9, 0.999, 1e-8
 
     def mean_loss(params, x, y):

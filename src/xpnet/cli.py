@@ -199,6 +199,8 @@ def add_train_parser(commands):
 
 
 def add_verify_parser(commands):
+    from xpnet.nn.config import HIDDEN_ACTIVATIONS
+
     verify = commands.add_parser("verify", help="check the backends against NumPy float64, op by op and step by step")
     verify.add_argument(
         "--backends", type=name_list, default=None, help="comma-separated (default: every available backend)"
@@ -207,6 +209,9 @@ def add_verify_parser(commands):
     add_dtype_flag(verify)
     add_data_flags(verify)
     verify.add_argument("--seed", type=int, default=0, help="of the reference run")
+    verify.add_argument(
+        "--activation", choices=HIDDEN_ACTIVATIONS, default="relu", help="the hidden layers' (784-200-10 model)"
+    )
     verify.set_defaults(command_module="verify")
 
 

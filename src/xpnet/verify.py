@@ -9,12 +9,13 @@ counted: docs/design.md, "Verification".
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy
 
 from xpnet.backends import get_backend
-from xpnet.backends.base import AdamRule
+from xpnet.backends.base import PRE_ACTIVATION, AdamRule
 from xpnet.nn.config import TrainConfig, seed_lr
 from xpnet.nn.train import Trainer
 
@@ -72,15 +73,17 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
 
     # Inputs are rounded to the candidate's dtype once, so the reference sees what it sees.
     params = [(rounded(layer.W.value), rounded(layer.b.value)) for layer in layers]
-    inputs, outputs, x = [], [], rounded(x)
+    inputs, saved, x = [], [], rounded(x)  # saved: what each backward pass reads (y, or z for gelu)
     for i, (layer, (W, b)) in enumerate(zip(layers, params)):
+        z_ref = ref.linear_forward(x, W, b)
         y_ref = ref.linear_forward(x, W, b, layer.activation)
         y = candidate.linear_forward(on_candidate(x), on_candidate(W), on_candidate(b), layer.activation)
         magnitude = numpy.abs(x) @ numpy.abs(W).T + numpy.abs(b)
-        check(f"layer {i + 1} forward", y, y_ref, *forward_bound(layer.activation, y_ref, magnitude, W.shape[1] + 1))
+        bound = forward_bound(layer.activation, y_ref, magnitude, W.shape[1] + 1, z_ref)
+        check(f"layer {i + 1} forward", y, y_ref, *bound)
         inputs.append(x)
-        outputs.append(rounded(y_ref))
-        x = outputs[-1]
+        saved.append(rounded(z_ref if layer.activation in PRE_ACTIVATION else y_ref))
+        x = rounded(y_ref)
 
     logits, (batch, classes) = x, x.shape
     loss_ref, grad_ref = ref.softmax_cross_entropy(logits, labels)
@@ -91,15 +94,14 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
     grad_y = rounded(grad_ref)
     for i in reversed(range(len(layers))):
         (W, b), x_in = params[i], inputs[i]
-        activation, output = layers[i].activation, outputs[i]
-        grads_ref = _backward(ref, numpy.float64, x_in, W, grad_y, output, activation, need_x=i > 0)
-        on = map(on_candidate, (x_in, W, grad_y, output))
+        activation = layers[i].activation
+        grads_ref = _backward(ref, numpy.float64, x_in, W, grad_y, saved[i], activation, need_x=i > 0)
+        on = map(on_candidate, (x_in, W, grad_y, saved[i]))
         grads = _backward(candidate, dtype, *on, activation=activation, need_x=i > 0)
-        masked = numpy.abs(activation_grad(activation, grad_y, output))
-        magnitudes = [masked.T @ numpy.abs(x_in), masked.sum(axis=0), masked @ numpy.abs(W)]
-        for label, got, expected, k, m in zip(
-            ["grad W", "grad b", "grad x"], grads, grads_ref, [batch, batch, W.shape[0]], magnitudes
-        ):
+        roundings, size = activation_grad_carried(activation, grad_y, saved[i])
+        magnitudes = [size.T @ numpy.abs(x_in), size.sum(axis=0), size @ numpy.abs(W)]
+        lengths = [batch + roundings, batch + roundings, W.shape[0] + roundings]
+        for label, got, expected, k, m in zip(["grad W", "grad b", "grad x"], grads, grads_ref, lengths, magnitudes):
             check(f"layer {i + 1} backward {label}", got, expected, k, m)
         for label, p, g in (("W", W, rounded(grads_ref[0])), ("b", b, rounded(grads_ref[1]))):
             updated = on_candidate(p)
@@ -144,43 +146,74 @@ def loss_magnitude(logits, labels):
     return per_row.mean()
 
 
-def _backward(backend, dtype, x, W, grad_y, output, activation, need_x):
+def _backward(backend, dtype, x, W, grad_y, saved, activation, need_x):
+    """linear_backward's gradients, saved being the output y, or z for gelu (each reads its own)."""
     grad_x = backend.empty(x.shape, dtype) if need_x else None
-    grads = backend.linear_backward(x, W, grad_y, grad_x=grad_x, activation=activation, output=output)
+    grads = backend.linear_backward(
+        x, W, grad_y, grad_x=grad_x, activation=activation, output=saved, pre_activation=saved
+    )
     return [g for g in grads if g is not None]
+
+
+_erf = numpy.frompyfunc(math.erf, 1, 1)
+
+
+def gelu(z):
+    """GELU in float64, erf's exact form: z * Phi(z)."""
+    return 0.5 * z * (1 + _erf(z / math.sqrt(2)).astype(numpy.float64))
+
+
+def gelu_derivative(z):
+    """Phi(z) + z * phi(z), in float64."""
+    density = numpy.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return 0.5 * (1 + _erf(z / math.sqrt(2)).astype(numpy.float64)) + z * density
 
 
 # Each activation in float64, and the roundings its own evaluation adds to a forward result: the
 # documented maximum error of tanh is 2 ulp in glibc's libm (x86-64, "Known Maximum Errors in Math
 # Functions") and in CUDA's tanh and tanhf (its Programming Guide's table of accuracy); sigmoid,
-# 0.5 * tanh(z / 2) + 0.5, adds one rounding to that (its halvings are exact).
+# 0.5 * tanh(z / 2) + 0.5, adds one rounding to that (its halvings are exact). GELU's count is of
+# eps relative to |z|, not |y| (forward_bound): 0.5 * z * (1 + erf(z * c)) loses erf's relative
+# accuracy in 1 + erf where erf nears -1. With erf's 2 ulp (glibc: 1; CUDA's erf and erff: 2), t = z
+# * c's two roundings carried through erf (slope <= 1.13 at |t| e^-t^2 <= 0.43) and 1 + erf's,
+# 1 + erf is within 7u, so y within 3.5u |z| + u |y| <= 2.25 eps |z|: 5 counts the candidate's and,
+# in float64, the reference's own.
 ACTIVATION_FUNCTIONS = {
     "identity": (lambda z: z, 0),
     "relu": (lambda z: numpy.maximum(z, 0), 0),
     "tanh": (numpy.tanh, 2),
     "sigmoid": (lambda z: 0.5 * numpy.tanh(0.5 * z) + 0.5, 3),
+    "gelu": (gelu, 5),
 }
 
 
-def activation_grad(activation, grad_y, output):
-    """grad_y * f'(z) in float64, from the layer's output y = f(z): what a backward pass's
-    activation step gives (for relu exactly: a mask)."""
+def activation_grad(activation, grad_y, saved):
+    """grad_y * f'(z) in float64, from what the backward pass keeps: the layer's output y = f(z),
+    or for gelu the pre-activation z. What a backward pass's activation step gives (for relu
+    exactly: a mask)."""
     if activation == "relu":
-        return grad_y * (output > 0)
+        return grad_y * (saved > 0)
     if activation == "tanh":
-        return (1 - output * output) * grad_y
+        return (1 - saved * saved) * grad_y
     if activation == "sigmoid":
-        return (1 - output) * output * grad_y
+        return (1 - saved) * saved * grad_y
+    if activation == "gelu":
+        return gelu_derivative(saved) * grad_y
     return grad_y
 
 
-def activation_grad_bound(activation, grad_y, output):
+def activation_grad_bound(activation, grad_y, saved):
     """(reduction length, magnitude) of an activation step's bound: relu's mask is exact; tanh's
-    and sigmoid's products and difference round three times, each relative to their terms."""
+    and sigmoid's products and difference round three times, each relative to their terms.
+    GELU's derivative d = Phi(z) + z phi(z) is within 6.6u (Phi's 1 + erf as in the forward pass,
+    3.5u; z * phi(z), its exp's 2 ulp and four roundings, 1.9u; the sum, 1.2u), so g = grad_y * d
+    within 7.7u |grad_y| < 4 eps |grad_y|: the candidate's and a float64 reference's, 8 counts."""
     if activation == "tanh":
-        return 2, (1 + output * output) * numpy.abs(grad_y)
+        return 2, (1 + saved * saved) * numpy.abs(grad_y)
     if activation == "sigmoid":
-        return 2, (1 + numpy.abs(output)) * numpy.abs(output) * numpy.abs(grad_y)
+        return 2, (1 + numpy.abs(saved)) * numpy.abs(saved) * numpy.abs(grad_y)
+    if activation == "gelu":
+        return 7, (1 + numpy.abs(gelu_derivative(saved))) * numpy.abs(grad_y)
     return 0, 0.0
 
 
@@ -194,18 +227,22 @@ def activation_grad_carried(activation, grad_y, output):
     return length + 1, size
 
 
-def forward_bound(activation, y, magnitude, terms):
-    """(reduction length, magnitude) of a forward check of output y: the product's terms and
-    bias, then the activation's own roundings, relative to |y| as well."""
+def forward_bound(activation, y, magnitude, terms, z=None):
+    """(reduction length, magnitude) of a forward check of output y = f(z): the product's terms
+    and bias, then the activation's own roundings, relative to |y| as well (to |z| for gelu,
+    whose z must be passed)."""
     roundings = ACTIVATION_FUNCTIONS[activation][1]
-    return terms + roundings, magnitude + (numpy.abs(y) if roundings else 0.0)
+    size = numpy.abs(z if activation in PRE_ACTIVATION else y)
+    return terms + roundings, magnitude + (size if roundings else 0.0)
 
 
-def verify(candidates, data, steps=5, dtype="float32", hidden=(200,), batch_size=512, seed=0, lr=None):
+def verify(
+    candidates, data, steps=5, dtype="float32", hidden=(200,), batch_size=512, seed=0, lr=None, activation="relu"
+):
     """All checks of every candidate over `steps` steps of a float64 NumPy training run on
     data (splits, as xpnet.load_dataset gives), from the run's state before each step."""
     lr = seed_lr(batch_size) if lr is None else lr
-    config = TrainConfig(batch_size=batch_size, lr=lr, hidden=hidden, seed=seed, dtype="float64")
+    config = TrainConfig(batch_size=batch_size, lr=lr, hidden=hidden, seed=seed, dtype="float64", activation=activation)
     reference = Trainer(get_backend("numpy"), data, config)
     compiled = compiled_trainers(candidates, data, dataclasses.replace(config, dtype=dtype))
     checks = []

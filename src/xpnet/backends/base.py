@@ -14,11 +14,12 @@ Contracts, the same on every backend (tests/test_backends.py checks their behavi
   other argument is left as it was. An output left as None is allocated and returned.
 - ``asarray`` and ``to_numpy`` always copy: a backend's array never shares memory with a host
   array its caller holds, so writing to one never changes the other.
-- An activation is named: "identity" (none), "relu", "tanh" or "sigmoid" (ACTIVATIONS); a
-  backend fuses it into the layer's forward and backward ops. Each one's derivative is known
-  from its output y, which is all the backward pass keeps: relu's is y > 0, tanh's 1 - y * y,
-  sigmoid's y * (1 - y). (sigmoid is computed as 0.5 * tanh(z / 2) + 0.5, the same function
-  without exp's overflow.)
+- An activation is named: "identity" (none), "relu", "tanh", "sigmoid" or "gelu" (ACTIVATIONS);
+  a backend fuses it into the layer's forward and backward ops. relu's, tanh's and sigmoid's
+  derivatives are known from the output y, which is all their backward pass keeps: y > 0,
+  1 - y * y, y * (1 - y). (sigmoid is computed as 0.5 * tanh(z / 2) + 0.5, the same function
+  without exp's overflow.) GELU's is not (GELU is not one-to-one): its forward pass also writes
+  the pre-activation z into ``pre_out``, and its backward pass reads it (PRE_ACTIVATION).
 - Shapes must fit, and the floating arrays of one op share one dtype, float32 or float64:
   nothing is cast silently (cast with ``asarray(a, dtype)``). Labels and row indices are
   integer arrays within [0, classes) and [0, rows). A fault is an ArgumentError (a ValueError)
@@ -38,7 +39,12 @@ from xpnet.errors import ArgumentError
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
 # The activations a layer's ops fuse, by name; a kernel takes a name's index here as its code.
-ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid")
+ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid", "gelu")
+# Those whose derivative needs the pre-activation z = x @ W.T + b, not only the output y.
+PRE_ACTIVATION = ("gelu",)
+# GELU's constants, as every backend's kernels write them: 1 / sqrt(2) and 1 / sqrt(2 pi).
+SQRT_HALF, INV_SQRT_2PI = 0.7071067811865476, 0.3989422804014327
+_erf = numpy.frompyfunc(math.erf, 1, 1)  # NumPy has no erf; libm's, in float64, element by element
 
 
 def check_activation(name):
@@ -169,16 +175,25 @@ class Backend:
     def _take_rows(self, source, indices, out):
         return self.xp.take(source, indices, axis=0, out=out)
 
-    def linear_forward(self, x, W, b, activation="identity", out=None):
-        """y = f(x @ W.T + b), f the named activation (so a backend may fuse the two)."""
+    def linear_forward(self, x, W, b, activation="identity", out=None, pre_out=None):
+        """y = f(x @ W.T + b), f the named activation (so a backend may fuse the two); pre_out,
+        where given, receives z = x @ W.T + b (for an activation in PRE_ACTIVATION, the array its
+        backward pass needs; for the others it is left alone)."""
         n_out, n_in = self._check("W", W, ndim=2, kind="float").shape
         self._check("x", x, (None, n_in), W.dtype)
         self._check("b", b, (n_out,), W.dtype)
         check_activation(activation)
         out = self._output("out", out, (len(x), n_out), W.dtype)
-        return self._linear_forward(x, W, b, activation, out)
+        if pre_out is not None:
+            self._check("pre_out", pre_out, out.shape, W.dtype)
+        return self._linear_forward(x, W, b, activation, out, pre_out if activation in PRE_ACTIVATION else None)
 
-    def _linear_forward(self, x, W, b, activation, out):
+    def _linear_forward(self, x, W, b, activation, out, pre_out):
+        if activation == "gelu":
+            z = out if pre_out is None else pre_out
+            self.xp.matmul(x, W.T, out=z)
+            z += b
+            return self._gelu(z, out)
         self.xp.matmul(x, W.T, out=out)
         out += b
         if activation == "relu":
@@ -193,15 +208,26 @@ class Backend:
         return out
 
     def linear_backward(
-        self, x, W, grad_y, grad_W=None, grad_b=None, grad_x=None, activation="identity", output=None, grad_z=None
+        self,
+        x,
+        W,
+        grad_y,
+        grad_W=None,
+        grad_b=None,
+        grad_x=None,
+        activation="identity",
+        output=None,
+        grad_z=None,
+        pre_activation=None,
     ):
         """grad_W = g.T @ x, grad_b = sum over rows of g, grad_x = g @ W, with g = grad_z = grad_y * f'(z).
 
         f is the layer's named activation and output its result y = f(z), from which f' is
-        known (relu: y > 0, tanh: 1 - y * y, sigmoid: y * (1 - y)); identity needs no output and
-        takes g = grad_y. grad_x is computed only when a buffer is passed (the first layer's
-        input gradient has no use); grad_z receives g (allocated when None). Returns (grad_W,
-        grad_b, grad_x), grad_x None unless asked for.
+        known (relu: y > 0, tanh: 1 - y * y, sigmoid: y * (1 - y)); gelu's comes from
+        pre_activation z instead (Phi(z) + z * phi(z), Phi and phi the normal distribution's
+        and density); identity needs neither and takes g = grad_y. grad_x is computed only when
+        a buffer is passed (the first layer's input gradient has no use); grad_z receives g
+        (allocated when None). Returns (grad_W, grad_b, grad_x), grad_x None unless asked for.
         """
         n_out, n_in = self._check("W", W, ndim=2, kind="float").shape
         batch = len(self._check("x", x, (None, n_in), W.dtype))
@@ -210,31 +236,65 @@ class Backend:
         grad_b = self._output("grad_b", grad_b, (n_out,), W.dtype)
         if grad_x is not None:
             self._check("grad_x", grad_x, (batch, n_in), W.dtype)
+        saved = None  # what f' is computed from: the output, or the pre-activation
         if check_activation(activation) == "identity":
             grad_z = grad_y
         else:
-            if output is None:
-                raise ArgumentError(f"the {activation} layer's backward pass needs its output")
-            self._check("output", output, (batch, n_out), W.dtype)
+            name, saved = ("pre_activation", pre_activation) if activation in PRE_ACTIVATION else ("output", output)
+            if saved is None:
+                raise ArgumentError(f"the {activation} layer's backward pass needs its {name.replace('_', '-')}")
+            self._check(name, saved, (batch, n_out), W.dtype)
             grad_z = self._output("grad_z", grad_z, (batch, n_out), W.dtype)
-        self._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z)
+        self._linear_backward(x, W, grad_y, grad_W, grad_b, grad_x, activation, saved, grad_z)
         return grad_W, grad_b, grad_x
 
-    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
-        if activation == "relu":
-            self._relu_backward(output, grad_y, grad_z)
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, saved, grad_z):
+        if activation == "gelu":
+            self._gelu_grad(saved, grad_y, grad_z)
+        elif activation == "relu":
+            self._relu_backward(saved, grad_y, grad_z)
         elif activation == "tanh":  # grad_z = grad_y * (1 - y * y)
-            self.xp.multiply(output, output, out=grad_z)
+            self.xp.multiply(saved, saved, out=grad_z)
             self.xp.subtract(1, grad_z, out=grad_z)
             grad_z *= grad_y
         elif activation == "sigmoid":  # grad_z = grad_y * y * (1 - y)
-            self.xp.subtract(1, output, out=grad_z)
-            grad_z *= output
+            self.xp.subtract(1, saved, out=grad_z)
+            grad_z *= saved
             grad_z *= grad_y
         self.xp.matmul(grad_z.T, x, out=grad_W)
         self.xp.sum(grad_z, axis=0, out=grad_b)
         if grad_x is not None:
             self.xp.matmul(grad_z, W, out=grad_x)
+
+    def _gelu(self, z, out):
+        """out = GELU(z) = z * Phi(z) = 0.5 * z * (1 + erf(z / sqrt(2))), erf's exact form (torch's
+        approximate='none'); out may be z."""
+        t = z * z.dtype.type(SQRT_HALF)
+        self._erf(t, t)
+        t += 1
+        self.xp.multiply(z, 0.5, out=out)
+        out *= t
+        return out
+
+    def _gelu_grad(self, z, grad_y, grad_z):
+        """grad_z = grad_y * (Phi(z) + z * phi(z)): GELU's derivative, phi(z) = exp(-z^2 / 2) / sqrt(2 pi)."""
+        cdf = z * z.dtype.type(SQRT_HALF)
+        self._erf(cdf, cdf)
+        cdf += 1
+        cdf *= 0.5
+        pdf = z * z
+        pdf *= -0.5
+        self.xp.exp(pdf, out=pdf)
+        pdf *= z.dtype.type(INV_SQRT_2PI)
+        pdf *= z
+        cdf += pdf
+        return self.xp.multiply(grad_y, cdf, out=grad_z)
+
+    def _erf(self, t, out):
+        """out = erf(t) elementwise: libm's, in float64, rounded to t's dtype (NumPy has none; CuPy's
+        kernels call CUDA's erf themselves)."""
+        out[...] = _erf(t)
+        return out
 
     def relu(self, z, out=None):
         """a = max(z, 0)."""

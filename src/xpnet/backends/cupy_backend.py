@@ -23,7 +23,7 @@ import time
 import numpy
 
 from xpnet.backends import cupy_graphs
-from xpnet.backends.base import ACTIVATIONS, Backend, Declined, activation_code
+from xpnet.backends.base import ACTIVATIONS, INV_SQRT_2PI, SQRT_HALF, Backend, Declined, activation_code
 from xpnet.errors import ArgumentError, BackendUnavailable
 
 INSTALL_HINT = (
@@ -31,8 +31,9 @@ INSTALL_HINT = (
     "(nvidia-smi shows the driver's CUDA version)"
 )
 
-# Each activation's code, as the kernels compare them (base.activation_code).
+# Each activation's code, as the kernels compare them (base.activation_code), and GELU's constants.
 ACTIVATION_CODES = "".join(f"#define ACTIVATION_{name.upper()} {activation_code(name)}\n" for name in ACTIVATIONS)
+ACTIVATION_CODES += f"#define SQRT_HALF {SQRT_HALF!r}\n#define INV_SQRT_2PI {INV_SQRT_2PI!r}\n"
 
 # The bias gradient sums a column over every row, in one kernel: a block takes 32 columns, and
 # each of its 16 lanes of 32 threads every 16th row (32 consecutive columns: coalesced reads),
@@ -57,6 +58,11 @@ __global__ void activation_grad_and_sum_rows(const T* grad_y, const T* output, i
             if (activation == ACTIVATION_RELU) g = y > 0 ? g : (T)0;
             else if (activation == ACTIVATION_TANH) g = (1 - y * y) * g;
             else if (activation == ACTIVATION_SIGMOID) g = (1 - y) * y * g;
+            else if (activation == ACTIVATION_GELU) {  // y is the pre-activation z here
+                T cdf = (1 + erf(y * (T)SQRT_HALF)) * (T)0.5;
+                T pdf = exp(y * y * (T)-0.5) * (T)INV_SQRT_2PI;
+                g = g * (cdf + pdf * y);
+            }
             if (activation != ACTIVATION_IDENTITY) grad_z[k] = g;
             sum += g;
         }
@@ -183,6 +189,13 @@ _ADD_BIAS_ACTIVATE = (
        else if (activation == {activation_code("sigmoid")}) v = tanh(v * (T)0.5) * (T)0.5 + (T)0.5;
        y = v;""",
 )
+_ADD_BIAS_GELU = (  # as Backend._gelu computes it; z and y may be one array
+    "T b",
+    "T z, T y",
+    f"""T v = z + b;
+       z = v;
+       y = v * (T)0.5 * ((T)1 + erf(v * (T){SQRT_HALF!r}));""",
+)
 _SGD_UPDATE = (
     "T grad, T lr, T momentum, bool nesterov, T weight_decay",
     "T param, T velocity",
@@ -206,7 +219,11 @@ RAW_KERNELS = [f"{kernel}<{t}>" for kernel in _TEMPLATES for t in ("float", "dou
 BLOCK_SOURCE = ACTIVATION_CODES + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY
 _BLOCK_TEMPLATES = ("activation_grad_and_sum_rows", "softmax_cross_entropy")
 BLOCK_KERNELS = [f"{kernel}<{t}>" for kernel in _BLOCK_TEMPLATES for t in ("float", "double")]
-ELEMENTWISE_KERNELS = {"add_bias_activate": _ADD_BIAS_ACTIVATE, "sgd_update": _SGD_UPDATE}
+ELEMENTWISE_KERNELS = {
+    "add_bias_activate": _ADD_BIAS_ACTIVATE,
+    "add_bias_gelu": _ADD_BIAS_GELU,
+    "sgd_update": _SGD_UPDATE,
+}
 
 
 def _instance(name, dtype):
@@ -305,6 +322,7 @@ class CupyBackend(Backend):
         labels = self.xp.zeros(2, numpy.int64)
         y = self.linear_forward(x, x, self.xp.zeros(2, dtype), "relu")
         self.linear_backward(x, x, y, activation="relu", output=y)
+        self.linear_forward(x, x, self.xp.zeros(2, dtype), "gelu", pre_out=self.xp.empty_like(y))
         self.softmax_cross_entropy(y, labels)
         self.count_correct(y, labels)
         self.sgd_update(x, self.xp.zeros_like(x), 0.1)
@@ -332,19 +350,24 @@ class CupyBackend(Backend):
         """out = a @ b, through gemm where given."""
         return self.xp.matmul(a, b, out=out) if self._gemm is None else self._gemm(a, b, out)
 
-    def _linear_forward(self, x, W, b, activation, out):
+    def _linear_forward(self, x, W, b, activation, out, pre_out):
+        if activation == "gelu":
+            z = self.xp.empty_like(out) if pre_out is None else pre_out  # prediction's, a temporary
+            self._matmul(x, W.T, z)
+            _kernels(self.xp)["add_bias_gelu"](b, z, out)
+            return out
         self._matmul(x, W.T, out)
         _kernels(self.xp)["add_bias_activate"](b, numpy.int32(activation_code(activation)), out)
         return out
 
-    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, saved, grad_z):
         rows, cols = grad_y.shape
         identity = activation == "identity"
         contiguous = self.xp.ascontiguousarray
         grad_y = contiguous(grad_y)
         z, b = grad_y if identity else self._contiguous_output(grad_z), self._contiguous_output(grad_b)
         code = numpy.int32(activation_code(activation))
-        args = (grad_y, grad_y if identity else contiguous(output), code, z, b, numpy.int32(rows), numpy.int32(cols))
+        args = (grad_y, grad_y if identity else contiguous(saved), code, z, b, numpy.int32(rows), numpy.int32(cols))
         blocks = -(-cols // SUM_COLUMNS)
         self._launch_blocks("activation_grad_and_sum_rows", blocks, SUM_COLUMNS * SUM_LANES, args, grad_y.dtype)
         if not identity and z is not grad_z:

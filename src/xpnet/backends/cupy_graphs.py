@@ -16,7 +16,6 @@ import warnings
 import numpy
 
 from xpnet.backends import steps
-from xpnet.backends.base import ACTIVATIONS
 from xpnet.nn.optim import SGD
 
 OP_N, OP_T = 0, 1  # cublasOperation_t
@@ -104,7 +103,7 @@ class CublasGemm:
 def lowering_problem(model, optimizer):
     """None where the graphs run this model and optimiser (the reference step's ops, captured);
     else why not."""
-    return steps.lowering_problem(model, optimizer, (SGD,), ACTIVATIONS)
+    return steps.lowering_problem(model, optimizer, (SGD,), steps.OUTPUT_ACTIVATIONS)
 
 
 def step_buffers(backend, sizes, rows, dtype):

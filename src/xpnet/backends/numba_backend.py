@@ -29,6 +29,9 @@ class NumbaBackend(Backend):
         labels = numpy.zeros(2, numpy.int64)
         y = self.linear_forward(x, W, b, "relu")
         self.linear_backward(x, W, y, activation="relu", output=y)
+        z = numpy.empty_like(y)
+        self.linear_forward(x, W, b, "gelu", pre_out=z)
+        self.linear_backward(x, W, y, activation="gelu", pre_activation=z)
         self.linear_backward(x, W, y, grad_x=numpy.empty_like(x))
         self.softmax_cross_entropy(y, labels)
         self.count_correct(y, labels)
@@ -55,14 +58,22 @@ class NumbaBackend(Backend):
         kernels.take_rows(source.reshape(len(source), -1), indices, out.reshape(len(out), -1))
         return out
 
-    def _linear_forward(self, x, W, b, activation, out):
+    def _linear_forward(self, x, W, b, activation, out, pre_out):
+        if activation == "gelu":  # kernels of its own: the compiled loop's inline the others
+            z = out if pre_out is None else pre_out
+            numpy.matmul(x, W.T, out=z)
+            kernels.add_bias_gelu(z, b, out)
+            return out
         numpy.matmul(x, W.T, out=out)
         kernels.add_bias_activate(out, b, activation_code(activation))
         return out
 
-    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, output, grad_z):
-        output = grad_y if output is None else output  # unread for identity, but the kernel wants an array
-        kernels.activation_grad_and_sum_rows(grad_y, output, activation_code(activation), grad_z, grad_b)
+    def _linear_backward(self, x, W, grad_y, grad_W, grad_b, grad_x, activation, saved, grad_z):
+        if activation == "gelu":
+            kernels.gelu_grad_and_sum_rows(grad_y, saved, grad_z, grad_b)
+        else:
+            saved = grad_y if saved is None else saved  # unread for identity, but the kernel wants an array
+            kernels.activation_grad_and_sum_rows(grad_y, saved, activation_code(activation), grad_z, grad_b)
         numpy.matmul(grad_z.T, x, out=grad_W)
         if grad_x is not None:
             numpy.matmul(grad_z, W, out=grad_x)

@@ -19,7 +19,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from xpnet.backends.base import activation_code
+from xpnet.backends.base import INV_SQRT_2PI, SQRT_HALF, activation_code
 
 IDENTITY, RELU, TANH, SIGMOID = (activation_code(name) for name in ("identity", "relu", "tanh", "sigmoid"))
 _cache_warned = False
@@ -75,6 +75,34 @@ def activation_grad_and_sum_rows(grad_y, output, activation, grad_z, grad_b):
             elif activation == SIGMOID:
                 g = (1 - output[i, j]) * output[i, j] * g
                 grad_z[i, j] = g
+            grad_b[j] += g
+
+
+@kernel
+def add_bias_gelu(z, b, out):
+    """z += b and out = GELU(z) = 0.5 * z * (1 + erf(z / sqrt(2))), as Backend._gelu computes
+    it; out may be z."""
+    rows, cols = z.shape
+    for i in range(rows):
+        for j in range(cols):
+            value = z[i, j] + b[j]
+            z[i, j] = value
+            out[i, j] = value * 0.5 * (1 + math.erf(value * SQRT_HALF))
+
+
+@kernel
+def gelu_grad_and_sum_rows(grad_y, z, grad_z, grad_b):
+    """grad_z = grad_y * (Phi(z) + z * phi(z)), GELU's derivative from the pre-activation z, and
+    grad_b = the column sums of grad_z."""
+    rows, cols = grad_y.shape
+    grad_b[:] = 0
+    for i in range(rows):
+        for j in range(cols):
+            value = z[i, j]
+            cdf = (1 + math.erf(value * SQRT_HALF)) * 0.5
+            pdf = math.exp(value * value * -0.5) * INV_SQRT_2PI
+            g = grad_y[i, j] * (cdf + pdf * value)
+            grad_z[i, j] = g
             grad_b[j] += g
 
 

@@ -22,7 +22,7 @@ import numpy
 from numba import njit
 
 from xpnet.backends import numba_kernels, numba_rules, numba_sync, steps
-from xpnet.backends.base import ACTIVATIONS, activation_code
+from xpnet.backends.base import activation_code
 from xpnet.backends.blas import BLAS, BLAS_THREADS, FEATURE_MAJOR_BELOW, one_blas_thread
 from xpnet.backends.numba_kernels import (
     IDENTITY,
@@ -93,7 +93,7 @@ def lowering_problem(model, optimizer):
     """None where the compiled loop runs this model and optimiser; else why not."""
     if BLAS is None:
         return "NumPy's own BLAS routines were not found"
-    return steps.lowering_problem(model, optimizer, tuple(numba_rules.LOWERED), ACTIVATIONS)
+    return steps.lowering_problem(model, optimizer, tuple(numba_rules.LOWERED), steps.OUTPUT_ACTIVATIONS)
 
 
 # These two inline numba_kernels' kernels and are not cached on their own: a copy cached against

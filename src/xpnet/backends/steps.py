@@ -11,7 +11,7 @@ the reference loop. A fast path may be slower than asked, never different.
 import abc
 from typing import NamedTuple
 
-from xpnet.backends.base import FLOAT_DTYPES
+from xpnet.backends.base import ACTIVATIONS, FLOAT_DTYPES, PRE_ACTIVATION
 from xpnet.nn.layers import Linear
 from xpnet.nn.model import MLP
 
@@ -83,6 +83,11 @@ class CompiledSteps(abc.ABC):
     @abc.abstractmethod
     def buffers(self):
         """The StepBuffers of the last step run."""
+
+
+# The activations a compiled path's step lowers: its buffers keep each layer's output, not the
+# pre-activation that GELU's backward pass needs (a buffer a layer for it is left to do).
+OUTPUT_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name not in PRE_ACTIVATION)
 
 
 def lowering_problem(model, optimizer, optimizers, activations):

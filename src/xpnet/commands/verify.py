@@ -15,8 +15,9 @@ def run(args):
     splits = load_dataset(args.dataset, args.data_dir)
     for backend in candidates:
         backend.prepare(args.dtype)
-    checks = verify(candidates, splits, steps=args.steps, dtype=args.dtype, seed=args.seed)
-    table = Table(title=f"{args.dtype} against NumPy float64, worst over {args.steps} steps (error/bound <= 1 passes)")
+    checks = verify(candidates, splits, steps=args.steps, dtype=args.dtype, seed=args.seed, activation=args.activation)
+    title = f"{args.dtype}, {args.activation}, against NumPy float64, worst over {args.steps} steps"
+    table = Table(title=f"{title} (error/bound <= 1 passes)")
     for column in ("op", "backend", "max abs err", "max rel err", "tolerance", "error/bound", "result"):
         table.add_column(column, justify="left" if column in ("op", "backend") else "right")
     for check in summarize(checks):

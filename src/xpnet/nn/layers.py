@@ -8,7 +8,7 @@ Output and gradient buffers are allocated once per batch shape and then reused.
 
 import numpy
 
-from xpnet.backends.base import check_activation
+from xpnet.backends.base import PRE_ACTIVATION, check_activation
 
 
 class Parameter:
@@ -34,7 +34,7 @@ class Buffers:
 
 
 class Linear:
-    """y = f(x @ W.T + b), f the layer's activation, by name: "identity" (none) or "relu".
+    """y = f(x @ W.T + b), f the layer's activation, by name (base.ACTIVATIONS: "identity" is none).
 
     activation="relu" is the same function as Linear followed by ReLU (a test checks it);
     fusing them lets a backend add the bias and apply the activation in one pass, and apply its
@@ -62,10 +62,12 @@ class Linear:
         return [self.W, self.b]
 
     def forward(self, x):
-        """y = f(x @ W.T + b); keeps x and y for backward."""
+        """y = f(x @ W.T + b); keeps x and y for backward, and z = x @ W.T + b where f' needs it (gelu)."""
         self.x = x
-        out = self._buffers.get("y", (x.shape[0], self.shape[0]), x.dtype)
-        self.y = self.backend.linear_forward(x, self.W.value, self.b.value, self.activation, out=out)
+        shape = (x.shape[0], self.shape[0])
+        out = self._buffers.get("y", shape, x.dtype)
+        self.z = self._buffers.get("z", shape, x.dtype) if self.activation in PRE_ACTIVATION else None
+        self.y = self.backend.linear_forward(x, self.W.value, self.b.value, self.activation, out, self.z)
         return self.y
 
     def backward(self, grad_y):
@@ -74,7 +76,7 @@ class Linear:
         grad_x = buffer("grad_x", self.x.shape, self.x.dtype) if self.input_grad else None
         grad_z = buffer("grad_z", self.y.shape, self.y.dtype) if self.activation != "identity" else None
         self.backend.linear_backward(
-            self.x, self.W.value, grad_y, self.W.grad, self.b.grad, grad_x, self.activation, self.y, grad_z
+            self.x, self.W.value, grad_y, self.W.grad, self.b.grad, grad_x, self.activation, self.y, grad_z, self.z
         )
         return grad_x
 
