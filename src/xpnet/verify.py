@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy
 
 from xpnet.backends import get_backend
-from xpnet.backends.base import PRE_ACTIVATION, AdamRule
+from xpnet.backends.base import PRE_ACTIVATION, AdamRule, erf64
 from xpnet.nn.config import TrainConfig, seed_lr
 from xpnet.nn.train import Trainer
 
@@ -155,18 +155,15 @@ def _backward(backend, dtype, x, W, grad_y, saved, activation, need_x):
     return [g for g in grads if g is not None]
 
 
-_erf = numpy.frompyfunc(math.erf, 1, 1)
-
-
 def gelu(z):
     """GELU in float64, erf's exact form: z * Phi(z)."""
-    return 0.5 * z * (1 + _erf(z / math.sqrt(2)).astype(numpy.float64))
+    return 0.5 * z * (1 + erf64(z / math.sqrt(2)))
 
 
 def gelu_derivative(z):
     """Phi(z) + z * phi(z), in float64."""
     density = numpy.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    return 0.5 * (1 + _erf(z / math.sqrt(2)).astype(numpy.float64)) + z * density
+    return 0.5 * (1 + erf64(z / math.sqrt(2))) + z * density
 
 
 # Each activation in float64, and the roundings its own evaluation adds to a forward result: the

@@ -44,7 +44,12 @@ ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid", "gelu")
 PRE_ACTIVATION = ("gelu",)
 # GELU's constants, as every backend's kernels write them: 1 / sqrt(2) and 1 / sqrt(2 pi).
 SQRT_HALF, INV_SQRT_2PI = 0.7071067811865476, 0.3989422804014327
-_erf = numpy.frompyfunc(math.erf, 1, 1)  # NumPy has no erf; libm's, in float64, element by element
+_erf = numpy.frompyfunc(math.erf, 1, 1)
+
+
+def erf64(values):
+    """erf of each value in float64: libm's, element by element (NumPy has no erf)."""
+    return _erf(values).astype(numpy.float64)
 
 
 def check_activation(name):
@@ -293,7 +298,7 @@ class Backend:
     def _erf(self, t, out):
         """out = erf(t) elementwise: libm's, in float64, rounded to t's dtype (NumPy has none; CuPy's
         kernels call CUDA's erf themselves)."""
-        out[...] = _erf(t)
+        out[...] = erf64(t)
         return out
 
     def relu(self, z, out=None):

@@ -189,7 +189,7 @@ _ADD_BIAS_ACTIVATE = (
        else if (activation == {activation_code("sigmoid")}) v = tanh(v * (T)0.5) * (T)0.5 + (T)0.5;
        y = v;""",
 )
-_ADD_BIAS_GELU = (  # as Backend._gelu computes it; z and y may be one array
+_ADD_BIAS_GELU = (  # as Backend._gelu computes it; z and y are two arrays (prediction's z a temporary)
     "T b",
     "T z, T y",
     f"""T v = z + b;

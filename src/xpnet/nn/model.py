@@ -18,9 +18,9 @@ def pixel_statistics(images):
         pixels = images.astype(numpy.float64)
         return pixels.mean(), pixels.std()
     counts = numpy.bincount(images.reshape(-1), minlength=256)
-    values = numpy.arange(256, dtype=numpy.float64)
+    values = numpy.arange(256)
     n = counts.sum()
-    mean = numpy.float64(int(counts @ numpy.arange(256)) / n)  # the exact integer sum, rounded once
+    mean = numpy.float64(int(counts @ values) / n)  # the exact integer sum, rounded once
     return mean, numpy.sqrt((counts * (values - mean) ** 2).sum() / n)
 
 
