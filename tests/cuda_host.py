@@ -45,6 +45,7 @@ SHIM = r"""
 #include <type_traits>
 #include <utility>
 #define __global__
+#define __device__
 struct dim3 { unsigned x, y, z; };
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
 using std::exp;  // CUDA's float overloads, as in device code

@@ -162,12 +162,13 @@ ADAMW = dataclasses.replace(
 
 
 GELU = dataclasses.replace(CONFIG, activation="gelu", hidden=(32,))
+DROPOUT = dataclasses.replace(CONFIG, dropout=0.3, hidden=(32, 16))
 
 
 @pytest.mark.parametrize(
     "name, config",
-    [("numpy", CONFIG), ("numba", CONFIG), ("numba", ADAMW), ("numba", GELU)],
-    ids=["numpy", "numba", "numba-adamw-step", "numba-gelu"],
+    [("numpy", CONFIG), ("numba", CONFIG), ("numba", ADAMW), ("numba", GELU), ("numba", DROPOUT)],
+    ids=["numpy", "numba", "numba-adamw-step", "numba-gelu", "numba-dropout"],
 )
 def test_a_run_saved_mid_epoch_resumes_bit_for_bit(name, config, tmp_path):
     data = synthetic_splits(n_train=1000)

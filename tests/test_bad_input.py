@@ -202,6 +202,7 @@ CASES = [
     case("flags", "lr-rounds-to-zero", "train --lr 1e-300 {data}", 2, "below the smallest normal float32",
          "use a larger lr or float64"),
     case("flags", "momentum-above-1", "train --momentum 2 {data}", 2, "momentum must be in [0, 1)"),
+    case("flags", "dropout-of-1", "train --dropout 1 {data}", 2, "dropout must be a probability in [0, 1)"),
     case("flags", "bench-batch-above-the-epoch", "bench --batch-sizes 1000000000", 2,
          "--batch-sizes 1000000000 is larger than the 50,000-sample epoch", "choose at most 50000"),
     case("flags", "bench-hidden-too-large", "bench --hidden 100000000", 2, "GiB of memory available"),

@@ -17,7 +17,7 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize(
     "source, kernels, count",
     [
-        (cupy_backend.RAW_SOURCE, cupy_backend.RAW_KERNELS, 7),  # three templates in two dtypes, check_range
+        (cupy_backend.RAW_SOURCE, cupy_backend.RAW_KERNELS, 9),  # four templates in two dtypes, check_range
         (cupy_backend.BLOCK_SOURCE, cupy_backend.BLOCK_KERNELS, 4),  # the bias gradient and the loss, two dtypes
     ],
     ids=["raw", "block"],

@@ -35,6 +35,15 @@ class WrongCompiledPath(NumbaBackend):
         return CompiledLoopWithAWrongRate(model, optimizer, data, batch_size)
 
 
+class DrawsTheNextStepsMask(NumbaBackend):
+    """Its dropout masks are another step's: as an off-by-one in the counter would draw."""
+
+    name = "draws-the-next-steps-mask"
+
+    def _dropout(self, x, threshold, scale, draw, out, mask):
+        return super()._dropout(x, threshold, scale, draw._replace(step=draw.step + 1), out, mask)
+
+
 class SlightlyWrongLearningRate(NumpyBackend):
     name = "slightly-wrong-learning-rate"
 
@@ -44,7 +53,7 @@ class SlightlyWrongLearningRate(NumpyBackend):
 
 @pytest.fixture
 def wrong_backends(monkeypatch):
-    for cls in (DropsOneReluGradient, SlightlyWrongLearningRate, WrongCompiledPath):
+    for cls in (DropsOneReluGradient, SlightlyWrongLearningRate, WrongCompiledPath, DrawsTheNextStepsMask):
         monkeypatch.setitem(REGISTRY, cls.name, f"{__name__}:{cls.__name__}")
 
 
@@ -82,6 +91,18 @@ def test_a_wrong_backend_fails_naming_the_op(mnist_dir, wrong_backends, wrong, o
     assert code == 1
     assert f"{wrong} disagrees first at step 1, {op}" in captured.err
     assert "numba " in captured.out and "FAIL" in captured.out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dropout_is_checked_mask_for_mask_and_a_wrong_counter_is_caught(mnist_dir, wrong_backends, dtype, capsys):
+    """With dropout each backend's mask must equal the reference's bit for bit, and its products
+    be within one-op bounds; Numba's compiled loop declines dropout, so its op-by-op checks are all."""
+    command = ["verify", "--dtype", dtype, "--steps", "2", "--dropout", "0.3", "--data-dir", str(mnist_dir)]
+    assert main([*command, "--backends", "numpy,numba"]) == 0
+    expected = 2 * 2 * (checks_per_step(layers=2, compiled=False) + 3)  # mask, product, backward
+    assert f"All {expected} checks agree: numpy, numba" in capsys.readouterr().out
+    assert main([*command, "--backends", f"numba,{DrawsTheNextStepsMask.name}"]) == 1
+    assert f"{DrawsTheNextStepsMask.name} disagrees first at step 1, layer 1 dropout mask" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(capsys):

@@ -12,8 +12,9 @@ The whole seed recipe from Python::
     model.predict(data.test.images[:10])             # -> array of 10 labels
 
 The pieces are public too: ``get_backend`` gives the array backend whose ops the layers call
-(``Linear``, ``ReLU``, ``Sequential``, ``SoftmaxCrossEntropy``), ``SGD`` updates parameters, and
-``MLP`` puts them together with the input normalisation.
+(``Linear``, ``ReLU``, ``Dropout``, ``Sequential``, ``SoftmaxCrossEntropy``), ``SGD`` updates
+parameters, and ``MLP`` puts them together with the input normalisation; ``Draw`` says where a
+training step's dropout masks are drawn.
 """
 
 import importlib
@@ -23,10 +24,11 @@ import importlib
 # (src/xpnet/__main__.py) and `from xpnet import Trainer` works as ever.
 _HOMES = {
     "xpnet.backends": ("Backend", "available_backends", "get_backend"),
+    "xpnet.backends.philox": ("Draw",),
     "xpnet.data": ("Split", "Splits", "load_dataset"),
     "xpnet.errors": ("ArgumentError", "BackendUnavailable", "ConfigError", "DataError", "XpnetError"),
     "xpnet.nn.checkpoint": ("load_checkpoint",),
-    "xpnet.nn.layers": ("Linear", "ReLU", "Sequential"),
+    "xpnet.nn.layers": ("Dropout", "Linear", "ReLU", "Sequential"),
     "xpnet.nn.loss": ("SoftmaxCrossEntropy", "softmax"),
     "xpnet.nn.model": ("MLP", "confusion_matrix", "load_model"),
     "xpnet.nn.optim": ("SGD",),

@@ -212,6 +212,7 @@ def add_verify_parser(commands):
     verify.add_argument(
         "--activation", choices=HIDDEN_ACTIVATIONS, default="relu", help="the hidden layers' (784-200-10 model)"
     )
+    verify.add_argument("--dropout", type=number, default=0.0, help="the hidden layer's dropout probability, in [0, 1)")
     verify.set_defaults(command_module="verify")
 
 

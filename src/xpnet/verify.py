@@ -61,9 +61,11 @@ def compare(step, op, backend_name, got, ref, dtype, reduction_length, magnitude
     )
 
 
-def check_step(step, candidate, dtype, reference_model, x, labels, lr):
-    """Each op of one SGD step of the candidate, fed the reference's inputs, against the reference."""
-    ref, layers, checks = reference_model.backend, reference_model.net.layers, []
+def check_step(step, candidate, dtype, reference_model, x, labels, lr, draw=None):
+    """Each op of one SGD step of the candidate, fed the reference's inputs, against the reference;
+    draw is the step's philox.Draw where the model has dropout."""
+    ref, layers, checks = reference_model.backend, reference_model.linear_layers, []
+    p = reference_model.dropout if draw is not None else 0.0
     rounded = lambda array: numpy.asarray(array, dtype=numpy.float64).astype(dtype).astype(numpy.float64)
     on_candidate = lambda array: candidate.asarray(array.astype(dtype))
 
@@ -74,6 +76,7 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
     # Inputs are rounded to the candidate's dtype once, so the reference sees what it sees.
     params = [(rounded(layer.W.value), rounded(layer.b.value)) for layer in layers]
     inputs, saved, x = [], [], rounded(x)  # saved: what each backward pass reads (y, or z for gelu)
+    masks = {}  # each dropout layer's (the reference's mask, the candidate's), by layer
     for i, (layer, (W, b)) in enumerate(zip(layers, params)):
         z_ref = ref.linear_forward(x, W, b)
         y_ref = ref.linear_forward(x, W, b, layer.activation)
@@ -84,6 +87,14 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
         inputs.append(x)
         saved.append(rounded(z_ref if layer.activation in PRE_ACTIVATION else y_ref))
         x = rounded(y_ref)
+        if p and i < len(layers) - 1:
+            # The mask must match bit for bit; y * m rounds the scale 1 / (1 - p) and the product.
+            y_ref, mask_ref = ref.dropout(x, p, draw._replace(layer=i))
+            y, mask = candidate.dropout(on_candidate(x), p, draw._replace(layer=i))
+            check(f"layer {i + 1} dropout mask", mask != 0, mask_ref != 0, 0, 0.0)
+            check(f"layer {i + 1} dropout", y, y_ref, 1, numpy.abs(y_ref))
+            masks[i] = mask_ref, mask
+            x = rounded(y_ref)
 
     logits, (batch, classes) = x, x.shape
     loss_ref, grad_ref = ref.softmax_cross_entropy(logits, labels)
@@ -94,6 +105,11 @@ def check_step(step, candidate, dtype, reference_model, x, labels, lr):
     grad_y = rounded(grad_ref)
     for i in reversed(range(len(layers))):
         (W, b), x_in = params[i], inputs[i]
+        if i in masks:
+            grad_y_ref = ref.dropout_backward(grad_y, masks[i][0])
+            got = candidate.dropout_backward(on_candidate(grad_y), masks[i][1])
+            check(f"layer {i + 1} dropout backward", got, grad_y_ref, 1, numpy.abs(grad_y_ref))
+            grad_y = rounded(grad_y_ref)
         activation = layers[i].activation
         grads_ref = _backward(ref, numpy.float64, x_in, W, grad_y, saved[i], activation, need_x=i > 0)
         on = map(on_candidate, (x_in, W, grad_y, saved[i]))
@@ -234,19 +250,30 @@ def forward_bound(activation, y, magnitude, terms, z=None):
 
 
 def verify(
-    candidates, data, steps=5, dtype="float32", hidden=(200,), batch_size=512, seed=0, lr=None, activation="relu"
+    candidates,
+    data,
+    steps=5,
+    dtype="float32",
+    hidden=(200,),
+    batch_size=512,
+    seed=0,
+    lr=None,
+    activation="relu",
+    dropout=0.0,
 ):
     """All checks of every candidate over `steps` steps of a float64 NumPy training run on
     data (splits, as xpnet.load_dataset gives), from the run's state before each step."""
     lr = seed_lr(batch_size) if lr is None else lr
-    config = TrainConfig(batch_size=batch_size, lr=lr, hidden=hidden, seed=seed, dtype="float64", activation=activation)
+    settings = {"activation": activation, "dropout": dropout}
+    config = TrainConfig(batch_size=batch_size, lr=lr, hidden=hidden, seed=seed, dtype="float64", **settings)
     reference = Trainer(get_backend("numpy"), data, config)
     compiled = compiled_trainers(candidates, data, dataclasses.replace(config, dtype=dtype))
     checks = []
     for step in range(1, steps + 1):
         x, y = reference.batch(reference.epoch_step)
         for candidate in candidates:
-            checks.extend(check_step(step, candidate, dtype, reference.model, x, y, lr))
+            draw = reference.draw_at(reference.epoch_step)
+            checks.extend(check_step(step, candidate, dtype, reference.model, x, y, lr, draw))
         for trainer in compiled:
             checks.extend(check_compiled_step(step, trainer, reference.model, y))
         reference.run_steps(1)
@@ -282,7 +309,7 @@ def check_compiled_step(step, trainer, reference_model, labels):
     trainer.run_steps(1)
     buffers = trainer.compiled_steps.buffers
     after = [host(p.value) for p in trainer.model.parameters()]
-    batch, layers = len(labels), trainer.model.net.layers
+    batch, layers = len(labels), trainer.model.linear_layers
     inputs = [host(buffers.inputs[:batch]), *(host(out[:batch]) for out in buffers.outputs)]
     check("gather", inputs[0], own_x, 0, 0.0)
     for i, layer in enumerate(layers):

@@ -10,8 +10,8 @@ Contracts, the same on every backend (tests/test_backends.py checks their behavi
 - An op writes only into the arguments it names as outputs: ``out`` and ``grad_out``, the
   ``grad_*`` buffers of ``linear_backward``, ``param`` and ``velocity`` of ``sgd_update`` (and
   ``params`` and ``velocities`` of ``sgd_update_all``), ``param``, ``exp_avg`` and ``exp_avg_sq``
-  of ``adam_update``. Every
-  other argument is left as it was. An output left as None is allocated and returned.
+  of ``adam_update``, ``mask_out`` of ``dropout``. Every other argument is left as it was. An
+  output left as None is allocated and returned.
 - ``asarray`` and ``to_numpy`` always copy: a backend's array never shares memory with a host
   array its caller holds, so writing to one never changes the other.
 - An activation is named: "identity" (none), "relu", "tanh", "sigmoid" or "gelu" (ACTIVATIONS);
@@ -28,6 +28,8 @@ Contracts, the same on every backend (tests/test_backends.py checks their behavi
 - Any strided view is accepted (``W.T`` included): a kernel that needs contiguous memory
   handles the others by the base code or a contiguous copy.
 - ``count_correct`` counts a row with any NaN logit as wrong: NaN is no prediction.
+- ``dropout`` draws its mask from Philox4x32-10 at a ``philox.Draw`` (seed, epoch, step,
+  layer), element e from the draw's word e in C order: the same bits on every backend.
 """
 
 import math
@@ -35,6 +37,8 @@ from typing import NamedTuple
 
 import numpy
 
+from xpnet.backends import philox
+from xpnet.backends.philox import Draw
 from xpnet.errors import ArgumentError
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
@@ -351,6 +355,35 @@ class Backend:
     def _count_correct(self, logits, labels):
         xp = self.xp
         return ((logits.argmax(axis=1) == labels) & ~xp.isnan(logits).any(axis=1)).sum()
+
+    def dropout(self, x, p, draw, out=None, mask_out=None):
+        """y = x * m with m = 1 / (1 - p) where the draw's word for the element is at least
+        floor(p * 2**32), else 0 (philox.words, C order): inverted dropout, each element of x
+        dropped with probability p in [0, 1), the expectation kept. draw is a philox.Draw;
+        mask_out receives m, which the backward pass multiplies by. Returns (y, m)."""
+        self._check("x", x, kind="float")
+        if not (isinstance(p, (float, int, numpy.floating, numpy.integer)) and not isinstance(p, bool) and 0 <= p < 1):
+            raise ArgumentError(f"the dropout probability p must be a number in [0, 1), got {p!r}")
+        if not isinstance(draw, Draw):
+            raise ArgumentError(f"draw must be a philox.Draw (seed, epoch, step, layer), got {type(draw).__name__}")
+        draw.check()
+        if x.size > philox.MAX_ELEMENTS:
+            raise ArgumentError(f"dropout numbers at most {philox.MAX_ELEMENTS} elements a draw, got {x.size}")
+        out = self._output("out", out, x.shape, x.dtype)
+        mask = self._output("mask_out", mask_out, x.shape, x.dtype)
+        self._dropout(x, philox.keep_threshold(p), philox.keep_scale(p, x.dtype), draw, out, mask)
+        return out, mask
+
+    def _dropout(self, x, threshold, scale, draw, out, mask):
+        keep = philox.words(draw, x.size).reshape(x.shape) >= threshold
+        mask[...] = self.xp.asarray(numpy.where(keep, scale, scale.dtype.type(0)))
+        return self.xp.multiply(x, mask, out=out)
+
+    def dropout_backward(self, grad_y, mask, out=None):
+        """grad_x = grad_y * m: y = x * m is linear in x, so the forward pass's mask is the derivative."""
+        self._check("grad_y", grad_y, kind="float")
+        self._check("mask", mask, grad_y.shape, grad_y.dtype)
+        return self.xp.multiply(grad_y, mask, out=self._output("out", out, grad_y.shape, grad_y.dtype))
 
     def sgd_update(self, param, grad, lr, velocity=None, momentum=0.0, nesterov=False, weight_decay=0.0):
         """param -= lr * step, in place, where g = grad + weight_decay * param and step = g

@@ -22,7 +22,7 @@ import time
 
 import numpy
 
-from xpnet.backends import cupy_graphs
+from xpnet.backends import cupy_graphs, philox
 from xpnet.backends.base import ACTIVATIONS, INV_SQRT_2PI, SQRT_HALF, Backend, Declined, activation_code
 from xpnet.errors import ArgumentError, BackendUnavailable
 
@@ -171,6 +171,36 @@ __global__ void correct_rows(const T* logits, const long long* labels, int* corr
 }
 """
 
+# Dropout's mask from Philox4x32-10, one thread per counter (four elements), word for word
+# philox.philox4x32: the products in 64 bits, their high and low halves the round's words.
+_DROPOUT = f"""
+__device__ void philox4x32_10(unsigned* c, unsigned k0, unsigned k1) {{
+    for (int round = 0; round < {philox.ROUNDS}; ++round) {{
+        if (round) {{ k0 += {philox.W0}u; k1 += {philox.W1}u; }}  // wraps modulo 2^32, as the key's bump does
+        unsigned long long p0 = {philox.M0}ull * c[0], p1 = {philox.M1}ull * c[2];
+        unsigned c1 = c[1], c3 = c[3];
+        c[0] = (unsigned)(p1 >> 32) ^ c1 ^ k0;
+        c[1] = (unsigned)p1;
+        c[2] = (unsigned)(p0 >> 32) ^ c3 ^ k1;
+        c[3] = (unsigned)p0;
+    }}
+}}
+
+template <typename T>
+__global__ void dropout(const T* x, unsigned threshold, T scale, unsigned step, unsigned layer, unsigned epoch,
+                        unsigned key0, unsigned key1, T* out, T* mask, long long n) {{
+    long long block = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (block * 4 >= n) return;
+    unsigned words[4] = {{(unsigned)block, step, layer, epoch}};
+    philox4x32_10(words, key0, key1);
+    for (int lane = 0; lane < 4 && block * 4 + lane < n; ++lane) {{
+        long long e = block * 4 + lane;
+        mask[e] = words[lane] >= threshold ? scale : (T)0;
+        out[e] = x[e] * mask[e];
+    }}
+}}
+"""
+
 _CHECK_RANGE = r"""
 __global__ void check_range(const long long* values, long long stop, int n, int* fault, int code) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -211,8 +241,8 @@ _SGD_UPDATE = (
 
 # The raw kernels' source, and each kernel by the name CuPy looks it up by (a template's for
 # each dtype), which is all a kernel's signature needs beside its source.
-RAW_SOURCE = _TAKE_BATCH + _SGD_UPDATE_ALL + _CORRECT_ROWS + _CHECK_RANGE
-_TEMPLATES = ("take_batch", "sgd_update_all", "correct_rows")
+RAW_SOURCE = _TAKE_BATCH + _SGD_UPDATE_ALL + _CORRECT_ROWS + _DROPOUT + _CHECK_RANGE
+_TEMPLATES = ("take_batch", "sgd_update_all", "correct_rows", "dropout")
 RAW_KERNELS = [f"{kernel}<{t}>" for kernel in _TEMPLATES for t in ("float", "double")] + ["check_range"]
 # Kernels whose threads share memory and wait for each other (__syncthreads), in a module of
 # their own: the CPU emulation runs such a module's threads as coroutines, the others one by one.
@@ -326,6 +356,7 @@ class CupyBackend(Backend):
         self.softmax_cross_entropy(y, labels)
         self.count_correct(y, labels)
         self.sgd_update(x, self.xp.zeros_like(x), 0.1)
+        self.dropout(x, 0.5, philox.Draw(0, 0, 0))
         self.synchronize()
         return time.perf_counter() - start
 
@@ -390,6 +421,15 @@ class CupyBackend(Backend):
         if grad is not grad_out:
             grad_out[...] = grad
         return loss.reshape(())
+
+    def _dropout(self, x, threshold, scale, draw, out, mask):
+        if not (x.flags.c_contiguous and out.flags.c_contiguous and mask.flags.c_contiguous):
+            return super()._dropout(x, threshold, scale, draw, out, mask)
+        words = map(numpy.uint32, (threshold, draw.step, draw.layer, draw.epoch, *draw.key()))
+        threshold, step, layer, epoch, k0, k1 = words
+        args = (x, threshold, scale, step, layer, epoch, k0, k1, out, mask, numpy.int64(x.size))
+        self._launch("dropout", -(-x.size // 4), args, x.dtype)
+        return out
 
     def _take_batch(self, images, labels, rows, batch_images, batch_labels):
         """batch_images[i], batch_labels[i] = images[rows[i]], labels[rows[i]], in one kernel, for

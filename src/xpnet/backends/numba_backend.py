@@ -11,6 +11,7 @@ import numpy
 from xpnet.backends import numba_kernels as kernels
 from xpnet.backends import numba_steps
 from xpnet.backends.base import Backend, Declined, activation_code
+from xpnet.backends.philox import Draw
 
 
 def _c_contiguous(*arrays):
@@ -39,6 +40,7 @@ class NumbaBackend(Backend):
         self.sgd_update(W, numpy.zeros_like(W), 0.1, numpy.zeros_like(W), 0.9, True, 1e-4)
         self.take_rows(x, labels)
         self.take_rows(labels, labels)
+        self.dropout(x, 0.5, Draw(0, 0, 0))
         return time.perf_counter() - start
 
     def compile_steps(self, model, optimizer, data, batch_size):
@@ -77,6 +79,14 @@ class NumbaBackend(Backend):
         numpy.matmul(grad_z.T, x, out=grad_W)
         if grad_x is not None:
             numpy.matmul(grad_z, W, out=grad_x)
+
+    def _dropout(self, x, threshold, scale, draw, out, mask):
+        if not _c_contiguous(x, out, mask):  # the kernel numbers elements as they lie in memory
+            return super()._dropout(x, threshold, scale, draw, out, mask)
+        words = map(numpy.uint64, (threshold, draw.step, draw.layer, draw.epoch, *draw.key()))
+        threshold, step, layer, epoch, k0, k1 = words
+        kernels.dropout(x.reshape(-1), threshold, scale, step, layer, epoch, k0, k1, out.reshape(-1), mask.reshape(-1))
+        return out
 
     def _softmax_cross_entropy(self, logits, labels, grad):
         return logits.dtype.type(kernels.softmax_cross_entropy(logits, labels, grad, logits.shape[0]))

@@ -14,11 +14,13 @@ per-user cache (~/.cache/numba, or $NUMBA_CACHE_DIR).
 import math
 import warnings
 
+import numpy
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from xpnet.backends import philox as reference
 from xpnet.backends.base import INV_SQRT_2PI, SQRT_HALF, activation_code
 
 IDENTITY, RELU, TANH, SIGMOID = (activation_code(name) for name in ("identity", "relu", "tanh", "sigmoid"))
@@ -104,6 +106,35 @@ def gelu_grad_and_sum_rows(grad_y, z, grad_z, grad_b):
             g = grad_y[i, j] * (cdf + pdf * value)
             grad_z[i, j] = g
             grad_b[j] += g
+
+
+# Philox's constants as uint64 (backends/philox.py): Numba takes uint64 mixed with int64 to float64.
+M0, M1, W0, W1, MASK32, HALF = map(
+    numpy.uint64, (reference.M0, reference.M1, reference.W0, reference.W1, 2**32 - 1, 32)
+)
+
+
+@kernel
+def philox(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of one counter, word for word philox.philox4x32 (uint64 words below 2**32)."""
+    for round_number in range(reference.ROUNDS):
+        if round_number:
+            k0, k1 = (k0 + W0) & MASK32, (k1 + W1) & MASK32
+        p0, p1 = c0 * M0, c2 * M1
+        c0, c1, c2, c3 = (p1 >> HALF) ^ c1 ^ k0, p1 & MASK32, (p0 >> HALF) ^ c3 ^ k1, p0 & MASK32
+    return c0, c1, c2, c3
+
+
+@kernel
+def dropout(x, threshold, scale, step, layer, epoch, k0, k1, out, mask):
+    """mask = scale where the element's Philox word (philox.words) is >= threshold, else 0, and
+    out = x * mask, over flat arrays; the integers are uint64."""
+    for block in range((x.size + 3) // 4):
+        words = philox(numpy.uint64(block), step, layer, epoch, k0, k1)
+        for lane in range(min(4, x.size - 4 * block)):
+            e = 4 * block + lane
+            mask[e] = scale if words[lane] >= threshold else 0
+            out[e] = x[e] * mask[e]
 
 
 @kernel

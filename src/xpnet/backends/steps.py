@@ -94,7 +94,11 @@ def lowering_problem(model, optimizer, optimizers, activations):
     """None where a compiled path that lowers exactly these optimiser types and activation names
     can run this model and optimiser; else why it cannot. Exact types: a subclass may change
     anything, so it is never taken for its parent."""
-    if type(model) is not MLP or any(type(layer) is not Linear for layer in model.net.layers):
+    if type(model) is not MLP:
+        return "it lowers the MLP of Linear layers only"
+    if model.dropout:
+        return "it lowers no dropout (the reference ops draw its masks)"
+    if any(type(layer) is not Linear for layer in model.net.layers):
         return "it lowers the MLP of Linear layers only"
     if model.dtype not in FLOAT_DTYPES:
         return f"it lowers float32 and float64, not {model.dtype}"

@@ -15,8 +15,10 @@ def run(args):
     splits = load_dataset(args.dataset, args.data_dir)
     for backend in candidates:
         backend.prepare(args.dtype)
-    checks = verify(candidates, splits, steps=args.steps, dtype=args.dtype, seed=args.seed, activation=args.activation)
-    title = f"{args.dtype}, {args.activation}, against NumPy float64, worst over {args.steps} steps"
+    settings = {"seed": args.seed, "activation": args.activation, "dropout": args.dropout}
+    checks = verify(candidates, splits, steps=args.steps, dtype=args.dtype, **settings)
+    dropout = f", dropout {args.dropout:g}" if args.dropout else ""
+    title = f"{args.dtype}, {args.activation}{dropout}, against NumPy float64, worst over {args.steps} steps"
     table = Table(title=f"{title} (error/bound <= 1 passes)")
     for column in ("op", "backend", "max abs err", "max rel err", "tolerance", "error/bound", "result"):
         table.add_column(column, justify="left" if column in ("op", "backend") else "right")

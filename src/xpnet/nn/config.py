@@ -35,6 +35,10 @@ def one_of(*choices):
     return lambda value: None if value in choices else f"must be {names}"
 
 
+def dropout_error(value):
+    return None if 0 <= value < 1 else "must be a probability in [0, 1), e.g. 0.5"
+
+
 def layer_sizes(value):
     return None if value and min(value) >= 1 else "must be one or more layer sizes >= 1, e.g. (200,)"
 
@@ -67,6 +71,9 @@ class TrainConfig:
     )
     hidden: tuple = setting((200,), "hidden layer sizes, e.g. 200 or 512,256,128,64", layer_sizes)
     activation: str = setting("relu", "the hidden layers' activation", choices=HIDDEN_ACTIVATIONS)
+    dropout: float = setting(
+        0.0, "the probability of dropping each hidden unit in a training step, in [0, 1)", dropout_error, example=0.5
+    )
     seed: int = setting(0, "for the initial weights and the batch order", at_least(0))
     dtype: str = setting("float32", "floating-point type", choices=("float32", "float64"))
     optimizer: str = setting("sgd", "the update rule, as torch.optim's SGD, Adam and AdamW", choices=tuple(OPTIMIZERS))
@@ -94,6 +101,8 @@ class TrainConfig:
             raise ConfigError(
                 f"momentum and Nesterov are SGD's settings, not {self.optimizer}'s: its averaging is --betas"
             )
+        if self.dropout and self.seed >= 2**64:
+            raise ConfigError(f"dropout's generator is keyed by a seed below 2**64, got seed {self.seed}")
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(
                 f"warmup_epochs must be below the run's {self.epochs} epochs, got {self.warmup_epochs}: "

@@ -101,6 +101,39 @@ class ReLU:
         return self.backend.relu_backward(self.a, grad_a)
 
 
+class Dropout:
+    """Inverted dropout, after a hidden layer: in training y = x * m, each m either 1 / (1 - p) or,
+    with probability p, 0, drawn at the step's philox.Draw with this layer's number (so every
+    backend drops the same units); y = x when draw is None, in evaluation and prediction."""
+
+    def __init__(self, backend, p, layer):
+        self.backend, self.p, self.layer = backend, p, layer
+        self.draw = None  # the step's philox.Draw, set by MLP.forward
+        self._buffers = Buffers(backend)
+
+    def parameters(self):
+        """[]: dropout has nothing to learn."""
+        return []
+
+    def forward(self, x):
+        """y = x * m, keeping m for backward; x itself without a draw."""
+        if self.draw is None:
+            self.mask = None
+            return x
+        buffer = self._buffers.get
+        draw = self.draw._replace(layer=self.layer)
+        y, self.mask = self.backend.dropout(
+            x, self.p, draw, buffer("y", x.shape, x.dtype), buffer("m", x.shape, x.dtype)
+        )
+        return y
+
+    def backward(self, grad_y):
+        """grad_x = grad_y * m (grad_y itself where forward drew nothing)."""
+        if self.mask is None:
+            return grad_y
+        return self.backend.dropout_backward(grad_y, self.mask, self._buffers.get("grad_x", grad_y.shape, grad_y.dtype))
+
+
 class Sequential:
     """Layers applied in order; backward runs them in reverse."""
 

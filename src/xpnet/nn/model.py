@@ -6,7 +6,7 @@ import numpy
 from xpnet.backends import get_backend
 from xpnet.errors import ArgumentError
 from xpnet.nn.checkpoint import ARCHITECTURE, Checkpoint, load_checkpoint
-from xpnet.nn.layers import Linear, Sequential
+from xpnet.nn.layers import Dropout, Linear, Sequential
 from xpnet.nn.loss import softmax
 
 
@@ -33,13 +33,16 @@ def confusion_matrix(labels, predictions, n_classes):
 
 class MLP:
     """sizes = [784, 200, 10] gives 784-200-10; any number of hidden layers works, each with the
-    named activation (the output layer has none: its logits go to the softmax).
+    named activation (the output layer has none: its logits go to the softmax), and each
+    followed by a Dropout layer where dropout (its probability) is above 0.
 
     mean and std are the training pixels' (0..255 scale): inputs are normalised with them.
     Weights come from the seed, or from rng when given (the trainer shares its generator).
     """
 
-    def __init__(self, backend, sizes, seed=0, dtype="float32", mean=0.0, std=1.0, rng=None, activation="relu"):
+    def __init__(
+        self, backend, sizes, seed=0, dtype="float32", mean=0.0, std=1.0, rng=None, activation="relu", dropout=0.0
+    ):
         if len(sizes) < 2 or min(sizes) < 1:
             raise ArgumentError(f"an MLP needs at least two positive layer sizes, got {sizes}")
         self.backend = backend
@@ -48,11 +51,14 @@ class MLP:
         self.mean, self.std = float(mean), float(std)
         self.activation = activation
         rng = numpy.random.default_rng(seed) if rng is None else rng
-        last = len(sizes) - 2
-        self.net = Sequential(
-            Linear(backend, n_in, n_out, rng, self.dtype, activation if i < last else "identity", input_grad=i > 0)
-            for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))
-        )
+        self.dropout = dropout
+        last, layers = len(sizes) - 2, []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(Linear(backend, n_in, n_out, rng, self.dtype, activation if i < last else "identity", i > 0))
+            if dropout and i < last:
+                layers.append(Dropout(backend, dropout, layer=i))
+        self.net = Sequential(layers)
+        self.linear_layers = [layer for layer in layers if isinstance(layer, Linear)]
 
     @classmethod
     def from_checkpoint(cls, checkpoint, backend=None):
@@ -84,8 +90,12 @@ class MLP:
         flat /= self.dtype.type(self.std)
         return flat
 
-    def forward(self, x):
-        """Logits of a normalised batch x on the backend."""
+    def forward(self, x, draw=None):
+        """Logits of a normalised batch x on the backend; draw, a training step's philox.Draw,
+        is where its Dropout layers draw their masks (None: no dropout, as in evaluation)."""
+        for layer in self.net.layers:
+            if isinstance(layer, Dropout):
+                layer.draw = draw
         return self.net.forward(x)
 
     def backward(self, grad_logits):

@@ -21,6 +21,7 @@ import numpy
 
 from xpnet.backends import get_backend
 from xpnet.backends.base import Declined
+from xpnet.backends.philox import Draw
 from xpnet.backends.steps import CHUNKS_PER_EPOCH, TrainingData
 from xpnet.data.mnist import Splits
 from xpnet.errors import ConfigError, DataError, XpnetError
@@ -133,7 +134,14 @@ class Trainer:
         check_memory(backend, sizes, config, sum(len(s) for s in (data.train, data.validation, data.test)))
         mean, std = pixel_statistics(data.train.images)
         self.model = MLP(
-            backend, sizes, dtype=config.dtype, mean=mean, std=std, rng=self.rng, activation=config.activation
+            backend,
+            sizes,
+            dtype=config.dtype,
+            mean=mean,
+            std=std,
+            rng=self.rng,
+            activation=config.activation,
+            dropout=config.dropout,
         )
         self.loss = SoftmaxCrossEntropy(backend)
         self.train_x, self.train_y = self._to_device(data.train)
@@ -260,10 +268,11 @@ class Trainer:
             self._epoch_losses = [numpy.array(checkpoint.epoch_losses)]
 
     # -- training ---------------------------------------------------------------------------
-    def step(self, x, y):
+    def step(self, x, y, draw=None):
         """One step on a batch (forward, loss, backward, update); returns its mean loss as a 0-d
-        backend array."""
-        loss = self.loss.forward(self.model.forward(x), y)
+        backend array. draw is where dropout draws its masks, a philox.Draw (None: no dropout);
+        the trainer's own steps pass draw_at(k) for step k of the current epoch."""
+        loss = self.loss.forward(self.model.forward(x, draw), y)
         self.model.backward(self.loss.backward())
         self.optimizer.step()
         return loss
@@ -281,6 +290,11 @@ class Trainer:
     def _next_rng_state(self):
         """The generator's state at the start of the next epoch, drawn ahead or not."""
         return self.rng.bit_generator.state if self._next_order is None else self._next_order[0]
+
+    def draw_at(self, k):
+        """The philox.Draw of step k of the current epoch, where the model has dropout (else None):
+        a function of the seed, the epoch and k alone, so a resumed run draws what it would have."""
+        return Draw(self.config.seed, self.epoch, k) if self.model.dropout else None
 
     def batch(self, k):
         """(x, y) of step k of the current epoch, gathered on the device into reused buffers."""
@@ -339,7 +353,7 @@ class Trainer:
         """The steps one by one, through the layers and the backend's ops."""
         for k in range(first, first + n):
             # Array to array: `step_losses[k] = loss` may pass through a host float, a device read.
-            self.step_losses[k : k + 1] = self.step(*self.batch(k))
+            self.step_losses[k : k + 1] = self.step(*self.batch(k), self.draw_at(k))
             if progress is not None:
                 progress.update()
 
