@@ -163,12 +163,13 @@ ADAMW = dataclasses.replace(
 
 GELU = dataclasses.replace(CONFIG, activation="gelu", hidden=(32,))
 DROPOUT = dataclasses.replace(CONFIG, dropout=0.3, hidden=(32, 16))
+AUGMENT = dataclasses.replace(CONFIG, augment="affine,elastic", hidden=(32,))
 
 
 @pytest.mark.parametrize(
     "name, config",
-    [("numpy", CONFIG), ("numba", CONFIG), ("numba", ADAMW), ("numba", GELU), ("numba", DROPOUT)],
-    ids=["numpy", "numba", "numba-adamw-step", "numba-gelu", "numba-dropout"],
+    [("numpy", CONFIG), ("numba", CONFIG), ("numba", ADAMW), ("numba", GELU), ("numba", DROPOUT), ("numba", AUGMENT)],
+    ids=["numpy", "numba", "numba-adamw-step", "numba-gelu", "numba-dropout", "numba-augment"],
 )
 def test_a_run_saved_mid_epoch_resumes_bit_for_bit(name, config, tmp_path):
     data = synthetic_splits(n_train=1000)

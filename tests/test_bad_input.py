@@ -203,6 +203,8 @@ CASES = [
          "use a larger lr or float64"),
     case("flags", "momentum-above-1", "train --momentum 2 {data}", 2, "momentum must be in [0, 1)"),
     case("flags", "dropout-of-1", "train --dropout 1 {data}", 2, "dropout must be a probability in [0, 1)"),
+    case("flags", "rotation-400", "train --augment affine --rotation 400 {data}", 2,
+         "rotation must be a number in [0, 180], got 400.0"),
     case("flags", "bench-batch-above-the-epoch", "bench --batch-sizes 1000000000", 2,
          "--batch-sizes 1000000000 is larger than the 50,000-sample epoch", "choose at most 50000"),
     case("flags", "bench-hidden-too-large", "bench --hidden 100000000", 2, "GiB of memory available"),

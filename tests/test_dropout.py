@@ -155,7 +155,7 @@ def test_each_step_draws_afresh_and_a_run_draws_the_same_on_numpy_and_numba():
     [
         ({"dropout": 1.0}, "dropout must be a probability in [0, 1), e.g. 0.5, got 1.0"),
         ({"dropout": -0.1}, "dropout must be a probability in [0, 1)"),
-        ({"dropout": 0.5, "seed": 2**64}, "dropout's generator is keyed by a seed below 2**64"),
+        ({"dropout": 0.5, "seed": 2**64}, "dropout's and --augment's generator is keyed by a seed below 2**64"),
     ],
 )
 def test_unusable_dropout_settings_are_refused_before_any_work(settings, message):

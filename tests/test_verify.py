@@ -44,6 +44,15 @@ class DrawsTheNextStepsMask(NumbaBackend):
         return super()._dropout(x, threshold, scale, draw._replace(step=draw.step + 1), out, mask)
 
 
+class DeformsAsTheNextEpoch(NumbaBackend):
+    """Its deformations are the next epoch's: as a trainer passing the wrong epoch would draw."""
+
+    name = "deforms-as-the-next-epoch"
+
+    def _deform_rows(self, source, rows, spec, seed, epoch, background, out):
+        return super()._deform_rows(source, rows, spec, seed, epoch + 1, background, out)
+
+
 class SlightlyWrongLearningRate(NumpyBackend):
     name = "slightly-wrong-learning-rate"
 
@@ -53,7 +62,8 @@ class SlightlyWrongLearningRate(NumpyBackend):
 
 @pytest.fixture
 def wrong_backends(monkeypatch):
-    for cls in (DropsOneReluGradient, SlightlyWrongLearningRate, WrongCompiledPath, DrawsTheNextStepsMask):
+    wrong = (DropsOneReluGradient, SlightlyWrongLearningRate, WrongCompiledPath, DrawsTheNextStepsMask)
+    for cls in (*wrong, DeformsAsTheNextEpoch):
         monkeypatch.setitem(REGISTRY, cls.name, f"{__name__}:{cls.__name__}")
 
 
@@ -103,6 +113,16 @@ def test_dropout_is_checked_mask_for_mask_and_a_wrong_counter_is_caught(mnist_di
     assert f"All {expected} checks agree: numpy, numba" in capsys.readouterr().out
     assert main([*command, "--backends", f"numba,{DrawsTheNextStepsMask.name}"]) == 1
     assert f"{DrawsTheNextStepsMask.name} disagrees first at step 1, layer 1 dropout mask" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # 11 s: the reference deforms 512 images a step, image by image
+def test_the_deformed_batch_is_checked_and_a_wrong_draw_is_caught(mnist_dir, wrong_backends, capsys):
+    command = ["verify", "--steps", "1", "--augment", "affine,elastic", "--data-dir", str(mnist_dir)]
+    assert main([*command, "--backends", "numpy,numba"]) == 0
+    out = capsys.readouterr().out
+    assert "deformed batch" in out and f"All {2 * (checks_per_step(layers=2, compiled=False) + 1)} checks" in out
+    assert main([*command, "--backends", f"numba,{DeformsAsTheNextEpoch.name}"]) == 1
+    assert f"{DeformsAsTheNextEpoch.name} disagrees first at step 1, deformed batch" in capsys.readouterr().err
 
 
 def test_usage_errors_exit_2(capsys):

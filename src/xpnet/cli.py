@@ -199,7 +199,7 @@ def add_train_parser(commands):
 
 
 def add_verify_parser(commands):
-    from xpnet.nn.config import HIDDEN_ACTIVATIONS
+    from xpnet.nn.config import AUGMENTATIONS, HIDDEN_ACTIVATIONS
 
     verify = commands.add_parser("verify", help="check the backends against NumPy float64, op by op and step by step")
     verify.add_argument(
@@ -213,6 +213,7 @@ def add_verify_parser(commands):
         "--activation", choices=HIDDEN_ACTIVATIONS, default="relu", help="the hidden layers' (784-200-10 model)"
     )
     verify.add_argument("--dropout", type=number, default=0.0, help="the hidden layer's dropout probability, in [0, 1)")
+    verify.add_argument("--augment", choices=AUGMENTATIONS, default="none", help="deformations of the training images")
     verify.set_defaults(command_module="verify")
 
 

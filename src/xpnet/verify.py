@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from xpnet.backends import get_backend
+from xpnet.backends import deform, get_backend
 from xpnet.backends.base import PRE_ACTIVATION, AdamRule, erf64
 from xpnet.nn.config import TrainConfig, seed_lr
 from xpnet.nn.train import Trainer
@@ -260,17 +260,20 @@ def verify(
     lr=None,
     activation="relu",
     dropout=0.0,
+    augment="none",
 ):
     """All checks of every candidate over `steps` steps of a float64 NumPy training run on
     data (splits, as xpnet.load_dataset gives), from the run's state before each step."""
     lr = seed_lr(batch_size) if lr is None else lr
-    settings = {"activation": activation, "dropout": dropout}
+    settings = {"activation": activation, "dropout": dropout, "augment": augment}
     config = TrainConfig(batch_size=batch_size, lr=lr, hidden=hidden, seed=seed, dtype="float64", **settings)
     reference = Trainer(get_backend("numpy"), data, config)
     compiled = compiled_trainers(candidates, data, dataclasses.replace(config, dtype=dtype))
     checks = []
+    deformed = DeformedBatches(reference, candidates, dtype)
     for step in range(1, steps + 1):
         x, y = reference.batch(reference.epoch_step)
+        checks.extend(deformed.check(step))
         for candidate in candidates:
             draw = reference.draw_at(reference.epoch_step)
             checks.extend(check_step(step, candidate, dtype, reference.model, x, y, lr, draw))
@@ -278,6 +281,43 @@ def verify(
             checks.extend(check_compiled_step(step, trainer, reference.model, y))
         reference.run_steps(1)
     return checks
+
+
+class DeformedBatches:
+    """The deformation step of each candidate: the reference run's next batch deformed from its
+    training images rounded to the candidate's dtype (moved to each candidate once), against
+    deform.deform in float64 on the same rounded images, within deform.error_bound."""
+
+    def __init__(self, reference, candidates, dtype):
+        self.reference, self.dtype = reference, numpy.dtype(dtype)
+        if reference.deformation is None:
+            self.candidates = []
+            return
+        self.images = reference.backend.to_numpy(reference.train_x).astype(dtype)
+        self.background = float(self.dtype.type(reference.background))
+        self.candidates = [(candidate, candidate.asarray(self.images)) for candidate in candidates]
+
+    def check(self, step):
+        if not self.candidates:
+            return []
+        run, side = self.reference, math.isqrt(self.images.shape[1])
+        rows = run.backend.to_numpy(run.rows(run.epoch_step))
+        spec, seed, epoch = run.deformation, run.config.seed, run.epoch
+        expected = numpy.array(
+            [deform.deform(self.images[r].reshape(side, side), spec, seed, epoch, r, self.background) for r in rows]
+        ).reshape(len(rows), -1)
+        bound = deform.error_bound(self.dtype, expected, self.images[rows], self.background, spec)
+        checks = []
+        for candidate, images in self.candidates:
+            got = candidate.deform_rows(images, candidate.asarray(rows), spec, seed, epoch, self.background)
+            # compare's bound is (0 + 1) * eps * magnitude: the magnitude that makes it error_bound.
+            magnitude = bound / numpy.finfo(self.dtype).eps
+            checks.append(
+                compare(
+                    step, "deformed batch", candidate.name, candidate.to_numpy(got), expected, self.dtype, 0, magnitude
+                )
+            )
+        return checks
 
 
 def compiled_trainers(candidates, data, config):

@@ -37,7 +37,8 @@ from typing import NamedTuple
 
 import numpy
 
-from xpnet.backends import philox
+import xpnet.backends.deform as deform
+import xpnet.backends.philox as philox
 from xpnet.backends.philox import Draw
 from xpnet.errors import ArgumentError
 
@@ -378,6 +379,36 @@ class Backend:
         keep = philox.words(draw, x.size).reshape(x.shape) >= threshold
         mask[...] = self.xp.asarray(numpy.where(keep, scale, scale.dtype.type(0)))
         return self.xp.multiply(x, mask, out=out)
+
+    def deform_rows(self, source, rows, spec, seed, epoch, background, out=None):
+        """out[i] = source[rows[i]] deformed: each row a square image, deformed as deform.deform
+        draws it for that image (its row index) in this epoch of a run with this seed, bilinear,
+        reading background outside the image. spec is a deform.Deformation. The gather the
+        trainer's batches take with deformations."""
+        self._check("source", source, ndim=2, kind="float")
+        side = math.isqrt(source.shape[1])
+        if side * side != source.shape[1] or side > deform.MAX_SIDE:
+            raise ArgumentError(
+                f"deformations take square images of at most {deform.MAX_SIDE}x{deform.MAX_SIDE} pixels, "
+                f"as rows; got rows of {source.shape[1]}"
+            )
+        self._check("rows", rows, ndim=1, kind="int")
+        self._check_range("rows", rows, len(source))
+        if not isinstance(spec, deform.Deformation):
+            raise ArgumentError(f"spec must be a deform.Deformation, got {type(spec).__name__}")
+        spec.check()
+        Draw(seed, epoch, 0).check()
+        out = self._output("out", out, (len(rows), source.shape[1]), source.dtype)
+        return self._deform_rows(source, rows, spec, seed, epoch, float(background), out)
+
+    def _deform_rows(self, source, rows, spec, seed, epoch, background, out):
+        images, side = self.to_numpy(source), math.isqrt(source.shape[1])
+        deformed = [
+            deform.deform(images[row].reshape(side, side), spec, seed, epoch, int(row), background).reshape(-1)
+            for row in self.to_numpy(rows)
+        ]
+        out[...] = self.xp.asarray(numpy.array(deformed, dtype=out.dtype).reshape(out.shape))
+        return out
 
     def dropout_backward(self, grad_y, mask, out=None):
         """grad_x = grad_y * m: y = x * m is linear in x, so the forward pass's mask is the derivative."""

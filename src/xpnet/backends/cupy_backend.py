@@ -18,12 +18,14 @@ CupyBackend is made.
 """
 
 import functools
+import math
 import time
 
 import numpy
 
-from xpnet.backends import cupy_graphs, philox
+from xpnet.backends import cupy_graphs, deform, philox, steps
 from xpnet.backends.base import ACTIVATIONS, INV_SQRT_2PI, SQRT_HALF, Backend, Declined, activation_code
+from xpnet.backends.cupy_deform import DEFORM_SOURCE, PHILOX
 from xpnet.errors import ArgumentError, BackendUnavailable
 
 INSTALL_HINT = (
@@ -171,35 +173,25 @@ __global__ void correct_rows(const T* logits, const long long* labels, int* corr
 }
 """
 
-# Dropout's mask from Philox4x32-10, one thread per counter (four elements), word for word
-# philox.philox4x32: the products in 64 bits, their high and low halves the round's words.
-_DROPOUT = f"""
-__device__ void philox4x32_10(unsigned* c, unsigned k0, unsigned k1) {{
-    for (int round = 0; round < {philox.ROUNDS}; ++round) {{
-        if (round) {{ k0 += {philox.W0}u; k1 += {philox.W1}u; }}  // wraps modulo 2^32, as the key's bump does
-        unsigned long long p0 = {philox.M0}ull * c[0], p1 = {philox.M1}ull * c[2];
-        unsigned c1 = c[1], c3 = c[3];
-        c[0] = (unsigned)(p1 >> 32) ^ c1 ^ k0;
-        c[1] = (unsigned)p1;
-        c[2] = (unsigned)(p0 >> 32) ^ c3 ^ k1;
-        c[3] = (unsigned)p0;
-    }}
-}}
-
+# Dropout's mask, one thread per Philox counter (four elements).
+_DROPOUT = (
+    PHILOX
+    + r"""
 template <typename T>
 __global__ void dropout(const T* x, unsigned threshold, T scale, unsigned step, unsigned layer, unsigned epoch,
-                        unsigned key0, unsigned key1, T* out, T* mask, long long n) {{
+                        unsigned key0, unsigned key1, T* out, T* mask, long long n) {
     long long block = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (block * 4 >= n) return;
-    unsigned words[4] = {{(unsigned)block, step, layer, epoch}};
+    unsigned words[4] = {(unsigned)block, step, layer, epoch};
     philox4x32_10(words, key0, key1);
-    for (int lane = 0; lane < 4 && block * 4 + lane < n; ++lane) {{
+    for (int lane = 0; lane < 4 && block * 4 + lane < n; ++lane) {
         long long e = block * 4 + lane;
         mask[e] = words[lane] >= threshold ? scale : (T)0;
         out[e] = x[e] * mask[e];
-    }}
-}}
+    }
+}
 """
+)
 
 _CHECK_RANGE = r"""
 __global__ void check_range(const long long* values, long long stop, int n, int* fault, int code) {
@@ -239,6 +231,8 @@ _SGD_UPDATE = (
 )
 
 
+DEFORM_THREADS = 256  # a block's threads for one image's pixels
+
 # The raw kernels' source, and each kernel by the name CuPy looks it up by (a template's for
 # each dtype), which is all a kernel's signature needs beside its source.
 RAW_SOURCE = _TAKE_BATCH + _SGD_UPDATE_ALL + _CORRECT_ROWS + _DROPOUT + _CHECK_RANGE
@@ -246,8 +240,8 @@ _TEMPLATES = ("take_batch", "sgd_update_all", "correct_rows", "dropout")
 RAW_KERNELS = [f"{kernel}<{t}>" for kernel in _TEMPLATES for t in ("float", "double")] + ["check_range"]
 # Kernels whose threads share memory and wait for each other (__syncthreads), in a module of
 # their own: the CPU emulation runs such a module's threads as coroutines, the others one by one.
-BLOCK_SOURCE = ACTIVATION_CODES + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY
-_BLOCK_TEMPLATES = ("activation_grad_and_sum_rows", "softmax_cross_entropy")
+BLOCK_SOURCE = ACTIVATION_CODES + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + DEFORM_SOURCE
+_BLOCK_TEMPLATES = ("activation_grad_and_sum_rows", "softmax_cross_entropy", "deform_rows")
 BLOCK_KERNELS = [f"{kernel}<{t}>" for kernel in _BLOCK_TEMPLATES for t in ("float", "double")]
 ELEMENTWISE_KERNELS = {
     "add_bias_activate": _ADD_BIAS_ACTIVATE,
@@ -367,7 +361,7 @@ class CupyBackend(Backend):
     def compile_steps(self, model, optimizer, data, batch_size):
         """Chunks of steps captured as CUDA graphs (cupy_graphs.GraphSteps), which gather from
         data.x, on the device (data.images are on the host), where they lower the run."""
-        problem = cupy_graphs.lowering_problem(model, optimizer)
+        problem = cupy_graphs.lowering_problem(model, optimizer) or steps.data_problem(data)
         if problem is not None:
             return Declined(f"CuPy's CUDA graphs do not run this: {problem}")
         return self._graph_steps(self, model, optimizer, data, batch_size)
@@ -429,6 +423,23 @@ class CupyBackend(Backend):
         threshold, step, layer, epoch, k0, k1 = words
         args = (x, threshold, scale, step, layer, epoch, k0, k1, out, mask, numpy.int64(x.size))
         self._launch("dropout", -(-x.size // 4), args, x.dtype)
+        return out
+
+    def _deform_rows(self, source, rows, spec, seed, epoch, background, out):
+        """One block an image (cupy_deform.py), its Gaussian's taps in a device table."""
+        if not len(rows):
+            return out
+        side, target = math.isqrt(source.shape[1]), self._contiguous_output(out)
+        weights = self._device_table(deform.gaussian_weights(spec.sigma), numpy.float64)
+        rows = self.xp.ascontiguousarray(rows, dtype=numpy.int64)
+        ranges = map(numpy.float64, deform.kernel_ranges(spec, side))
+        seed_words = map(numpy.uint32, philox.Draw(seed, epoch, 0).key())
+        args = (self.xp.ascontiguousarray(source), rows, numpy.int64(len(source)), numpy.int32(side), *ranges)
+        args += (weights, numpy.int32(len(weights)), *seed_words, numpy.uint32(epoch), numpy.float64(background))
+        args += (target,)
+        self._launch_blocks("deform_rows", len(rows), DEFORM_THREADS, args, source.dtype)
+        if target is not out:
+            out[...] = target
         return out
 
     def _take_batch(self, images, labels, rows, batch_images, batch_labels):

@@ -19,11 +19,12 @@ from typing import NamedTuple
 
 import numpy
 
-from xpnet.backends import philox
+import xpnet.backends.philox as philox
 from xpnet.errors import ArgumentError
 
 # The draw's layer word for deformations: above any dropout layer's number.
 DEFORM_STREAM = 1 << 31
+MAX_SIDE = 32  # the largest square image the kernels deform (the GPU's holds its fields in shared memory)
 AFFINE_WORDS = 8  # six parameters, in two counters
 TRUNCATE = 4.0  # the Gaussian's radius in widths (scipy.ndimage.gaussian_filter's default)
 
@@ -32,7 +33,7 @@ TRUNCATE = 4.0  # the Gaussian's radius in widths (scipy.ndimage.gaussian_filter
 LIMITS = {
     "rotation": (0, 180),
     "scale": (0, 0.9),
-    "shear": (0, 1),
+    "shear": (0, 60),
     "translation": (0, 0.5),
     "sigma": (0, 28),
     "alpha": (0, 1000),
@@ -41,8 +42,9 @@ LIMITS = {
 
 class Deformation(NamedTuple):
     """The deformations' ranges: each affine parameter is drawn uniformly from [-range, range)
-    (rotation in degrees; scale, shear and translation as fractions, translation of the side),
-    and the elastic field has width sigma and scale alpha, in pixels (alpha 0: none)."""
+    (rotation and horizontal shear in degrees, as Cireşan et al. give them; scaling per axis
+    and translation as fractions, of 1 and of the side), and the elastic field has width sigma
+    and scale alpha, in pixels (alpha 0: none)."""
 
     rotation: float = 0.0
     scale: float = 0.0
@@ -50,10 +52,6 @@ class Deformation(NamedTuple):
     translation: float = 0.0
     sigma: float = 0.0
     alpha: float = 0.0
-
-    @property
-    def elastic(self):
-        return self.alpha != 0 and self.sigma != 0
 
     def problem(self):
         """What makes these ranges unusable, or None."""
@@ -96,24 +94,40 @@ def smooth(field, weights):
     return sum(weights[k] * padded[k : k + side] for k in range(len(weights)))
 
 
+class Ranges(NamedTuple):
+    """A Deformation as the kernels take it, for images of a side: float64s in their units."""
+
+    angle: float  # radians
+    scale: float
+    shear: float  # the tangent of the shear angle: horizontal shift per row
+    shift: float  # pixels
+    alpha: float  # 0 where there is no elastic field
+
+
+def kernel_ranges(spec, side):
+    """The Ranges every backend's kernel reads, computed once on the host."""
+    shear = math.tan(math.radians(spec.shear))
+    return Ranges(math.radians(spec.rotation), spec.scale, shear, spec.translation * side, float(spec.alpha))
+
+
 def source_points(spec, words, side):
     """(x, y): where each output pixel (row i, column j) reads the source, for one image's words."""
-    s = symmetric(words[:AFFINE_WORDS])
-    angle = math.radians(spec.rotation) * s[0]
-    scale_x, scale_y = 1.0 + spec.scale * s[1], 1.0 + spec.scale * s[2]
-    shear = spec.shear * s[3]
-    shift_x, shift_y = spec.translation * side * s[4], spec.translation * side * s[5]
+    s, ranges = symmetric(words[:AFFINE_WORDS]), kernel_ranges(spec, side)
+    angle = ranges.angle * s[0]
+    scale_x, scale_y = 1.0 + ranges.scale * s[1], 1.0 + ranges.scale * s[2]
+    shear = ranges.shear * s[3]
+    shift_x, shift_y = ranges.shift * s[4], ranges.shift * s[5]
     centre = (side - 1) / 2
     v, u = numpy.mgrid[0:side, 0:side].astype(numpy.float64) - centre
     a, b = (u + shear * v) * scale_x, v * scale_y
     cos, sin = math.cos(angle), math.sin(angle)
     x = (cos * a - sin * b) + (centre + shift_x)
     y = (sin * a + cos * b) + (centre + shift_y)
-    if spec.elastic:
+    if ranges.alpha:
         n, weights = side * side, gaussian_weights(spec.sigma)
         fields = symmetric(words[AFFINE_WORDS : AFFINE_WORDS + 2 * n]).reshape(2, side, side)
-        x = x + spec.alpha * smooth(fields[0], weights)
-        y = y + spec.alpha * smooth(fields[1], weights)
+        x = x + ranges.alpha * smooth(fields[0], weights)
+        y = y + ranges.alpha * smooth(fields[1], weights)
     return x, y
 
 
@@ -135,7 +149,7 @@ def bilinear(image, x, y, background):
 
 def words_needed(spec, side):
     """How many Philox words one image's deformation reads."""
-    return AFFINE_WORDS + (2 * side * side if spec.elastic else 0)
+    return AFFINE_WORDS + (2 * side * side if spec.alpha else 0)
 
 
 def deform(image, spec, seed, epoch, index, background):
@@ -145,3 +159,23 @@ def deform(image, spec, seed, epoch, index, background):
     draw = philox.Draw(seed, epoch, index, DEFORM_STREAM)
     x, y = source_points(spec, philox.words(draw, words_needed(spec, side)), side)
     return bilinear(image.astype(numpy.float64), x, y, background)
+
+
+def error_bound(dtype, reference, images, background, spec):
+    """How far a backend's deformed rows may lie from the float64 reference's (rows, shaped like
+    reference), element by element, for source images (rows) and their background: the final
+    rounding to dtype, eps * |reference|, plus what float64 arithmetic may move. A source point
+    passes through at most 16 roundings, and sin and cos are within 2 ulp (libm, CUDA), each
+    relative to its coordinate's size, at most side * (1 + translation) + alpha (the smoothed
+    fields lie within [-1, 1]). The bilinear read moves by at most twice the largest step between
+    neighbours (a pixel and the background included) per unit moved, and rounds 6 times, each
+    relative to the largest value."""
+    eps64 = numpy.finfo(numpy.float64).eps
+    side = math.isqrt(numpy.shape(images)[-1])
+    values = numpy.asarray(images, numpy.float64).reshape(-1, side, side)
+    steps = max(numpy.abs(numpy.diff(values, axis=axis)).max(initial=0.0) for axis in (1, 2))
+    steps = max(steps, numpy.abs(values - background).max(initial=0.0))
+    largest = max(numpy.abs(values).max(initial=0.0), abs(background))
+    coordinate = side * (1 + spec.translation) + spec.alpha
+    moved = 2 * steps * 16 * eps64 * coordinate + 6 * eps64 * largest
+    return numpy.finfo(dtype).eps * numpy.abs(reference) + moved

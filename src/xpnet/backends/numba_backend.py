@@ -4,12 +4,13 @@ NumPy's BLAS; writing a GEMM would only be slower. prepare() compiles (or loads 
 cache) every kernel for a dtype and reports the time, so it never lands in a timed epoch.
 """
 
+import math
 import time
 
 import numpy
 
+from xpnet.backends import deform, numba_deform, numba_steps, philox, steps
 from xpnet.backends import numba_kernels as kernels
-from xpnet.backends import numba_steps
 from xpnet.backends.base import Backend, Declined, activation_code
 from xpnet.backends.philox import Draw
 
@@ -45,7 +46,7 @@ class NumbaBackend(Backend):
 
     def compile_steps(self, model, optimizer, data, batch_size):
         """The compiled loop (numba_steps.CompiledLoop), where it lowers this model and optimiser."""
-        problem = numba_steps.lowering_problem(model, optimizer)
+        problem = numba_steps.lowering_problem(model, optimizer) or steps.data_problem(data)
         if problem is not None:
             return Declined(f"numba's compiled loop does not run this: {problem}")
         return numba_steps.CompiledLoop(model, optimizer, data, batch_size)
@@ -86,6 +87,16 @@ class NumbaBackend(Backend):
         words = map(numpy.uint64, (threshold, draw.step, draw.layer, draw.epoch, *draw.key()))
         threshold, step, layer, epoch, k0, k1 = words
         kernels.dropout(x.reshape(-1), threshold, scale, step, layer, epoch, k0, k1, out.reshape(-1), mask.reshape(-1))
+        return out
+
+    def _deform_rows(self, source, rows, spec, seed, epoch, background, out):
+        if not _c_contiguous(source, out):
+            return super()._deform_rows(source, rows, spec, seed, epoch, background, out)
+        side = math.isqrt(source.shape[1])
+        ranges = tuple(deform.kernel_ranges(spec, side))
+        weights = deform.gaussian_weights(spec.sigma)
+        seed_words = tuple(map(numpy.uint64, philox.Draw(seed, epoch, 0).key()))
+        numba_deform.deform_rows(source, rows, side, ranges, weights, seed_words, numpy.uint64(epoch), background, out)
         return out
 
     def _softmax_cross_entropy(self, logits, labels, grad):

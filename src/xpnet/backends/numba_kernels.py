@@ -20,18 +20,21 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from xpnet.backends import philox as reference
+import xpnet.backends.philox as reference
 from xpnet.backends.base import INV_SQRT_2PI, SQRT_HALF, activation_code
 
 IDENTITY, RELU, TANH, SIGMOID = (activation_code(name) for name in ("identity", "relu", "tanh", "sigmoid"))
 _cache_warned = False
 
 
-def kernel(function):
-    """njit with an on-disk cache, or without one (warning once) where no cache dir is writable."""
+def kernel(function=None, parallel=False):
+    """njit with an on-disk cache, or without one (warning once) where no cache dir is writable;
+    parallel=True (as @kernel(parallel=True)) runs prange loops on Numba's threads."""
     global _cache_warned
+    if function is None:
+        return lambda function: kernel(function, parallel)
     try:
-        return njit(cache=True, nogil=True)(function)
+        return njit(cache=True, nogil=True, parallel=parallel)(function)
     except RuntimeError as exc:  # Numba: "cannot cache function ...: no locator available"
         if not _cache_warned:
             _cache_warned = True
@@ -40,7 +43,7 @@ def kernel(function):
                 "Set NUMBA_CACHE_DIR to a writable directory to cache them.",
                 stacklevel=2,
             )
-        return njit(nogil=True)(function)
+        return njit(nogil=True, parallel=parallel)(function)
 
 
 @kernel

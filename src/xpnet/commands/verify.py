@@ -15,10 +15,11 @@ def run(args):
     splits = load_dataset(args.dataset, args.data_dir)
     for backend in candidates:
         backend.prepare(args.dtype)
-    settings = {"seed": args.seed, "activation": args.activation, "dropout": args.dropout}
+    settings = {"seed": args.seed, "activation": args.activation, "dropout": args.dropout, "augment": args.augment}
     checks = verify(candidates, splits, steps=args.steps, dtype=args.dtype, **settings)
     dropout = f", dropout {args.dropout:g}" if args.dropout else ""
-    title = f"{args.dtype}, {args.activation}{dropout}, against NumPy float64, worst over {args.steps} steps"
+    augment = f", deformed {args.augment}" if args.augment != "none" else ""
+    title = f"{args.dtype}, {args.activation}{dropout}{augment}, against NumPy float64, worst over {args.steps} steps"
     table = Table(title=f"{title} (error/bound <= 1 passes)")
     for column in ("op", "backend", "max abs err", "max rel err", "tolerance", "error/bound", "result"):
         table.add_column(column, justify="left" if column in ("op", "backend") else "right")

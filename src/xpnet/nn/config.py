@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 import numpy
 
 from xpnet.backends.base import ACTIVATIONS
+from xpnet.backends.deform import LIMITS, Deformation
 from xpnet.errors import ConfigError
 from xpnet.nn.optim import OPTIMIZERS, betas_error, eps_error, lr_error, momentum_error, weight_decay_error
 from xpnet.nn.schedules import NAMES, Schedule, gamma_error
 
 HIDDEN_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "identity")
+AUGMENTATIONS = ("none", "affine", "elastic", "affine,elastic")
 
 
 def seed_lr(batch_size=512):
@@ -37,6 +39,12 @@ def one_of(*choices):
 
 def dropout_error(value):
     return None if 0 <= value < 1 else "must be a probability in [0, 1), e.g. 0.5"
+
+
+def within(name):
+    """The check of a deformation's range: deform.LIMITS[name]."""
+    low, high = LIMITS[name]
+    return lambda value: None if low <= value <= high else f"must be a number in [{low:g}, {high:g}]"
 
 
 def layer_sizes(value):
@@ -86,6 +94,17 @@ class TrainConfig:
     gamma: float = setting(0.1, "the step and exponential schedules' factor, in (0, 1]", gamma_error)
     step_size: int = setting(10, "the step schedule's period in epochs", at_least(1))
     warmup_epochs: int = setting(0, "epochs whose rate rises linearly to --lr before the schedule", at_least(0))
+    augment: str = setting(
+        "none", "deform each training image afresh every epoch: affine, elastic or both", choices=AUGMENTATIONS
+    )
+    rotation: float = setting(15.0, "affine: the largest rotation, in degrees (Ciresan 2010)", within("rotation"))
+    scaling: float = setting(
+        0.15, "affine: the largest change of scale per axis (Ciresan 2010: 15-20%%)", within("scale")
+    )
+    shear: float = setting(15.0, "affine: the largest horizontal shear, in degrees (Ciresan 2010)", within("shear"))
+    translation: float = setting(0.0, "affine: the largest shift, a fraction of the side", within("translation"))
+    elastic_sigma: float = setting(4.0, "elastic: the field's smoothing width in pixels (Simard 2003)", within("sigma"))
+    elastic_alpha: float = setting(34.0, "elastic: the field's scale in pixels (Simard 2003)", within("alpha"))
 
     def __post_init__(self):
         for declared in dataclasses.fields(self):
@@ -101,8 +120,15 @@ class TrainConfig:
             raise ConfigError(
                 f"momentum and Nesterov are SGD's settings, not {self.optimizer}'s: its averaging is --betas"
             )
-        if self.dropout and self.seed >= 2**64:
-            raise ConfigError(f"dropout's generator is keyed by a seed below 2**64, got seed {self.seed}")
+        if (self.dropout or self.augment != "none") and self.seed >= 2**64:
+            raise ConfigError(
+                f"dropout's and --augment's generator is keyed by a seed below 2**64, got seed {self.seed}"
+            )
+        if "elastic" in self.augment and not (self.elastic_sigma > 0 and self.elastic_alpha > 0):
+            raise ConfigError(
+                "an elastic deformation needs elastic_sigma and elastic_alpha above 0, e.g. 4 and 34 (Simard's), "
+                f"got {self.elastic_sigma:g} and {self.elastic_alpha:g}"
+            )
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(
                 f"warmup_epochs must be below the run's {self.epochs} epochs, got {self.warmup_epochs}: "
@@ -124,6 +150,20 @@ class TrainConfig:
             self.gamma,
             self.step_size,
             self.warmup_epochs,
+        )
+
+    def deformation(self):
+        """The deform.Deformation each training image is drawn through (None: --augment none)."""
+        if self.augment == "none":
+            return None
+        affine, elastic = ("affine" in self.augment), ("elastic" in self.augment)
+        return Deformation(
+            rotation=self.rotation if affine else 0.0,
+            scale=self.scaling if affine else 0.0,
+            shear=self.shear if affine else 0.0,
+            translation=self.translation if affine else 0.0,
+            sigma=self.elastic_sigma if elastic else 0.0,
+            alpha=self.elastic_alpha if elastic else 0.0,
         )
 
     @classmethod

@@ -150,7 +150,13 @@ class Trainer:
         self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
         self.optimizer = make_optimizer(backend, self.model.parameters(), config, self.steps_per_epoch)
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
-        self.compiled_steps = self._compile_steps(compiled, TrainingData(self.train_x, self.train_y, data.train.images))
+        # Deformed batches read outside the image this normalised blank pixel, in the model's dtype.
+        self.deformation, self.background = (
+            config.deformation(),
+            float(self.model.normalize(numpy.zeros((1, sizes[0])))[0, 0]),
+        )
+        training = TrainingData(self.train_x, self.train_y, data.train.images, self.deformation)
+        self.compiled_steps = self._compile_steps(compiled, training)
         # How far the compiled steps run between returns to Python (so the progress bar moves and
         # Ctrl-C is answered), and the unit of the thread probes: a twentieth of an epoch to begin
         # with (a whole one for CUDA graphs), grown on the host where that takes less than
@@ -296,14 +302,24 @@ class Trainer:
         a function of the seed, the epoch and k alone, so a resumed run draws what it would have."""
         return Draw(self.config.seed, self.epoch, k) if self.model.dropout else None
 
-    def batch(self, k):
-        """(x, y) of step k of the current epoch, gathered on the device into reused buffers."""
+    def rows(self, k):
+        """The training rows step k of the current epoch gathers (a view of its order, on the device)."""
         if self._order is None:
             self._start_epoch()
-        rows = self._order[k * self.config.batch_size :][: self.config.batch_size]
+        return self._order[k * self.config.batch_size :][: self.config.batch_size]
+
+    def batch(self, k):
+        """(x, y) of step k of the current epoch, gathered on the device into reused buffers; with
+        --augment each image is deformed as drawn for it in this epoch (Backend.deform_rows)."""
+        rows = self.rows(k)
         x = self._batch.get("x", (len(rows), self.train_x.shape[1]), self.train_x.dtype)
         y = self._batch.get("y", (len(rows),), self.train_y.dtype)
-        return self.backend.take_rows(self.train_x, rows, out=x), self.backend.take_rows(self.train_y, rows, out=y)
+        if self.deformation is None:
+            x = self.backend.take_rows(self.train_x, rows, out=x)
+        else:
+            seed, epoch = self.config.seed, self.epoch
+            x = self.backend.deform_rows(self.train_x, rows, self.deformation, seed, epoch, self.background, out=x)
+        return x, self.backend.take_rows(self.train_y, rows, out=y)
 
     def run_steps(self, n=None, progress=None):
         """Take the next n SGD steps of the current epoch (all that remain of it when None) and
