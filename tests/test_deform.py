@@ -108,17 +108,19 @@ def test_an_images_draws_depend_on_the_seed_epoch_and_image_only():
         assert not numpy.allclose(other, deformed([5, 1]))
 
 
-def test_a_run_with_deformations_trains_the_same_on_numpy_and_numba_and_declines_the_fast_paths():
+def test_each_epoch_trains_on_its_own_deformed_images_on_numpy_and_numbas_compiled_loop():
     config = xpnet.TrainConfig(batch_size=32, hidden=(16,), lr=0.05, dtype="float64", augment="affine,elastic")
     data = synthetic_splits(n_train=300)
-    with pytest.warns(RuntimeWarning, match=re.escape("not deformed (--augment)")):
-        numba = xpnet.Trainer("numba", data, config, compiled=True)
-    numpy_run = xpnet.Trainer("numpy", data, config)
-    assert numba.compiled_steps is None
+    numba, numpy_run = xpnet.Trainer("numba", data, config, compiled=True), xpnet.Trainer("numpy", data, config)
+    assert numba.compiled_steps is not None
     numpy.testing.assert_allclose(numba.run_steps(3), numpy_run.run_steps(3), rtol=1e-9, atol=0)
     x = numba.batch(3)[0].copy()
     assert numpy.array_equal(x, numpy_run.batch(3)[0])  # the same images, deformed the same way
-    assert not numpy.allclose(x, numba.train_x[numba._order[96:128]])  # and deformed
+    assert not numpy.allclose(x, numba.train_x[numba.rows(3)])  # and deformed
+    first = numba.epoch_x.copy()
+    numba.run_steps()  # the rest of the epoch: the next one deforms afresh
+    numba.run_steps(1)
+    assert not numpy.allclose(first, numba.epoch_x)
 
 
 def test_the_config_draws_each_augmentation_with_its_own_ranges():

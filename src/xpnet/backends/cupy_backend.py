@@ -23,7 +23,7 @@ import time
 
 import numpy
 
-from xpnet.backends import cupy_graphs, deform, philox, steps
+from xpnet.backends import cupy_graphs, deform, philox
 from xpnet.backends.base import ACTIVATIONS, INV_SQRT_2PI, SQRT_HALF, Backend, Declined, activation_code
 from xpnet.backends.cupy_deform import DEFORM_SOURCE, PHILOX
 from xpnet.errors import ArgumentError, BackendUnavailable
@@ -361,7 +361,7 @@ class CupyBackend(Backend):
     def compile_steps(self, model, optimizer, data, batch_size):
         """Chunks of steps captured as CUDA graphs (cupy_graphs.GraphSteps), which gather from
         data.x, on the device (data.images are on the host), where they lower the run."""
-        problem = cupy_graphs.lowering_problem(model, optimizer) or steps.data_problem(data)
+        problem = cupy_graphs.lowering_problem(model, optimizer)
         if problem is not None:
             return Declined(f"CuPy's CUDA graphs do not run this: {problem}")
         return self._graph_steps(self, model, optimizer, data, batch_size)

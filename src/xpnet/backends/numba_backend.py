@@ -9,7 +9,7 @@ import time
 
 import numpy
 
-from xpnet.backends import deform, numba_deform, numba_steps, philox, steps
+from xpnet.backends import deform, numba_deform, numba_steps, philox
 from xpnet.backends import numba_kernels as kernels
 from xpnet.backends.base import Backend, Declined, activation_code
 from xpnet.backends.philox import Draw
@@ -46,7 +46,7 @@ class NumbaBackend(Backend):
 
     def compile_steps(self, model, optimizer, data, batch_size):
         """The compiled loop (numba_steps.CompiledLoop), where it lowers this model and optimiser."""
-        problem = numba_steps.lowering_problem(model, optimizer) or steps.data_problem(data)
+        problem = numba_steps.lowering_problem(model, optimizer)
         if problem is not None:
             return Declined(f"numba's compiled loop does not run this: {problem}")
         return numba_steps.CompiledLoop(model, optimizer, data, batch_size)

@@ -27,24 +27,22 @@ def symmetric(word):
 
 @kernel
 def smooth(field, weights, side):
-    """deform.smooth: the taps along rows, then along columns, zero beyond the edges."""
+    """deform.smooth: the taps along rows, then along columns, zero beyond the edges. Each sum
+    takes its taps in the reference's order; the loops run over a row's elements innermost, so
+    that they vectorise."""
     radius = len(weights) // 2
-    rows = numpy.zeros((side, side))
+    padded = numpy.zeros((side, side + 2 * radius))
+    padded[:, radius : radius + side] = field
+    rows = numpy.zeros((side + 2 * radius, side))
     for r in range(side):
-        for j in range(side):
-            total = 0.0
-            for k in range(len(weights)):
-                column = j + k - radius
-                total += weights[k] * (field[r, column] if 0 <= column < side else 0.0)
-            rows[r, j] = total
+        for k in range(len(weights)):
+            for j in range(side):
+                rows[radius + r, j] += weights[k] * padded[r, k + j]
     out = numpy.zeros((side, side))
     for r in range(side):
-        for j in range(side):
-            total = 0.0
-            for k in range(len(weights)):
-                row = r + k - radius
-                total += weights[k] * (rows[row, j] if 0 <= row < side else 0.0)
-            out[r, j] = total
+        for k in range(len(weights)):
+            for j in range(side):
+                out[r, j] += weights[k] * rows[r + k, j]
     return out
 
 

@@ -19,20 +19,12 @@ from xpnet.nn.model import MLP
 class TrainingData(NamedTuple):
     """What a compiled path trains on: x, the normalised training rows, and y, their labels, on the
     backend; images, the host images x was normalised from, which a path may gather from instead
-    (Numba's loop does, from uint8 pixels: a quarter of the bytes of float32 rows); deformation,
-    the deform.Deformation each batch's images are drawn through, or None."""
+    (Numba's loop does, from uint8 pixels: a quarter of the bytes of float32 rows), or None. The
+    trainer may rewrite x in place between epochs (with --augment, each epoch's deformed images)."""
 
     x: object
     y: object
     images: object
-    deformation: object = None
-
-
-def data_problem(data):
-    """None where a compiled path may gather data's rows as they are; else why it cannot."""
-    if data.deformation is not None:
-        return "it gathers the training images as they are, not deformed (--augment)"
-    return None
 
 
 class StepBuffers(NamedTuple):

@@ -17,7 +17,8 @@ def available_memory():
 
 def check_memory(backend, sizes, config, n_images):
     """Refuse, before allocating any of it, a run whose arrays cannot fit in the host's memory:
-    weights, gradients and velocities, the normalised images, a batch's activations, and the
+    weights, gradients and velocities, the normalised images (and a deformed copy of the training
+    images with --augment), a batch's activations, and the
     float64 draw of the largest weight matrix at initialisation. (A GPU's memory is its own.)"""
     available = available_memory()
     if backend.xp is not numpy or available is None:
@@ -26,7 +27,8 @@ def check_memory(backend, sizes, config, n_images):
     weights = sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
     copies = 3 if config.momentum else 2
     batch = min(config.batch_size, n_images)
-    needed = itemsize * (copies * weights + 2 * n_images * sizes[0] + 4 * batch * sum(sizes))
+    images = 3 if config.augment != "none" else 2  # deformations train on an epoch's deformed copy
+    needed = itemsize * (copies * weights + images * n_images * sizes[0] + 4 * batch * sum(sizes))
     needed += 8 * max(n_in * n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
     if needed > available:
         raise ConfigError(

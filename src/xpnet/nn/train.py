@@ -150,12 +150,16 @@ class Trainer:
         self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
         self.optimizer = make_optimizer(backend, self.model.parameters(), config, self.steps_per_epoch)
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
-        # Deformed batches read outside the image this normalised blank pixel, in the model's dtype.
-        self.deformation, self.background = (
-            config.deformation(),
-            float(self.model.normalize(numpy.zeros((1, sizes[0])))[0, 0]),
-        )
-        training = TrainingData(self.train_x, self.train_y, data.train.images, self.deformation)
+        # With --augment every epoch trains on its own deformed copy of the training images, made
+        # where they live at its start (_start_epoch) and written in place, so a compiled path
+        # gathers from it as from any rows; outside an image a deformation reads a blank pixel.
+        self.deformation = config.deformation()
+        self.background = float(self.model.normalize(numpy.zeros((1, sizes[0])))[0, 0])
+        if self.deformation is None:
+            training = TrainingData(self.train_x, self.train_y, data.train.images)
+        else:
+            self.epoch_x = backend.empty(self.train_x.shape, self.train_x.dtype)
+            training = TrainingData(self.epoch_x, self.train_y, None)
         self.compiled_steps = self._compile_steps(compiled, training)
         # How far the compiled steps run between returns to Python (so the progress bar moves and
         # Ctrl-C is answered), and the unit of the thread probes: a twentieth of an epoch to begin
@@ -287,6 +291,12 @@ class Trainer:
         self._epoch_rng_state, self._order = self._next_order or self._draw_order()
         self._next_order = None
         self._epoch_losses, self._epoch_seconds = [], 0.0
+        if self.deformation is not None:  # timed as part of the epoch
+            start, every_row = time.perf_counter(), self.backend.asarray(numpy.arange(len(self.train_x)))
+            seed, epoch, background = self.config.seed, self.epoch, self.background
+            self.backend.deform_rows(self.train_x, every_row, self.deformation, seed, epoch, background, self.epoch_x)
+            self.backend.synchronize()
+            self._epoch_seconds = time.perf_counter() - start
 
     def _draw_order(self):
         """(the generator's state before the draw, an epoch's row order on the device)."""
@@ -310,16 +320,12 @@ class Trainer:
 
     def batch(self, k):
         """(x, y) of step k of the current epoch, gathered on the device into reused buffers; with
-        --augment each image is deformed as drawn for it in this epoch (Backend.deform_rows)."""
+        --augment from the epoch's deformed images (Backend.deform_rows, each as drawn for it)."""
         rows = self.rows(k)
-        x = self._batch.get("x", (len(rows), self.train_x.shape[1]), self.train_x.dtype)
+        images = self.train_x if self.deformation is None else self.epoch_x
+        x = self._batch.get("x", (len(rows), images.shape[1]), images.dtype)
         y = self._batch.get("y", (len(rows),), self.train_y.dtype)
-        if self.deformation is None:
-            x = self.backend.take_rows(self.train_x, rows, out=x)
-        else:
-            seed, epoch = self.config.seed, self.epoch
-            x = self.backend.deform_rows(self.train_x, rows, self.deformation, seed, epoch, self.background, out=x)
-        return x, self.backend.take_rows(self.train_y, rows, out=y)
+        return self.backend.take_rows(images, rows, out=x), self.backend.take_rows(self.train_y, rows, out=y)
 
     def run_steps(self, n=None, progress=None):
         """Take the next n SGD steps of the current epoch (all that remain of it when None) and
