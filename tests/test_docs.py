@@ -78,7 +78,7 @@ def test_every_command_shown_parses_with_the_cli(path):
 
 def test_the_docs_show_every_subcommand():
     shown = {shlex.split(c)[1] for path in LINKED for c in shown_commands(path)}
-    assert shown == {"train", "evaluate", "predict", "verify", "bench", "data"}
+    assert shown == {"train", "evaluate", "predict", "verify", "bench", "data", "augment", "recipes"}
 
 
 @pytest.mark.parametrize("path", [p for p in DOCS if blocks(p, "python")], ids=lambda p: str(p.relative_to(ROOT)))

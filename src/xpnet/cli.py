@@ -160,17 +160,15 @@ def add_data_flags(parser, default="mnist", help="(default: mnist)"):
     )
 
 
-def setting_flag(name):
-    """The CLI flag of a TrainConfig setting: --batch-size for batch_size."""
-    return "--" + name.replace("_", "-")
-
-
-def add_setting_flags(parser):
-    """A flag for each TrainConfig setting, derived from its declaration (src/xpnet/nn/config.py):
-    its type, default, help and choices. Whether a value is usable is TrainConfig's to say."""
-    from xpnet.nn.config import TrainConfig
+def add_setting_flags(parser, names=None):
+    """A flag for each TrainConfig setting (those named, where names are given), derived from its
+    declaration (src/xpnet/nn/config.py): its type, default, help and choices. Whether a value is
+    usable is TrainConfig's to say."""
+    from xpnet.nn.config import TrainConfig, setting_flag
 
     for declared in dataclasses.fields(TrainConfig):
+        if names is not None and declared.name not in names:
+            continue
         meta, options = declared.metadata, {"default": declared.default, "help": declared.metadata["help"]}
         if declared.type is bool:
             options["action"] = "store_true"
@@ -183,7 +181,15 @@ def add_setting_flags(parser):
 
 
 def add_train_parser(commands):
+    from xpnet.nn.recipes import RECIPES
+
     train = commands.add_parser("train", help="train an MLP and report validation and test accuracy")
+    train.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default=None,
+        help="start from a named recipe's settings, which any flag overrides (xpnet recipes lists them)",
+    )
     add_backend_flag(train)
     add_data_flags(train, None, "(default: the checkpoint's with --resume, else mnist)")
     add_setting_flags(train)
@@ -258,6 +264,27 @@ def add_bench_parser(commands):
     bench.set_defaults(command_module="bench")
 
 
+def add_augment_parser(commands):
+    from xpnet.nn.config import DEFORMATION_SETTINGS
+
+    augment = commands.add_parser("augment", help="draw training digits beside their deformations, to see the settings")
+    augment.add_argument("--grid", required=True, help="the image to write (.png, .svg or .pdf)")
+    augment.add_argument("--digits", type=positive_int, default=10, help="rows: the first training image of each class")
+    augment.add_argument("--columns", type=positive_int, default=8, help="deformations of each, one per epoch")
+    add_backend_flag(augment)
+    add_data_flags(augment)
+    add_setting_flags(augment, (*DEFORMATION_SETTINGS, "seed"))
+    augment.set_defaults(command_module="augment", augment="affine,elastic")
+
+
+def add_recipes_parser(commands):
+    from xpnet.nn.recipes import RECIPES
+
+    recipes = commands.add_parser("recipes", help="list the named recipes: their settings and what they measured")
+    recipes.add_argument("name", nargs="?", choices=list(RECIPES), help="one recipe (default: all)")
+    recipes.set_defaults(command_module="recipes")
+
+
 def add_data_parser(commands):
     data = commands.add_parser("data", help="download, verify or describe a dataset")
     data.add_argument("action", choices=["download", "verify", "info"])
@@ -288,15 +315,29 @@ def build_parser():
     parser = _Parser(prog="xpnet", description="A from-scratch MLP for MNIST on NumPy, Numba or CuPy.")
     parser.add_argument("--version", action="version", version=f"xpnet {__version__}")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=_Parser)
-    for add in (add_train_parser, add_verify_parser, add_bench_parser, add_data_parser, add_checkpoint_parsers):
+    adders = (add_train_parser, add_verify_parser, add_bench_parser, add_data_parser, add_checkpoint_parsers)
+    for add in (*adders, add_augment_parser, add_recipes_parser):
         add(commands)
+    parser.commands = commands  # each subcommand's parser, by name (a recipe sets train's defaults)
     return parser
+
+
+def parse_args(parser, argv):
+    """The arguments of argv; with `train --recipe NAME` the recipe's settings are train's defaults,
+    so a flag given still wins over the recipe."""
+    args = parser.parse_args(argv)
+    if getattr(args, "recipe", None):
+        from xpnet.nn.recipes import RECIPES
+
+        parser.commands.choices["train"].set_defaults(**RECIPES[args.recipe].settings)
+        args = parser.parse_args(argv)
+    return args
 
 
 def _command(parser, argv):
     """The command's exit code, argparse's own exits (--help, --version, a usage error) included."""
     try:
-        args = parser.parse_args(argv)
+        args = parse_args(parser, argv)
     except SystemExit as exc:
         return 0 if exc.code is None else exc.code
     if args.command is None:  # bare `xpnet`: say what it can do

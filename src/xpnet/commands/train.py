@@ -7,14 +7,13 @@ import sys
 import time
 
 from xpnet.backends import get_backend
-from xpnet.cli import setting_flag
 from xpnet.commands import check_outputs
 from xpnet.data import load_dataset
 from xpnet.data.download import AnotherDataset
 from xpnet.data.mnist import resolve_data_dir
 from xpnet.errors import UsageError, XpnetError
 from xpnet.nn.checkpoint import load_checkpoint
-from xpnet.nn.config import TrainConfig, run_settings
+from xpnet.nn.config import TrainConfig, run_settings, setting_flag
 from xpnet.nn.train import Diverged, Trainer, TrainingInterrupted
 from xpnet.threads import AUTO
 
@@ -70,6 +69,8 @@ def run(args):
     check_outputs(args, "--save", "--plot")
     config = TrainConfig(epochs=args.epochs, **{name: getattr(args, name) for name in run_settings()})
     checkpoint = None
+    if args.resume and args.recipe:
+        raise UsageError("--resume continues the run with its own settings; drop --recipe")
     if args.resume:
         # A resumed run keeps its checkpoint's settings, so none may be given with --resume.
         given = [name for name in run_settings() if getattr(config, name) != getattr(TrainConfig(), name)]
@@ -95,6 +96,11 @@ def run(args):
     config = trainer.config  # a resumed run keeps its checkpoint's settings
     sizes = "-".join(map(str, trainer.model.sizes))
     print(f"Training {sizes} on {backend.name} ({config.dtype}), data from {splits.directory}")
+    if args.recipe:
+        print(
+            f"Recipe {args.recipe} (`xpnet recipes {args.recipe}` says what it is): on {len(splits.train):,} "
+            f"training images, with {len(splits.validation):,} held out for validation"
+        )
     if config.batch_size > len(splits.train):
         print(
             f"Batch size {config.batch_size:,} is more than the {len(splits.train):,} training images: "

@@ -19,6 +19,8 @@ from xpnet.nn.schedules import NAMES, Schedule, gamma_error
 
 HIDDEN_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "identity")
 AUGMENTATIONS = ("none", "affine", "elastic", "affine,elastic")
+# The settings of --augment: which deformations, and their ranges.
+DEFORMATION_SETTINGS = ("augment", "rotation", "scaling", "shear", "translation", "elastic_sigma", "elastic_alpha")
 
 
 def seed_lr(batch_size=512):
@@ -26,6 +28,11 @@ def seed_lr(batch_size=512):
     1e-4 * batch_size, 0.0512 at the seed's 512. (A fixed rate on the mean loss would diverge
     at batch 1.)"""
     return 1e-4 * batch_size
+
+
+def setting_flag(name):
+    """The CLI flag of a TrainConfig setting: --batch-size for batch_size."""
+    return "--" + name.replace("_", "-")
 
 
 def at_least(low):
