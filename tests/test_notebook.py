@@ -10,6 +10,7 @@ nbformat = pytest.importorskip("nbformat", reason="reading the notebook needs nb
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "backprop_from_scratch.ipynb"
 
 
+@pytest.mark.slow  # 12 s: a kernel, an epoch and five figures
 def test_the_notebook_runs_top_to_bottom(mnist_dir, monkeypatch):
     monkeypatch.setenv("XPNET_DATA_DIR", str(mnist_dir))  # the kernel inherits the environment
     monkeypatch.setenv("XPNET_NOTEBOOK_EPOCHS", "1")

@@ -351,8 +351,6 @@ class CupyBackend(Backend):
         self.count_correct(y, labels)
         self.sgd_update(x, self.xp.zeros_like(x), 0.1)
         self.dropout(x, 0.5, philox.Draw(0, 0, 0))
-        squares = self.xp.ones((2, 4), dtype)
-        self.deform_rows(squares, labels, deform.Deformation(1, sigma=1, alpha=1), 0, 0, 0.0)
         self.synchronize()
         return time.perf_counter() - start
 

@@ -452,6 +452,10 @@ class Trainer:
         self.backend.prepare(self.config.dtype)
         if self.compiled_steps is not None:
             self.compiled_steps.prepare(self.step_losses)
+        if self.deformation is not None:  # its kernel compiles at its first call: one image's here
+            first = self.backend.asarray(numpy.zeros(1, numpy.int64))
+            self.backend.deform_rows(self.train_x, first, self.deformation, 0, 0, self.background)
+            self.backend.synchronize()
 
     def fit(self, log=print, progress=False, after_epoch=None):
         """Train up to config.epochs and return the history, with the test accuracy.
