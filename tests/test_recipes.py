@@ -46,6 +46,21 @@ def test_recipes_prints_each_recipe_with_its_flags_and_measure(capsys):
     assert "xpnet train --epochs 300 --batch-size 128" in out
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dropout", "1"], "dropout must be a probability in [0, 1), e.g. 0.5, got 1.0"),
+        (["--augment", "affine", "--rotation", "400"], "rotation must be a number in [0, 180], got 400.0"),
+        (["--elastic-sigma", "-1"], "elastic_sigma must be a number in [0, 28], got -1.0"),
+    ],
+)
+def test_a_setting_out_of_range_is_one_line_before_any_work(flags, message, tmp_path, capsys):
+    """Refused when the config is made, before the data is read (the data dir does not exist)."""
+    assert main(["train", *flags, "--data-dir", str(tmp_path / "nowhere"), "--save", str(tmp_path / "run.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"xpnet: error: {message}\n" and not list(tmp_path.iterdir())
+
+
 def test_a_recipe_cannot_be_resumed_onto(tmp_path, capsys):
     assert main(["train", "--recipe", "simard2003", "--resume", str(tmp_path / "run.npz")]) == 2
     assert "--resume continues the run with its own settings; drop --recipe" in capsys.readouterr().err
