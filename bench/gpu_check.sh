@@ -10,7 +10,7 @@
 #               PyTorch eager (cuda and cpu), its CUDA-graph torch.compile, its whole step captured
 #               as one CUDA graph, and JAX (on the GPU, at float32 precision and its default)
 #   tests.log   the whole test suite, cupy included (parity, 50 float64 steps, graphs, accuracy)
-#   verify.log  `xpnet verify` in float32 and float64: each op of a step, graph steps included
+#   verify.log  `xpnet verify` in float32 and float64, then with dropout and deformations: each op of a step
 #   train.log   `xpnet train` with the defaults on cupy, then numpy: validation accuracies
 # The timings run first and alone; the checks after them, side by side (none of them is timed).
 # The MNIST files must travel with the checkout, in a folder git ignores:
@@ -20,6 +20,9 @@
 # TESTS_K="cupy and not emulated" runs only the suite's GPU tests (pytest -k), for a rerun;
 # with BACKENDS=cupy as well, the bench times only the GPU rows and the peers (about 2.5 minutes in all).
 # OPS=0 leaves out gpu_ops.py (the profile says more per minute), TRAIN=0 the two training runs.
+# RECIPE=ciresan2010 runs only that recipe on the GPU, into recipe.log, within RECIPE_SECONDS
+# (default 500: a checkpoint of its network is too large to bring back, so the run must end in
+# the call), for RECIPE_EPOCHS epochs where given (else the recipe's own).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/gpu-out}
@@ -39,6 +42,13 @@ status=0
         'numba', numba.__version__, 'torch', torch.__version__, 'jax', jax.__version__, jax.devices())"
 } >"$OUT/card.txt" 2>&1 || status=1
 cat "$OUT/card.txt"
+if [ -n "${RECIPE:-}" ]; then
+    timeout "${RECIPE_SECONDS:-500}" "$PYTHON" -m xpnet train --backend cupy --recipe "$RECIPE" \
+        ${RECIPE_EPOCHS:+--epochs "$RECIPE_EPOCHS"} --quiet >"$OUT/recipe.log" 2>&1
+    status=$?
+    tail -n 25 "$OUT/recipe.log"
+    exit $status
+fi
 
 if [ "$GPU_BACKEND" = cupy ]; then
     [ "$OPS" = 0 ] || timeout 150 "$PYTHON" bench/gpu_ops.py --markdown "$OUT/ops.md" 2>&1 || status=1
@@ -56,6 +66,7 @@ tests=$!
 for dtype in float32 float64; do
     timeout 120 "$PYTHON" -m xpnet verify --dtype "$dtype" >>"$OUT/verify.log" 2>&1 || status=1
 done
+timeout 120 "$PYTHON" -m xpnet verify --dropout 0.3 --augment affine,elastic >>"$OUT/verify.log" 2>&1 || status=1
 tail -n 4 "$OUT/verify.log"
 [ "$TRAIN" = 0 ] || for backend in "$GPU_BACKEND" numpy; do
     timeout 240 "$PYTHON" -m xpnet train --backend "$backend" --quiet 2>&1 | sed "s/^/[$backend] /" >>"$OUT/train.log" || status=1

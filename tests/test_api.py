@@ -163,7 +163,7 @@ ADAMW = dataclasses.replace(
 
 GELU = dataclasses.replace(CONFIG, activation="gelu", hidden=(32,))
 DROPOUT = dataclasses.replace(CONFIG, dropout=0.3, hidden=(32, 16))
-AUGMENT = dataclasses.replace(CONFIG, augment="affine,elastic", hidden=(32,))
+AUGMENT = dataclasses.replace(CONFIG, augment="affine,elastic")
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,8 @@ class Ranges(NamedTuple):
 def kernel_ranges(spec, side):
     """The Ranges every backend's kernel reads, computed once on the host."""
     shear = math.tan(math.radians(spec.shear))
-    return Ranges(math.radians(spec.rotation), spec.scale, shear, spec.translation * side, float(spec.alpha))
+    ranges = (math.radians(spec.rotation), spec.scale, shear, spec.translation * side, spec.alpha)
+    return Ranges(*map(float, ranges))  # floats all: a kernel is compiled again for each type
 
 
 def source_points(spec, words, side):
