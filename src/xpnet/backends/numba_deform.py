@@ -1,8 +1,8 @@
 """Numba's deformation kernel: deform.py's reference, image by image, in parallel over images.
 
 Every float64 quantity is computed in the reference's order, without fast-math, so the CPU
-backends give the same bits. Unlike numba_kernels, this kernel runs on Numba's threads: it runs
-between matrix products, so it does not compete with BLAS's threads.
+backends give the same bits. Unlike numba_kernels, this kernel runs on Numba's threads: the
+trainer calls it once at an epoch's start, before any product, so no BLAS thread competes.
 """
 
 import math
