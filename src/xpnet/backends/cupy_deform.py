@@ -2,8 +2,8 @@
 
 PHILOX is philox.philox4x32 word for word: the products in 64 bits, their high and low halves
 the round's words. deform_rows is deform.deform image by image, one block an image: its threads
-draw the elastic fields into shared memory, smooth them along rows and then columns (a barrier
-between), and each reads its pixels' source points. Its float64 arithmetic follows the
+draw the elastic fields into shared memory, smooth them along rows and then columns (smooth_pass,
+a barrier between), and each reads its pixels' source points. Its float64 arithmetic follows the
 reference's order; nvcc may fuse a multiply and an add into one rounding, and CUDA's sin and cos
 are within 2 ulp of libm's, so its results agree with the CPU's within the bounds the tests
 derive (tests/test_deform.py), not bit for bit.
@@ -35,6 +35,22 @@ DEFORM_SOURCE = (
     + r"""
 __device__ double symmetric(unsigned word) { return (double)(word >> 8) * 1.1920928955078125e-07 - 1.0; }
 
+// One pass of the Gaussian over both fields, along rows or along columns, zero beyond the edges:
+// out[q] = sum over k of weights[k] * in[q + (k - radius) * step], the taps in order.
+__device__ void smooth_pass(double (*in)[MAX_PIXELS], double (*out)[MAX_PIXELS], const double* weights, int taps,
+                            int side, bool along_rows) {
+    int n = side * side, radius = taps / 2, step = along_rows ? 1 : side;
+    for (int p = threadIdx.x; p < 2 * n; p += blockDim.x) {
+        int f = p / n, q = p % n, position = along_rows ? q % side : q / side;
+        double total = 0;
+        for (int k = 0; k < taps; ++k) {
+            int at = position + k - radius;
+            total += weights[k] * (at >= 0 && at < side ? in[f][q + (k - radius) * step] : 0.0);
+        }
+        out[f][q] = total;
+    }
+}
+
 template <typename T>
 __device__ double read(const T* image, bool valid, int row, int column, int side, double background) {
     return valid && row >= 0 && row < side && column >= 0 && column < side ? (double)image[row * side + column]
@@ -48,7 +64,7 @@ __global__ void deform_rows(const T* source, const long long* rows, long long n_
                             double background, T* out) {
     __shared__ double field[2][MAX_PIXELS];
     __shared__ double smoothed[2][MAX_PIXELS];
-    int n = side * side, radius = taps / 2;
+    int n = side * side;
     long long row = rows[blockIdx.x];
     bool valid = row >= 0 && row < n_source;  // never read outside source: check_range reports the fault
     const T* image = source + (valid ? row : 0) * n;
@@ -71,25 +87,9 @@ __global__ void deform_rows(const T* source, const long long* rows, long long n_
             }
         }
         __syncthreads();
-        for (int p = threadIdx.x; p < 2 * n; p += blockDim.x) {  // along rows
-            int f = p / n, q = p % n, r = q / side, j = q % side;
-            double total = 0;
-            for (int k = 0; k < taps; ++k) {
-                int column = j + k - radius;
-                total += weights[k] * (column >= 0 && column < side ? field[f][r * side + column] : 0.0);
-            }
-            smoothed[f][q] = total;
-        }
+        smooth_pass(field, smoothed, weights, taps, side, true);
         __syncthreads();
-        for (int p = threadIdx.x; p < 2 * n; p += blockDim.x) {  // along columns
-            int f = p / n, q = p % n, r = q / side, j = q % side;
-            double total = 0;
-            for (int k = 0; k < taps; ++k) {
-                int other = r + k - radius;
-                total += weights[k] * (other >= 0 && other < side ? smoothed[f][other * side + j] : 0.0);
-            }
-            field[f][q] = total;
-        }
+        smooth_pass(smoothed, field, weights, taps, side, false);
         __syncthreads();
     }
     for (int q = threadIdx.x; q < n; q += blockDim.x) {
