@@ -402,10 +402,10 @@ class Backend:
         return self._deform_rows(source, rows, spec, seed, epoch, float(background), out)
 
     def _deform_rows(self, source, rows, spec, seed, epoch, background, out):
-        images, side = self.to_numpy(source), math.isqrt(source.shape[1])
+        images, side = self.to_numpy(source[rows]), math.isqrt(source.shape[1])  # the rows asked for only
         deformed = [
-            deform.deform(images[row].reshape(side, side), spec, seed, epoch, int(row), background).reshape(-1)
-            for row in self.to_numpy(rows)
+            deform.deform(image.reshape(side, side), spec, seed, epoch, int(row), background).reshape(-1)
+            for image, row in zip(images, self.to_numpy(rows))
         ]
         out[...] = self.xp.asarray(numpy.array(deformed, dtype=out.dtype).reshape(out.shape))
         return out

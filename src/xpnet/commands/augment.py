@@ -22,7 +22,9 @@ def run(args):
     # The first image of each class, in class order, then the next images, up to --digits rows.
     firsts = [int(numpy.flatnonzero(train.labels == label)[0]) for label in numpy.unique(train.labels)]
     rows = (firsts + [i for i in range(len(train)) if i not in firsts])[: args.digits]
-    pixels = backend.asarray(train.images.reshape(len(train), -1).astype(numpy.float64))
+    # An image's draws are those of its training index: the images up to the last one shown.
+    shown = train.images[: max(rows) + 1]
+    pixels = backend.asarray(shown.reshape(len(shown), -1).astype(numpy.float64))
     on_device = backend.asarray(numpy.array(rows))
     deformed = [
         backend.to_numpy(backend.deform_rows(pixels, on_device, spec, args.seed, epoch, 0.0))

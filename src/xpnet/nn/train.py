@@ -159,6 +159,7 @@ class Trainer:
             training = TrainingData(self.train_x, self.train_y, data.train.images)
         else:
             self.epoch_x = backend.empty(self.train_x.shape, self.train_x.dtype)
+            self._every_row = backend.asarray(numpy.arange(len(self.train_x)))
             training = TrainingData(self.epoch_x, self.train_y, None)
         self.compiled_steps = self._compile_steps(compiled, training)
         # How far the compiled steps run between returns to Python (so the progress bar moves and
@@ -292,7 +293,7 @@ class Trainer:
         self._next_order = None
         self._epoch_losses, self._epoch_seconds = [], 0.0
         if self.deformation is not None:  # timed as part of the epoch
-            start, every_row = time.perf_counter(), self.backend.asarray(numpy.arange(len(self.train_x)))
+            start, every_row = time.perf_counter(), self._every_row
             seed, epoch, background = self.config.seed, self.epoch, self.background
             self.backend.deform_rows(self.train_x, every_row, self.deformation, seed, epoch, background, self.epoch_x)
             self.backend.synchronize()
