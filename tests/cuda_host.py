@@ -9,7 +9,8 @@ depends on the others' order. A module with it runs a block's threads as corouti
 each up to its next barrier in turn, with ``__shared__`` memory common to the block: a thread
 that reads another's slot without a barrier between reads what was there before (zeros at a
 module's first launch, the last block's values after), and a barrier that some threads skip (an
-early return) is reported, where the GPU would hang.
+early return) is reported, where the GPU would hang. Threads run in thread order, or in reverse
+(RawModule's reverse_threads), so a read that races a write is caught in one order or the other.
 
 A launch also checks what a GPU would not report: each argument's C type against the kernel's
 parameter (a float64 array for a float*, a Python int for an int: CuPy would pass 8 bytes),
@@ -63,7 +64,7 @@ extern "C" const char* xpnet_fault() { return fault; }
 
 #ifndef XPNET_BLOCKS
 template <typename... A>
-static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** args) {
+static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** args, int) {
     gridDim = {grid, 1, 1};
     blockDim = {block, 1, 1};
     fault[0] = 0;
@@ -77,8 +78,8 @@ static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** a
 }
 #else
 // A block's threads as coroutines: each runs until its next __syncthreads() or its end, in
-// thread order, and the next phase starts once every thread has; so a thread reads what the
-// others wrote before the barrier, and, without it, what they had not yet written.
+// thread order (or its reverse), and the next phase starts once every thread has; so a thread
+// reads what the others wrote before the barrier, and, without it, what they had not yet written.
 #include <functional>
 #include <memory>
 #include <ucontext.h>
@@ -92,7 +93,7 @@ static void fiber_main() { thread_body(); running->done = true; }  // then uc_li
 static void __syncthreads() { swapcontext(&running->context, &scheduler); }
 
 template <typename... A>
-static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** args) {
+static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** args, int reverse) {
     const std::size_t stack = 1 << 16;
     gridDim = {grid, 1, 1};
     blockDim = {block, 1, 1};
@@ -115,7 +116,8 @@ static void launch(void (*kernel)(A...), unsigned grid, unsigned block, void** a
         }
         for (unsigned phase = 0;; ++phase) {
             unsigned waiting = 0, done = 0;
-            for (unsigned t = 0; t < block; ++t) {
+            for (unsigned n = 0; n < block; ++n) {
+                unsigned t = reverse ? block - 1 - n : n;
                 if (fibers[t].done) { ++done; continue; }
                 running = &fibers[t];
                 threadIdx = {t, 0, 0};
@@ -161,7 +163,9 @@ static const char* signature(void (*)(A...)) {
 """
 
 ENTRY = """
-extern "C" void xpnet_launch_{k}(unsigned grid, unsigned block, void** args) {{ launch(&{expr}, grid, block, args); }}
+extern "C" void xpnet_launch_{k}(unsigned grid, unsigned block, void** args, int reverse) {{
+    launch(&{expr}, grid, block, args, reverse);
+}}
 extern "C" const char* xpnet_signature_{k}() {{ return signature(&{expr}); }}
 """
 
@@ -257,10 +261,10 @@ class Guarded:
 class RawKernel:
     """A kernel of a RawModule, called as CuPy's are: kernel(grid, block, args)."""
 
-    def __init__(self, library, index, name):
-        self.name = name
+    def __init__(self, library, index, name, reverse_threads=False):
+        self.name, self.reverse_threads = name, reverse_threads
         self._launch = getattr(library, f"xpnet_launch_{index}")
-        self._launch.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
+        self._launch.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
         self._launch.restype = None
         self._fault = library.xpnet_fault
         self._fault.restype = ctypes.c_char_p
@@ -288,7 +292,7 @@ class RawKernel:
             guarded[same].written |= not param.const
             slots.append(guarded[same].address)
         addresses = [ctypes.addressof(s) if isinstance(s, ctypes.c_void_p) else s.ctypes.data for s in slots]
-        self._launch(grid, block, (ctypes.c_void_p * len(slots))(*addresses))
+        self._launch(grid, block, (ctypes.c_void_p * len(slots))(*addresses), int(self.reverse_threads))
         for position, g in guarded.items():
             g.finish(f"{self.name} (grid {grid} x block {block}), argument {position},")
         fault = self._fault().decode()
@@ -297,17 +301,20 @@ class RawKernel:
 
 
 class RawModule:
-    """cupy.RawModule: the code compiled for the host, its kernels named by name_expressions."""
+    """cupy.RawModule: the code compiled for the host, its kernels named by name_expressions.
+    reverse_threads (not CuPy's) runs each phase of a block's threads from the last to the first:
+    a thread that reads what a lower thread writes, with no barrier between, then reads it stale."""
 
-    def __init__(self, code, options=(), name_expressions=()):
+    def __init__(self, code, options=(), name_expressions=(), reverse_threads=False):
         std = next((o.split("=", 1)[1] for o in options if o.startswith("--std=")), "c++17")  # NVRTC's default
         entries = "".join(ENTRY.format(k=k, expr=expr) for k, expr in enumerate(name_expressions))
         blocks = "#define XPNET_BLOCKS\n" if "__syncthreads" in code else ""  # its threads as coroutines
         self._library = _compile(blocks + SHIM + code + entries, std)
         self._index = {expr: k for k, expr in enumerate(name_expressions)}
+        self.reverse_threads = reverse_threads
 
     def get_function(self, name):
-        return RawKernel(self._library, self._index[name], name)
+        return RawKernel(self._library, self._index[name], name, self.reverse_threads)
 
 
 def parse_params(params):

@@ -87,24 +87,25 @@ LOSS_BARRIER = "partial[threadIdx.x] = sum;\n    __syncthreads();"
 SUM_BARRIER = "partial[lane][column] = sum;\n    __syncthreads();"
 
 
-def block_kernel(source, name):
-    return RawModule(source, options=("--std=c++14",), name_expressions=[name]).get_function(name)
+def block_kernel(source, name, reverse=False):
+    module = RawModule(source, options=("--std=c++14",), name_expressions=[name], reverse_threads=reverse)
+    return module.get_function(name)
 
 
-def mean_loss(source, rows=700, cols=10):
+def mean_loss(source, rows=700, cols=10, reverse=False):
     """The block kernel's mean loss of random logits, and NumPy's (more rows than threads, so
     each thread sums several)."""
     rng = numpy.random.default_rng(0)
     logits, labels = rng.standard_normal((rows, cols)), rng.integers(0, cols, rows)
     grad, loss = numpy.empty((rows, cols)), numpy.full(1, numpy.nan)
     args = (logits, labels, grad, loss, numpy.int32(rows), numpy.int32(cols))
-    block_kernel(source, "softmax_cross_entropy<double>")((1,), (cupy_backend.LOSS_THREADS,), args)
+    block_kernel(source, "softmax_cross_entropy<double>", reverse)((1,), (cupy_backend.LOSS_THREADS,), args)
     shifted = logits - logits.max(axis=1, keepdims=True)
     expected = numpy.mean(numpy.log(numpy.exp(shifted).sum(axis=1)) - shifted[numpy.arange(rows), labels])
     return loss[0], expected
 
 
-def relu_bias_gradient(source, rows=100, cols=40):
+def relu_bias_gradient(source, rows=100, cols=40, reverse=False):
     """The block kernel's masked gradient and its column sums over two blocks of columns, and NumPy's."""
     rng = numpy.random.default_rng(1)
     grad_y, output = rng.standard_normal((rows, cols)), numpy.maximum(rng.standard_normal((rows, cols)), 0)
@@ -112,15 +113,16 @@ def relu_bias_gradient(source, rows=100, cols=40):
     code = numpy.int32(activation_code("relu"))
     args = (grad_y, output, code, grad_z, sums, numpy.int32(rows), numpy.int32(cols))
     threads = cupy_backend.SUM_COLUMNS * cupy_backend.SUM_LANES
-    block_kernel(source, "activation_grad_and_sum_rows<double>")((2,), (threads,), args)
+    block_kernel(source, "activation_grad_and_sum_rows<double>", reverse)((2,), (threads,), args)
     expected = numpy.where(output > 0, grad_y, 0)
     numpy.testing.assert_array_equal(grad_z, expected)
     return sums, expected.sum(axis=0)
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["thread order", "reverse order"])
 @pytest.mark.parametrize("run", [mean_loss, relu_bias_gradient])
-def test_a_block_meets_at_its_barriers(run):
-    got, expected = run(cupy_backend.BLOCK_SOURCE)
+def test_a_block_meets_at_its_barriers(run, reverse):
+    got, expected = run(cupy_backend.BLOCK_SOURCE, reverse=reverse)
     numpy.testing.assert_allclose(got, expected, rtol=1e-13)  # float64 sums of at most 700 terms, in another order
 
 

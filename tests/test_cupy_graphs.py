@@ -29,11 +29,13 @@ CONFIG = TrainConfig(
 CHUNK_SHAPES = {(48, 48), (8,)}
 
 
-def train_two_epochs(backend, steps_class=None):
-    """A trainer after two epochs, its reference loop or steps_class's, and each epoch's losses."""
+def train_two_epochs(backend, steps_class=None, fused_head=True):
+    """A trainer after two epochs, its reference loop or steps_class's (with the fused head or
+    cuBLAS's products and the loss kernel), and each epoch's losses."""
     trainer = Trainer(backend, synthetic_splits(n_train=200), CONFIG, compiled=False)
     if steps_class is not None:
         trainer.compiled_steps = graph_steps(steps_class, trainer)
+        trainer.compiled_steps.fused_head = fused_head
         trainer.compiled_steps.prepare(trainer.step_losses)
     trainer.chunk_steps = 2
     losses = [trainer.run_steps() for _ in range(2)]
@@ -54,13 +56,26 @@ def state(trainer):
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) here to run the CuPy backend's kernels on the CPU")
 def test_replayed_chunks_train_exactly_as_the_reference_loop():
+    """With cuBLAS's products (NumPy's here) the steps are the reference loop's ops: the same bits."""
     backend = EmulatedCupyBackend()
     reference, reference_losses = train_two_epochs(backend)
-    graphs, losses = train_two_epochs(backend, ReplayedGraphSteps)
+    graphs, losses = train_two_epochs(backend, ReplayedGraphSteps, fused_head=False)
     assert set(graphs.compiled_steps.graphs) == CHUNK_SHAPES
     numpy.testing.assert_array_equal(numpy.concatenate(losses), numpy.concatenate(reference_losses))
     for got, want in zip(state(graphs), state(reference)):
         numpy.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) here to run the CuPy backend's kernels on the CPU")
+def test_replayed_chunks_with_the_fused_head_train_as_the_reference_loop():
+    """The head's kernels add in another order than the products: float64 agrees far below 1e-9."""
+    backend = EmulatedCupyBackend()
+    reference, reference_losses = train_two_epochs(backend)
+    graphs, losses = train_two_epochs(backend, ReplayedGraphSteps)
+    assert graphs.compiled_steps.fused_head and set(graphs.compiled_steps.scratch) == {48, 8}
+    numpy.testing.assert_allclose(numpy.concatenate(losses), numpy.concatenate(reference_losses), rtol=1e-9)
+    for got, want in zip(state(graphs), state(reference)):
+        numpy.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) here to run the CuPy backend's kernels on the CPU")

@@ -23,7 +23,7 @@ import time
 
 import numpy
 
-from xpnet.backends import cupy_graphs, deform, philox
+from xpnet.backends import cupy_graphs, cupy_head, deform, philox
 from xpnet.backends.base import ACTIVATIONS, INV_SQRT_2PI, SQRT_HALF, Backend, Declined, activation_code
 from xpnet.backends.cupy_deform import DEFORM_SOURCE, PHILOX
 from xpnet.errors import ArgumentError, BackendUnavailable
@@ -235,13 +235,14 @@ DEFORM_THREADS = 256  # a block's threads for one image's pixels
 
 # The raw kernels' source, and each kernel by the name CuPy looks it up by (a template's for
 # each dtype), which is all a kernel's signature needs beside its source.
-RAW_SOURCE = _TAKE_BATCH + _SGD_UPDATE_ALL + _CORRECT_ROWS + _DROPOUT + _CHECK_RANGE
-_TEMPLATES = ("take_batch", "sgd_update_all", "correct_rows", "dropout")
+RAW_SOURCE = _TAKE_BATCH + _SGD_UPDATE_ALL + _CORRECT_ROWS + _DROPOUT + _CHECK_RANGE + cupy_head.HEAD_RAW_SOURCE
+_TEMPLATES = ("take_batch", "sgd_update_all", "correct_rows", "dropout", *cupy_head.RAW_TEMPLATES)
 RAW_KERNELS = [f"{kernel}<{t}>" for kernel in _TEMPLATES for t in ("float", "double")] + ["check_range"]
 # Kernels whose threads share memory and wait for each other (__syncthreads), in a module of
 # their own: the CPU emulation runs such a module's threads as coroutines, the others one by one.
 BLOCK_SOURCE = ACTIVATION_CODES + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + DEFORM_SOURCE
-_BLOCK_TEMPLATES = ("activation_grad_and_sum_rows", "softmax_cross_entropy", "deform_rows")
+BLOCK_SOURCE += cupy_head.HEAD_BLOCK_SOURCE
+_BLOCK_TEMPLATES = ("activation_grad_and_sum_rows", "softmax_cross_entropy", "deform_rows", *cupy_head.BLOCK_TEMPLATES)
 BLOCK_KERNELS = [f"{kernel}<{t}>" for kernel in _BLOCK_TEMPLATES for t in ("float", "double")]
 ELEMENTWISE_KERNELS = {
     "add_bias_activate": _ADD_BIAS_ACTIVATE,
@@ -415,6 +416,23 @@ class CupyBackend(Backend):
         if grad is not grad_out:
             grad_out[...] = grad
         return loss.reshape(())
+
+    def _fused_head(self, head, scratch):
+        """The output layer's forward pass, the loss and both backward products in three kernels
+        (cupy_head.py), for the captured step: head is a cupy_head.HeadArrays, scratch the
+        cupy_head.workspace of its batch. Shapes are checked here; the labels' range is the
+        caller's to check (a label outside gives its row a NaN loss, never a stray read)."""
+        cupy_head.check_head(head, scratch)
+        (rows, width), classes, dtype = head.inputs.shape, head.W.shape[0], head.inputs.dtype
+        sizes = tuple(map(numpy.int32, (rows, width, classes)))
+        args = (head.inputs, head.W, head.b, head.labels, head.logits, head.grad_logits, head.grad_inputs)
+        self._launch_blocks("head_rows", rows, cupy_head.HEAD_ROW_THREADS, (*args, scratch.row_losses, *sizes), dtype)
+        tiles, slices = -(-(width + 1) // cupy_head.HEAD_COLUMNS), cupy_head.slices(rows)
+        args = (head.inputs, head.grad_logits, scratch.row_losses, scratch.sums, scratch.slice_losses, *sizes)
+        threads = cupy_head.HEAD_LANES * cupy_head.HEAD_COLUMNS
+        self._launch_blocks("head_slice_sums", tiles * slices, threads, args, dtype)
+        args = (scratch.sums, scratch.slice_losses, head.grad_W, head.grad_b, head.loss, numpy.int32(slices), *sizes)
+        self._launch("head_finish", classes * (width + 1) + 1, args, dtype)
 
     def _dropout(self, x, threshold, scale, draw, out, mask):
         if not (x.flags.c_contiguous and out.flags.c_contiguous and mask.flags.c_contiguous):

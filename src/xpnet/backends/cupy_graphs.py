@@ -4,9 +4,11 @@ Op by op a step is some twenty launches through Python, and at MNIST's sizes a k
 sooner than Python launches the next. A graph records an epoch of steps once and replays it in
 one call. Every array keeps its address (buffers of this object and a memory pool of its own);
 the chunk's rows and rates are copied in before a replay; the products call cuBLAS through
-ctypes (CublasGemm), since CuPy refuses cuBLAS calls during capture. Nothing inside a graph
-checks: the labels are checked once here, and the order is the trainer's permutation of the
-rows. Where capture fails, a warning says why and the same steps run uncaptured. The whole
+ctypes (CublasGemm), since CuPy refuses cuBLAS calls during capture. The output layer is the
+exception: it, the loss and their gradients are three kernels of cupy_head.py where the model
+has a hidden layer and at most 16 classes (six kernels with cuBLAS, whose products of ten
+columns are its slowest). Nothing inside a graph checks: the labels are checked once here, and
+the order is the trainer's permutation of the rows. Where capture fails, a warning says why and the same steps run uncaptured. The whole
 story: docs/design.md, "CuPy's CUDA graphs".
 """
 
@@ -15,7 +17,7 @@ import warnings
 
 import numpy
 
-from xpnet.backends import steps
+from xpnet.backends import cupy_head, steps
 from xpnet.nn.optim import SGD
 
 OP_N, OP_T = 0, 1  # cublasOperation_t
@@ -140,6 +142,11 @@ class GraphSteps(steps.CompiledSteps):
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.ops = None  # the backend's ops with products that can be captured, made at the first capture
+        # Whether a step's output layer and loss are cupy_head's kernels (else cuBLAS's products and
+        # the loss kernel); set it before the first run to time the other (bench/gpu_profile.py does).
+        self.head_problem = cupy_head.head_problem(model.sizes)
+        self.fused_head = self.head_problem is None
+        self.scratch = {}  # cupy_head.workspace by batch size
 
     # -- the step: the reference step's ops on this object's buffers -------------------------
     def _step(self, ops, buffers, rows, lr, loss_out):
@@ -149,10 +156,20 @@ class GraphSteps(steps.CompiledSteps):
         x, y = buffers.inputs, buffers.labels
         ops._take_batch(self.data.x, self.data.y, rows, x, y)
         layers, inputs = self.model.net.layers, [x, *buffers.outputs]
-        for i, layer in enumerate(layers):
+        fused = len(layers) - 1 if self.fused_head else None  # the output layer's index, where fused
+        for i, layer in enumerate(layers[:fused]):
             ops.linear_forward(inputs[i], layer.W.value, layer.b.value, layer.activation, inputs[i + 1])
-        ops._softmax_cross_entropy(inputs[-1], y, buffers.grads_y[-1], loss_out)
-        for i in reversed(range(len(layers))):
+        if fused is not None:
+            W, b = layers[fused].W, layers[fused].b
+            head = cupy_head.HeadArrays(
+                inputs=inputs[fused], W=W.value, b=b.value, labels=y, logits=inputs[-1],
+                grad_logits=buffers.grads_y[-1], grad_inputs=buffers.grads_y[fused - 1], grad_W=W.grad, grad_b=b.grad,
+                loss=loss_out,
+            )  # fmt: skip
+            ops._fused_head(head, self.scratch[len(x)])
+        else:
+            ops._softmax_cross_entropy(inputs[-1], y, buffers.grads_y[-1], loss_out)
+        for i in reversed(range(len(layers) if fused is None else fused)):
             layer, grad_x = layers[i], buffers.grads_y[i - 1] if i > 0 else None
             grad_y, grad_z, W, b = buffers.grads_y[i], buffers.grads_z[i], layer.W, layer.b
             ops.linear_backward(
@@ -173,6 +190,9 @@ class GraphSteps(steps.CompiledSteps):
         """Buffers for a chunk of these batch sizes; growing them drops the graphs, which hold the old ones."""
         for size in set(sizes) - set(self.arrays):
             self.arrays[size] = step_buffers(self.backend, self.model.sizes, size, self.model.dtype)
+            if self.fused_head:
+                width, classes = self.model.sizes[-2:]
+                self.scratch[size] = cupy_head.workspace(self.cupy, size, width, classes, self.model.dtype)
         if self.rows is None or len(self.rows) < sum(sizes) or len(self.lrs) < len(sizes):
             xp = self.cupy
             self.rows = xp.zeros(max(sum(sizes), 0 if self.rows is None else len(self.rows)), numpy.int64)
