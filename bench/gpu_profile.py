@@ -10,7 +10,8 @@ Three measurements, each in its own table, for issue 29 ("measure first"):
    multiprocessor (the launch ramps over more of the chip).
 2. Each contender's epoch as its kernels: PyTorch's profiler (CUPTI, which sees every kernel in
    the process, CuPy's graph nodes and XLA's too) around one warm epoch of xpnet's CuPy steps,
-   JAX's scanned epoch (float32 precision and its default) and torch's captured step. Per step:
+   JAX's scanned epoch (float32 precision and its default) and torch's captured step; xpnet's
+   twice, its output layer as cupy_head's kernels and as cuBLAS's products. Per step:
    kernels, the sum of their durations, and the span from the epoch's first kernel to its last.
    The span less the sum is time the GPU spent between kernels.
 3. Each contender's kernels by name: how many per step and their mean duration.
@@ -93,14 +94,19 @@ def profiled_kernels(epoch, synchronize):
     return sorted(kernels, key=lambda kernel: kernel[1])
 
 
-def xpnet_epoch(batch_size):
-    """One epoch of xpnet's compiled CuPy steps on random data (what xpnet bench times)."""
+def xpnet_epochs(batch_size):
+    """One epoch of xpnet's compiled CuPy steps on random data (what xpnet bench times), with the
+    output layer as cupy_head's kernels (the default) and as cuBLAS's products and the loss kernel."""
     from xpnet.backends import get_backend
     from xpnet.bench import backend_contender
 
-    backend = get_backend("cupy")
-    contender = backend_contender(backend, batch_size)
-    return "xpnet cupy (CUDA graphs)", contender.run_epoch, contender.synchronize
+    found = []
+    for fused, name in ((True, "xpnet cupy (CUDA graphs)"), (False, "xpnet cupy (graphs, cuBLAS head)")):
+        contender = backend_contender(get_backend("cupy"), batch_size)
+        trainer = contender.run_epoch.__self__  # the contender runs Trainer.train_epoch
+        trainer.compiled_steps.fused_head = fused  # before its first epoch captures a graph
+        found.append((name, contender.run_epoch, contender.synchronize))
+    return found
 
 
 def peer_epochs(batch_size):
@@ -198,7 +204,7 @@ def main():
         )
         per_step, by_name, hlo = [], [], []
         for batch_size in batch_sizes:
-            contenders = [attempt(xpnet_epoch, batch_size), *peer_epochs(batch_size)]
+            contenders = [*attempt(xpnet_epochs, batch_size), *peer_epochs(batch_size)]
             rows = attempt(kernel_rows, batch_size, [c for c in contenders if c])
             per_step += rows[0] if rows else []
             by_name += rows[1] if rows else []

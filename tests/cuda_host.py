@@ -322,9 +322,9 @@ def parse_params(params):
     return [tuple(p.split()) for p in params.split(",")]
 
 
-def elementwise_as_cuda(name, spec, c_type):
-    """An ElementwiseKernel spec as a plain CUDA kernel over n elements, declaring its
-    parameters as CuPy's generated code does: inputs const, outputs writable references."""
+def elementwise_as_cuda(name, spec, c_type, preamble=""):
+    """An ElementwiseKernel spec as a plain CUDA kernel over n elements, after its preamble,
+    declaring its parameters as CuPy's generated code does: inputs const, outputs writable references."""
     inputs, outputs, body = spec
     arguments, declarations = [], []
     for const, params in (("const ", inputs), ("", outputs)):
@@ -332,7 +332,7 @@ def elementwise_as_cuda(name, spec, c_type):
             param_type = c_type if type_name == "T" else ELEMENTWISE_C_TYPES[type_name]
             arguments.append(f"{const}{param_type}* {var}_")
             declarations.append(f"{const}{param_type}& {var} = {var}_[i];")
-    return (
+    return preamble + (
         f"__global__ void {name}({', '.join(arguments)}, int n) {{\n"
         f"  int i = blockIdx.x * blockDim.x + threadIdx.x; if (i >= n) return;\n"
         f"  typedef {c_type} T;\n  " + "\n  ".join(declarations) + f"\n  {body};  // CuPy adds the semicolon\n}}\n"
@@ -340,17 +340,17 @@ def elementwise_as_cuda(name, spec, c_type):
 
 
 @functools.cache
-def _elementwise_kernel(name, spec, c_type):
+def _elementwise_kernel(name, spec, c_type, preamble):
     """The kernel for one ElementwiseKernel and one type T, compiled once."""
-    return RawModule(elementwise_as_cuda(name, spec, c_type), name_expressions=[name]).get_function(name)
+    return RawModule(elementwise_as_cuda(name, spec, c_type, preamble), name_expressions=[name]).get_function(name)
 
 
 class ElementwiseKernel:
     """cupy.ElementwiseKernel for calls that pass every output, each already of the broadcast
     shape (as xpnet's do): T is bound by the arrays' dtype, inputs and scalars broadcast."""
 
-    def __init__(self, in_params, out_params, operation, name):
-        self.spec, self.name = (in_params, out_params, operation), name
+    def __init__(self, in_params, out_params, operation, name, preamble=""):
+        self.spec, self.name, self.preamble = (in_params, out_params, operation), name, preamble
         inputs = parse_params(in_params)
         self.params, self.n_inputs = inputs + parse_params(out_params), len(inputs)
 
@@ -377,7 +377,7 @@ class ElementwiseKernel:
         for out in outputs:  # an output passed twice is one array, in one copy
             same = next((w for o, w in zip(outputs, work) if o is out), None)
             work.append(numpy.ascontiguousarray(out) if same is None else same)
-        kernel = _elementwise_kernel(self.name, self.spec, C_NAMES[("f", dtype.itemsize)])
+        kernel = _elementwise_kernel(self.name, self.spec, C_NAMES[("f", dtype.itemsize)], self.preamble)
         size = int(numpy.prod(shape))
         block = 128
         kernel((-(-size // block),), (block,), [*inputs, *work, numpy.int32(size)])

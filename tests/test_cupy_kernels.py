@@ -41,7 +41,7 @@ def test_raw_kernels_compile_to_ptx_for_both_dtypes(tmp_path, source, kernels, c
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here, so the CUDA sources cannot be compiled")
 def test_elementwise_kernel_bodies_compile_for_both_dtypes(tmp_path):
-    source = "".join(
+    source = cupy_backend.ELEMENTWISE_PREAMBLE + "".join(
         elementwise_as_cuda(f"{name}_{dtype}", spec, dtype)
         for name, spec in cupy_backend.ELEMENTWISE_KERNELS.items()
         for dtype in ("float", "double")

@@ -37,6 +37,31 @@ INSTALL_HINT = (
 ACTIVATION_CODES = "".join(f"#define ACTIVATION_{name.upper()} {activation_code(name)}\n" for name in ACTIVATIONS)
 ACTIVATION_CODES += f"#define SQRT_HALF {SQRT_HALF!r}\n#define INV_SQRT_2PI {INV_SQRT_2PI!r}\n"
 
+# Each activation's forward pass (GELU's is add_bias_gelu) and its derivative from the output y
+# (GELU's from the pre-activation z), as device functions the kernels share.
+_ACTIVATION_FUNCTIONS = r"""
+template <typename T>
+__device__ T activate(T v, int activation) {
+    if (activation == ACTIVATION_RELU) return v < 0 ? (T)0 : v;
+    if (activation == ACTIVATION_TANH) return tanh(v);
+    if (activation == ACTIVATION_SIGMOID) return tanh(v * (T)0.5) * (T)0.5 + (T)0.5;
+    return v;
+}
+
+template <typename T>
+__device__ T activation_grad(T g, T y, int activation) {
+    if (activation == ACTIVATION_RELU) return y > 0 ? g : (T)0;
+    if (activation == ACTIVATION_TANH) return (1 - y * y) * g;
+    if (activation == ACTIVATION_SIGMOID) return (1 - y) * y * g;
+    if (activation == ACTIVATION_GELU) {  // y is the pre-activation z here
+        T cdf = (1 + erf(y * (T)SQRT_HALF)) * (T)0.5;
+        T pdf = exp(y * y * (T)-0.5) * (T)INV_SQRT_2PI;
+        return g * (cdf + pdf * y);
+    }
+    return g;
+}
+"""
+
 # The bias gradient sums a column over every row, in one kernel: a block takes 32 columns, and
 # each of its 16 lanes of 32 threads every 16th row (32 consecutive columns: coalesced reads),
 # masking the gradient by the activation as it goes; then the first lane adds the 16 lanes' sums
@@ -56,15 +81,7 @@ __global__ void activation_grad_and_sum_rows(const T* grad_y, const T* output, i
     if (j < cols) {  // no return: every thread of the block must reach the barrier
         for (int i = lane; i < rows; i += SUM_LANES) {
             long long k = (long long)i * cols + j;
-            T g = grad_y[k], y = output[k];
-            if (activation == ACTIVATION_RELU) g = y > 0 ? g : (T)0;
-            else if (activation == ACTIVATION_TANH) g = (1 - y * y) * g;
-            else if (activation == ACTIVATION_SIGMOID) g = (1 - y) * y * g;
-            else if (activation == ACTIVATION_GELU) {  // y is the pre-activation z here
-                T cdf = (1 + erf(y * (T)SQRT_HALF)) * (T)0.5;
-                T pdf = exp(y * y * (T)-0.5) * (T)INV_SQRT_2PI;
-                g = g * (cdf + pdf * y);
-            }
+            T g = activation_grad(grad_y[k], output[k], activation);
             if (activation != ACTIVATION_IDENTITY) grad_z[k] = g;
             sum += g;
         }
@@ -202,15 +219,7 @@ __global__ void check_range(const long long* values, long long stop, int n, int*
 
 
 # ElementwiseKernel specs: (inputs, outputs, body), one element per thread, broadcast by CuPy.
-_ADD_BIAS_ACTIVATE = (
-    "T b, int32 activation",
-    "T y",
-    f"""T v = y + b;
-       if (activation == {activation_code("relu")} && v < 0) v = 0;
-       else if (activation == {activation_code("tanh")}) v = tanh(v);
-       else if (activation == {activation_code("sigmoid")}) v = tanh(v * (T)0.5) * (T)0.5 + (T)0.5;
-       y = v;""",
-)
+_ADD_BIAS_ACTIVATE = ("T b, int32 activation", "T y", "y = activate(y + b, activation)")
 _ADD_BIAS_GELU = (  # as Backend._gelu computes it; z and y are two arrays (prediction's z a temporary)
     "T b",
     "T z, T y",
@@ -240,10 +249,13 @@ _TEMPLATES = ("take_batch", "sgd_update_all", "correct_rows", "dropout", *cupy_h
 RAW_KERNELS = [f"{kernel}<{t}>" for kernel in _TEMPLATES for t in ("float", "double")] + ["check_range"]
 # Kernels whose threads share memory and wait for each other (__syncthreads), in a module of
 # their own: the CPU emulation runs such a module's threads as coroutines, the others one by one.
-BLOCK_SOURCE = ACTIVATION_CODES + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + DEFORM_SOURCE
+BLOCK_SOURCE = (
+    ACTIVATION_CODES + _ACTIVATION_FUNCTIONS + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + DEFORM_SOURCE
+)
 BLOCK_SOURCE += cupy_head.HEAD_BLOCK_SOURCE
 _BLOCK_TEMPLATES = ("activation_grad_and_sum_rows", "softmax_cross_entropy", "deform_rows", *cupy_head.BLOCK_TEMPLATES)
 BLOCK_KERNELS = [f"{kernel}<{t}>" for kernel in _BLOCK_TEMPLATES for t in ("float", "double")]
+ELEMENTWISE_PREAMBLE = ACTIVATION_CODES + _ACTIVATION_FUNCTIONS  # what their bodies call
 ELEMENTWISE_KERNELS = {
     "add_bias_activate": _ADD_BIAS_ACTIVATE,
     "add_bias_gelu": _ADD_BIAS_GELU,
@@ -263,7 +275,10 @@ def _kernels(cupy):
     options = ("--std=c++14",)
     module = cupy.RawModule(code=RAW_SOURCE, options=options, name_expressions=RAW_KERNELS)
     block_module = cupy.RawModule(code=BLOCK_SOURCE, options=options, name_expressions=BLOCK_KERNELS)
-    kernels = {name: cupy.ElementwiseKernel(*spec, f"xpnet_{name}") for name, spec in ELEMENTWISE_KERNELS.items()}
+    kernels = {
+        name: cupy.ElementwiseKernel(*spec, f"xpnet_{name}", preamble=ELEMENTWISE_PREAMBLE)
+        for name, spec in ELEMENTWISE_KERNELS.items()
+    }
     return {**kernels, "module": module, "block_module": block_module}
 
 
@@ -418,21 +433,23 @@ class CupyBackend(Backend):
         return loss.reshape(())
 
     def _fused_head(self, head, scratch):
-        """The output layer's forward pass, the loss and both backward products in three kernels
-        (cupy_head.py), for the captured step: head is a cupy_head.HeadArrays, scratch the
-        cupy_head.workspace of its batch. Shapes are checked here; the labels' range is the
-        caller's to check (a label outside gives its row a NaN loss, never a stray read)."""
+        """The last hidden layer's bias and activation, the output layer, the loss and their
+        gradients in three kernels (cupy_head.py), for the captured step: head is a
+        cupy_head.HeadArrays, scratch the cupy_head.workspace of its batch. Shapes are checked
+        here; the labels' range is the caller's to check (a label outside gives its row a NaN
+        loss, never a stray read)."""
         cupy_head.check_head(head, scratch)
-        (rows, width), classes, dtype = head.inputs.shape, head.W.shape[0], head.inputs.dtype
+        (rows, width), classes, dtype = head.hidden.shape, head.W.shape[0], head.hidden.dtype
         sizes = tuple(map(numpy.int32, (rows, width, classes)))
-        args = (head.inputs, head.W, head.b, head.labels, head.logits, head.grad_logits, head.grad_inputs)
-        self._launch_blocks("head_rows", rows, cupy_head.HEAD_ROW_THREADS, (*args, scratch.row_losses, *sizes), dtype)
+        args = (head.hidden, head.hidden_b, numpy.int32(activation_code(head.activation)), head.W, head.b)
+        args += (head.labels, head.logits, head.grad_logits, head.grad_hidden, head.grad_hidden_z, scratch.row_losses)
+        self._launch_blocks("head_rows", rows, cupy_head.HEAD_ROW_THREADS, (*args, *sizes), dtype)
         tiles, slices = -(-(width + 1) // cupy_head.HEAD_COLUMNS), cupy_head.slices(rows)
-        args = (head.inputs, head.grad_logits, scratch.row_losses, scratch.sums, scratch.slice_losses, *sizes)
+        args = (head.hidden, head.grad_logits, head.grad_hidden_z, scratch.row_losses, scratch.sums)
         threads = cupy_head.HEAD_LANES * cupy_head.HEAD_COLUMNS
-        self._launch_blocks("head_slice_sums", tiles * slices, threads, args, dtype)
-        args = (scratch.sums, scratch.slice_losses, head.grad_W, head.grad_b, head.loss, numpy.int32(slices), *sizes)
-        self._launch("head_finish", classes * (width + 1) + 1, args, dtype)
+        self._launch_blocks("head_slice_sums", tiles * slices, threads, (*args, scratch.slice_losses, *sizes), dtype)
+        args = (scratch.sums, scratch.slice_losses, head.grad_W, head.grad_b, head.grad_hidden_b, head.loss)
+        self._launch("head_finish", (classes + 1) * (width + 1) + 1, (*args, numpy.int32(slices), *sizes), dtype)
 
     def _dropout(self, x, threshold, scale, draw, out, mask):
         if not (x.flags.c_contiguous and out.flags.c_contiguous and mask.flags.c_contiguous):

@@ -5,10 +5,11 @@ sooner than Python launches the next. A graph records an epoch of steps once and
 one call. Every array keeps its address (buffers of this object and a memory pool of its own);
 the chunk's rows and rates are copied in before a replay; the products call cuBLAS through
 ctypes (CublasGemm), since CuPy refuses cuBLAS calls during capture. The output layer is the
-exception: it, the loss and their gradients are three kernels of cupy_head.py where the model
-has a hidden layer and at most 16 classes (six kernels with cuBLAS, whose products of ten
-columns are its slowest). Nothing inside a graph checks: the labels are checked once here, and
-the order is the trainer's permutation of the rows. Where capture fails, a warning says why and the same steps run uncaptured. The whole
+exception: it, the loss, the last hidden layer's bias and activation and their gradients are
+three kernels of cupy_head.py where the model has a hidden layer and at most 16 classes (eight
+kernels with cuBLAS, whose products of ten columns are its slowest). Nothing inside a graph
+checks: the labels are checked once here, and the order is the trainer's permutation of the
+rows. Where capture fails, a warning says why and the same steps run uncaptured. The whole
 story: docs/design.md, "CuPy's CUDA graphs".
 """
 
@@ -144,7 +145,7 @@ class GraphSteps(steps.CompiledSteps):
         self.ops = None  # the backend's ops with products that can be captured, made at the first capture
         # Whether a step's output layer and loss are cupy_head's kernels (else cuBLAS's products and
         # the loss kernel); set it before the first run to time the other (bench/gpu_profile.py does).
-        self.head_problem = cupy_head.head_problem(model.sizes)
+        self.head_problem = cupy_head.head_problem(model.sizes, model.activation)
         self.fused_head = self.head_problem is None
         self.scratch = {}  # cupy_head.workspace by batch size
 
@@ -156,20 +157,14 @@ class GraphSteps(steps.CompiledSteps):
         x, y = buffers.inputs, buffers.labels
         ops._take_batch(self.data.x, self.data.y, rows, x, y)
         layers, inputs = self.model.net.layers, [x, *buffers.outputs]
-        fused = len(layers) - 1 if self.fused_head else None  # the output layer's index, where fused
-        for i, layer in enumerate(layers[:fused]):
+        below = len(layers) - 2 if self.fused_head else len(layers)  # the layers below the head's two
+        for i, layer in enumerate(layers[:below]):
             ops.linear_forward(inputs[i], layer.W.value, layer.b.value, layer.activation, inputs[i + 1])
-        if fused is not None:
-            W, b = layers[fused].W, layers[fused].b
-            head = cupy_head.HeadArrays(
-                inputs=inputs[fused], W=W.value, b=b.value, labels=y, logits=inputs[-1],
-                grad_logits=buffers.grads_y[-1], grad_inputs=buffers.grads_y[fused - 1], grad_W=W.grad, grad_b=b.grad,
-                loss=loss_out,
-            )  # fmt: skip
-            ops._fused_head(head, self.scratch[len(x)])
+        if self.fused_head:
+            self._head(ops, buffers, y, loss_out)
         else:
             ops._softmax_cross_entropy(inputs[-1], y, buffers.grads_y[-1], loss_out)
-        for i in reversed(range(len(layers) if fused is None else fused)):
+        for i in reversed(range(below)):
             layer, grad_x = layers[i], buffers.grads_y[i - 1] if i > 0 else None
             grad_y, grad_z, W, b = buffers.grads_y[i], buffers.grads_z[i], layer.W, layer.b
             ops.linear_backward(
@@ -177,6 +172,26 @@ class GraphSteps(steps.CompiledSteps):
             )
         self.optimizer.apply(ops, lr)
         self.last = buffers
+
+    def _head(self, ops, buffers, labels, loss_out):
+        """The last hidden layer and the output layer, forward and back: the hidden layer's
+        product, then cupy_head's kernels (its bias and activation, the output layer, the loss,
+        the gradients down to the hidden layer's bias), then the hidden layer's gradient products."""
+        k = len(self.model.net.layers) - 2  # the hidden layer's index
+        hidden, output = self.model.net.layers[k:]
+        x, product = ([buffers.inputs, *buffers.outputs])[k : k + 2]  # the product becomes the output
+        ops._matmul(x, hidden.W.value.T, product)
+        grad_z = buffers.grads_y[k] if hidden.activation == "identity" else buffers.grads_z[k]
+        head = cupy_head.HeadArrays(
+            hidden=product, hidden_b=hidden.b.value, activation=hidden.activation, W=output.W.value, b=output.b.value,
+            labels=labels, logits=buffers.outputs[-1], grad_logits=buffers.grads_y[-1], grad_hidden=buffers.grads_y[k],
+            grad_hidden_z=grad_z, grad_hidden_b=hidden.b.grad, grad_W=output.W.grad, grad_b=output.b.grad,
+            loss=loss_out,
+        )  # fmt: skip
+        ops._fused_head(head, self.scratch[len(labels)])
+        ops._matmul(grad_z.T, x, hidden.W.grad)
+        if k > 0:
+            ops._matmul(grad_z, hidden.W.value, buffers.grads_y[k - 1])
 
     def _chunk(self, ops, sizes):
         """The steps of a chunk, reading rows, lrs and writing losses at their positions."""

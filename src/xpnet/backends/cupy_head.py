@@ -1,28 +1,33 @@
-"""The output layer, its loss and their gradients in three CUDA kernels (CupyBackend._fused_head).
+"""The last hidden layer's bias and activation, the output layer, the loss and their gradients
+in three CUDA kernels, for the captured step (CupyBackend._fused_head).
 
-With cuBLAS, a captured step spends six kernels on the output layer of a 10-class MLP: its
-product and its bias, the loss, the bias gradient, and two products for the gradients of the
-weights and of the layer's input. These are products of ten columns, where cuBLAS picks its
-slowest kernels (bench/results-gpu-h200.md, call 9: three SIMT kernels of 4.0-4.4 us a step).
-Here the output layer is narrow enough that a thread keeps a sum for every class in registers:
+With cuBLAS, a captured step spends eight kernels here on a 10-class MLP: the hidden layer's
+bias and activation, the output layer's product and bias, the loss, the output bias's gradient,
+two products for the gradients of W and of the hidden output, and the hidden layer's activation
+derivative and bias gradient. The products have ten columns, where cuBLAS picks its slowest
+kernels (bench/results-gpu-h200.md, call 9: three SIMT kernels of 4.0-4.4 us a step). A
+thread can keep a sum for every class in registers instead:
 
-- head_rows, one block a row: the logits (each thread sums its share of the row's inputs for
-  every class, a tree over the block adds the shares), the loss and the logits' gradient as the
-  loss kernel computes them, and the input's gradient grad_logits @ W, while the row is at hand.
-- head_slice_sums, one block for 32 columns of W (and the bias, a column of ones) and 64 rows:
-  each of its 8 lanes sums 8 rows for every class, the block adds its lanes, and the tile-0
-  blocks add their rows' losses. A slice of rows a block keeps every multiprocessor busy.
+- head_rows, one block a row: the hidden layer's output y = f(z + b) in place of the product z
+  that cuBLAS wrote, the logits (each thread sums its share of the row for every class, a tree
+  over the block adds the shares), the loss and the logits' gradient as the loss kernel computes
+  them, then the hidden output's gradient grad_logits @ W and its product with f'.
+- head_slice_sums, one block for 32 columns of the hidden layer (the output bias is one more
+  column, of ones) and 64 rows: each of its 8 lanes sums 8 rows, for every class (W's gradient)
+  and for the hidden bias's gradient; the block adds its lanes, and its first tile the losses.
+  A slice of rows a block keeps every multiprocessor busy.
 - head_finish, one thread an output: the slices' sums in slice order, and the mean loss.
 
-Every sum runs in a fixed order, so a step is deterministic. The result is the reference's
-within the float bounds of its sums (the order differs from cuBLAS's and NumPy's).
+Every sum runs in a fixed order, so a step is deterministic. The results are the reference's
+within the float bounds of their sums (the order differs from cuBLAS's and NumPy's). The
+kernels use the block module's activate and activation_grad, defined before them.
 """
 
 from typing import NamedTuple
 
 import numpy
 
-from xpnet.backends.base import FLOAT_DTYPES
+from xpnet.backends.base import ACTIVATIONS, FLOAT_DTYPES, PRE_ACTIVATION
 from xpnet.errors import ArgumentError
 
 HEAD_MAX_CLASSES = 16  # a sum per class in each thread's registers
@@ -42,21 +47,23 @@ HEAD_BLOCK_SOURCE = (
     _DEFINES
     + r"""
 template <typename T>
-__global__ void head_rows(const T* inputs, const T* W, const T* b, const long long* labels, T* logits,
-                          T* grad_logits, T* grad_inputs, double* row_losses, int rows, int width, int classes) {
+__global__ void head_rows(T* hidden, const T* hidden_b, int activation, const T* W, const T* b,
+                          const long long* labels, T* logits, T* grad_logits, T* grad_hidden, T* grad_hidden_z,
+                          double* row_losses, int rows, int width, int classes) {
     __shared__ T partial[HEAD_MAX_CLASSES][HEAD_ROW_THREADS];
     __shared__ T grad[HEAD_MAX_CLASSES];
     int t = threadIdx.x;
     long long i = blockIdx.x;  // the grid is one block a row
-    const T* x = inputs + i * width;
+    T* y = hidden + i * width;
     T sums[HEAD_MAX_CLASSES];
 #pragma unroll
     for (int c = 0; c < HEAD_MAX_CLASSES; ++c) sums[c] = 0;
     for (int j = t; j < width; j += HEAD_ROW_THREADS) {
-        T xj = x[j];
+        T yj = activate(y[j] + hidden_b[j], activation);
+        y[j] = yj;
 #pragma unroll
         for (int c = 0; c < HEAD_MAX_CLASSES; ++c)
-            if (c < classes) sums[c] += xj * W[(long long)c * width + j];
+            if (c < classes) sums[c] += yj * W[(long long)c * width + j];
     }
 #pragma unroll
     for (int c = 0; c < HEAD_MAX_CLASSES; ++c) partial[c][t] = sums[c];
@@ -86,48 +93,56 @@ __global__ void head_rows(const T* inputs, const T* W, const T* b, const long lo
         }
     }
     __syncthreads();
-    T* grad_x = grad_inputs + i * width;
-    for (int j = t; j < width; j += HEAD_ROW_THREADS) {
+    T* grad_y = grad_hidden + i * width;
+    T* grad_z = grad_hidden_z + i * width;
+    for (int j = t; j < width; j += HEAD_ROW_THREADS) {  // each thread reads back only its own y[j]
         T sum = 0;
         for (int c = 0; c < classes; ++c) sum += grad[c] * W[(long long)c * width + j];
-        grad_x[j] = sum;
+        grad_y[j] = sum;
+        if (activation != ACTIVATION_IDENTITY) grad_z[j] = activation_grad(sum, y[j], activation);
     }
 }
 
-// Column j of a tile, j == width the bias's column of ones; sums[slice][c][j] over the slice's rows.
+// Column j of a tile (j == width: the output bias's column of ones); over the slice's rows,
+// sums[slice][c][j] = sum of grad_logits[., c] * hidden[., j], and sums[slice][classes][j] the
+// hidden bias's gradient, the sum of grad_hidden_z[., j].
 template <typename T>
-__global__ void head_slice_sums(const T* inputs, const T* grad_logits, const double* row_losses, T* sums,
-                                double* slice_losses, int rows, int width, int classes) {
-    __shared__ T partial[HEAD_MAX_CLASSES][HEAD_LANES][HEAD_COLUMNS];
+__global__ void head_slice_sums(const T* hidden, const T* grad_logits, const T* grad_hidden_z,
+                                const double* row_losses, T* sums, double* slice_losses, int rows, int width,
+                                int classes) {
+    __shared__ T partial[HEAD_MAX_CLASSES + 1][HEAD_LANES][HEAD_COLUMNS];  // the last: the hidden bias's
     __shared__ double lane_losses[HEAD_LANES];
     int tiles = (width + HEAD_COLUMNS) / HEAD_COLUMNS;  // ceil((width + 1) / HEAD_COLUMNS)
     int tile = blockIdx.x % tiles, slice = blockIdx.x / tiles;
     int column = threadIdx.x % HEAD_COLUMNS, lane = threadIdx.x / HEAD_COLUMNS;
     int j = tile * HEAD_COLUMNS + column;
     int first = slice * HEAD_SLICE_ROWS, end = rows - first < HEAD_SLICE_ROWS ? rows : first + HEAD_SLICE_ROWS;
-    T own[HEAD_MAX_CLASSES];
+    T own[HEAD_MAX_CLASSES + 1];
 #pragma unroll
-    for (int c = 0; c < HEAD_MAX_CLASSES; ++c) own[c] = 0;
+    for (int c = 0; c <= HEAD_MAX_CLASSES; ++c) own[c] = 0;
     double loss = 0;
     if (j <= width) {  // no return: every thread of the block must reach the barrier
         for (int i = first + lane; i < end; i += HEAD_LANES) {
-            T x = j < width ? inputs[(long long)i * width + j] : (T)1;
+            long long k = (long long)i * width + j;
+            T x = j < width ? hidden[k] : (T)1;
             const T* g = grad_logits + (long long)i * classes;
 #pragma unroll
             for (int c = 0; c < HEAD_MAX_CLASSES; ++c)
                 if (c < classes) own[c] += g[c] * x;
+            if (j < width) own[HEAD_MAX_CLASSES] += grad_hidden_z[k];
             if (j == 0) loss += row_losses[i];
         }
     }
 #pragma unroll
-    for (int c = 0; c < HEAD_MAX_CLASSES; ++c) partial[c][lane][column] = own[c];
+    for (int c = 0; c <= HEAD_MAX_CLASSES; ++c) partial[c][lane][column] = own[c];
     if (column == 0) lane_losses[lane] = loss;
     __syncthreads();
     if (j <= width) {
-        for (int c = lane; c < classes; c += HEAD_LANES) {
+        for (int c = lane; c <= classes; c += HEAD_LANES) {
+            int slot = c < classes ? c : HEAD_MAX_CLASSES;
             T total = 0;
-            for (int l = 0; l < HEAD_LANES; ++l) total += partial[c][l][column];
-            sums[((long long)slice * classes + c) * (width + 1) + j] = total;
+            for (int l = 0; l < HEAD_LANES; ++l) total += partial[slot][l][column];
+            sums[((long long)slice * (classes + 1) + c) * (width + 1) + j] = total;
         }
     }
     if (tile == 0 && threadIdx.x == 0) {
@@ -142,16 +157,17 @@ __global__ void head_slice_sums(const T* inputs, const T* grad_logits, const dou
 # One thread an output, none waiting for another (the backend's raw module).
 HEAD_RAW_SOURCE = r"""
 template <typename T>
-__global__ void head_finish(const T* sums, const double* slice_losses, T* grad_W, T* grad_b, T* loss, int slices,
-                            int rows, int width, int classes) {
+__global__ void head_finish(const T* sums, const double* slice_losses, T* grad_W, T* grad_b, T* grad_hidden_b,
+                            T* loss, int slices, int rows, int width, int classes) {
     long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    long long outputs = (long long)classes * (width + 1);
+    long long outputs = (long long)(classes + 1) * (width + 1);
     if (k < outputs) {
         T total = 0;
         for (int s = 0; s < slices; ++s) total += sums[s * outputs + k];
         long long c = k / (width + 1), j = k % (width + 1);
-        if (j < width) grad_W[c * width + j] = total;
-        else grad_b[c] = total;
+        if (c < classes && j < width) grad_W[c * width + j] = total;
+        else if (c < classes) grad_b[c] = total;
+        else if (j < width) grad_hidden_b[j] = total;
     } else if (k == outputs) {
         double total = 0;
         for (int s = 0; s < slices; ++s) total += slice_losses[s];
@@ -165,17 +181,23 @@ RAW_TEMPLATES = ("head_finish",)
 
 
 class HeadArrays(NamedTuple):
-    """What the fused head reads (inputs: the last hidden layer's output; W, b: the output layer's
-    parameters; labels) and writes (the layer's logits, their gradient, the gradient with respect
-    to its inputs, W's and b's gradients, and the batch's mean loss in a 1-element array)."""
+    """What the fused head reads and writes. hidden: the last hidden layer's product x @ W.T on
+    entry, its output y = f(hidden + hidden_b) on return; W, b: the output layer's parameters;
+    logits and their gradient; grad_hidden: the loss's gradient with respect to y, grad_hidden_z
+    that through f' (for identity, pass grad_hidden again: it is not written); the parameters'
+    gradients; loss: the batch's mean, a 1-element array."""
 
-    inputs: object
+    hidden: object
+    hidden_b: object
+    activation: str
     W: object
     b: object
     labels: object
     logits: object
     grad_logits: object
-    grad_inputs: object
+    grad_hidden: object
+    grad_hidden_z: object
+    grad_hidden_b: object
     grad_W: object
     grad_b: object
     loss: object
@@ -185,7 +207,7 @@ class HeadWorkspace(NamedTuple):
     """The fused head's scratch arrays for a batch of `rows` rows (workspace() makes them)."""
 
     row_losses: object  # (rows,) float64
-    sums: object  # (slices, classes, width + 1), the arrays' dtype
+    sums: object  # (slices, classes + 1, width + 1), the arrays' dtype
     slice_losses: object  # (slices,) float64
 
 
@@ -196,46 +218,57 @@ def slices(rows):
 def workspace(xp, rows, width, classes, dtype):
     n = slices(rows)
     return HeadWorkspace(
-        xp.empty(rows, numpy.float64), xp.empty((n, classes, width + 1), dtype), xp.empty(n, numpy.float64)
+        xp.empty(rows, numpy.float64), xp.empty((n, classes + 1, width + 1), dtype), xp.empty(n, numpy.float64)
     )
 
 
-def head_problem(sizes):
-    """None where the fused head runs a model of these layer sizes; else why not."""
+def head_problem(sizes, activation):
+    """None where the fused head runs a model of these layer sizes and hidden activation; else why not."""
     if len(sizes) < 3:
         return "it fuses an output layer after a hidden layer"
     if sizes[-1] > HEAD_MAX_CLASSES:
         return f"it fuses output layers of at most {HEAD_MAX_CLASSES} classes, not {sizes[-1]}"
+    if activation in PRE_ACTIVATION:
+        return f"it fuses hidden activations whose output gives their derivative, not {activation}"
     return None
 
 
 def check_head(head, scratch):
-    """Raise ArgumentError unless the arrays are what the kernels index by the inputs' and W's
-    shapes: every array contiguous, of one float dtype (labels int64), of its shape."""
-    rows, width = head.inputs.shape
+    """Raise ArgumentError unless the arrays are what the kernels index by hidden's and W's shapes:
+    every array contiguous, of one float dtype (labels int64), of its shape; and the activation
+    one that its output alone differentiates."""
+    rows, width = head.hidden.shape
     classes = head.W.shape[0]
-    dtype = head.inputs.dtype
-    expected = {
-        "W": ((classes, width), dtype),
-        "b": ((classes,), dtype),
-        "labels": ((rows,), numpy.dtype(numpy.int64)),
-        "logits": ((rows, classes), dtype),
-        "grad_logits": ((rows, classes), dtype),
-        "grad_inputs": ((rows, width), dtype),
-        "grad_W": ((classes, width), dtype),
-        "grad_b": ((classes,), dtype),
-        "loss": ((1,), dtype),
-        "row_losses": ((rows,), numpy.dtype(numpy.float64)),
-        "sums": ((slices(rows), classes, width + 1), dtype),
-        "slice_losses": ((slices(rows),), numpy.dtype(numpy.float64)),
-    }
-    arrays = {**head._asdict(), **scratch._asdict()}
+    dtype = head.hidden.dtype
     if dtype not in FLOAT_DTYPES:
         raise ArgumentError(f"the fused head takes float32 or float64 arrays, got {dtype}")
     if not 0 < classes <= HEAD_MAX_CLASSES:
         raise ArgumentError(f"the fused head takes 1 to {HEAD_MAX_CLASSES} classes, got W of shape {head.W.shape}")
-    for name, array in arrays.items():
-        shape, kind = expected.get(name, (head.inputs.shape, dtype))
+    if head.activation not in ACTIVATIONS or head.activation in PRE_ACTIVATION:
+        lowered = ", ".join(a for a in ACTIVATIONS if a not in PRE_ACTIVATION)
+        raise ArgumentError(f"the fused head takes the activations {lowered}, not {head.activation!r}")
+    rows_by_width, by_classes = ((rows, width), dtype), ((rows, classes), dtype)
+    expected = {
+        "hidden": rows_by_width,
+        "hidden_b": ((width,), dtype),
+        "W": ((classes, width), dtype),
+        "b": ((classes,), dtype),
+        "labels": ((rows,), numpy.dtype(numpy.int64)),
+        "logits": by_classes,
+        "grad_logits": by_classes,
+        "grad_hidden": rows_by_width,
+        "grad_hidden_z": rows_by_width,
+        "grad_hidden_b": ((width,), dtype),
+        "grad_W": ((classes, width), dtype),
+        "grad_b": ((classes,), dtype),
+        "loss": ((1,), dtype),
+        "row_losses": ((rows,), numpy.dtype(numpy.float64)),
+        "sums": ((slices(rows), classes + 1, width + 1), dtype),
+        "slice_losses": ((slices(rows),), numpy.dtype(numpy.float64)),
+    }
+    arrays = {**head._asdict(), **scratch._asdict()}
+    for name, (shape, kind) in expected.items():
+        array = arrays[name]
         if array.shape != shape or array.dtype != kind or not array.flags.c_contiguous:
             layout = "" if array.flags.c_contiguous else "non-contiguous "
             raise ArgumentError(
