@@ -146,6 +146,20 @@ def test_a_saved_model_predicts_with_the_activation_it_was_trained_with_on_every
     assert numpy.abs(relu.predict_proba(images) - expected).max() > 1e-3  # the activation matters
 
 
+def test_forward_reuses_its_buffer_and_predict_logits_returns_a_copy():
+    """As MLP.forward's docstring says: a step allocates nothing, so a caller keeps logits by copying."""
+    model = xpnet.MLP(xpnet.get_backend("numpy"), [784, 16, 10])
+    images = synthetic_splits(n_train=8).train.images
+    x = model.normalize(images)
+    first = model.forward(x[:4])
+    kept = first.copy()
+    second = model.forward(x[4:])
+    assert second is first and not numpy.array_equal(first, kept)
+    logits = model.predict_logits(images[:4])
+    model.forward(x[4:])
+    numpy.testing.assert_allclose(logits, kept, rtol=1e-6)
+
+
 def test_a_saved_model_predicts_but_cannot_be_resumed(model_path):
     checkpoint = xpnet.load_checkpoint(model_path)
     assert checkpoint.config is None and checkpoint.sizes == [784, 200, 10]

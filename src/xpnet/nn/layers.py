@@ -62,7 +62,8 @@ class Linear:
         return [self.W, self.b]
 
     def forward(self, x):
-        """y = f(x @ W.T + b); keeps x and y for backward, and z = x @ W.T + b where f' needs it (gelu)."""
+        """y = f(x @ W.T + b); keeps x and y for backward, and z = x @ W.T + b where f' needs it (gelu).
+        y is this layer's buffer, reused by its next call of the same shape (a step allocates nothing)."""
         self.x = x
         shape = (x.shape[0], self.shape[0])
         out = self._buffers.get("y", shape, x.dtype)

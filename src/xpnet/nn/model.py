@@ -92,7 +92,9 @@ class MLP:
 
     def forward(self, x, draw=None):
         """Logits of a normalised batch x on the backend; draw, a training step's philox.Draw,
-        is where its Dropout layers draw their masks (None: no dropout, as in evaluation)."""
+        is where its Dropout layers draw their masks (None: no dropout, as in evaluation). The
+        logits are the last layer's buffer, which the next call of the same batch size
+        overwrites: copy them to keep them (predict_logits returns a copy)."""
         for layer in self.net.layers:
             if isinstance(layer, Dropout):
                 layer.draw = draw
