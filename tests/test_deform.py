@@ -113,6 +113,7 @@ def test_each_epoch_trains_on_its_own_deformed_images_on_numpy_and_numbas_compil
     data = synthetic_splits(n_train=300)
     numba, numpy_run = xpnet.Trainer("numba", data, config, compiled=True), xpnet.Trainer("numpy", data, config)
     assert numba.compiled_steps is not None
+    assert numpy_run.epoch_x is None  # the reference loop deforms each batch's rows, not the whole set
     numpy.testing.assert_allclose(numba.run_steps(3), numpy_run.run_steps(3), rtol=1e-9, atol=0)
     x = numba.batch(3)[0].copy()
     assert numpy.array_equal(x, numpy_run.batch(3)[0])  # the same images, deformed the same way

@@ -115,7 +115,7 @@ def test_dropout_is_checked_mask_for_mask_and_a_wrong_counter_is_caught(mnist_di
     assert f"{DrawsTheNextStepsMask.name} disagrees first at step 1, layer 1 dropout mask" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # 11 s: the reference deforms 512 images a step, image by image
+@pytest.mark.slow  # 9 s: the reference deforms 512 images a step, image by image
 def test_the_deformed_batch_is_checked_and_a_wrong_draw_is_caught(mnist_dir, wrong_backends, capsys):
     command = ["verify", "--steps", "1", "--augment", "affine,elastic", "--data-dir", str(mnist_dir)]
     assert main([*command, "--backends", "numpy,numba"]) == 0

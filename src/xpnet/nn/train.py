@@ -150,11 +150,14 @@ class Trainer:
         self.steps_per_epoch = -(-len(self.train_y) // config.batch_size)
         self.optimizer = make_optimizer(backend, self.model.parameters(), config, self.steps_per_epoch)
         self.step_losses = backend.empty((self.steps_per_epoch,), self.model.dtype)
-        # With --augment every epoch trains on its own deformed copy of the training images, made
-        # where they live at its start (_start_epoch) and written in place, so a compiled path
-        # gathers from it as from any rows; outside an image a deformation reads a blank pixel.
+        # With --augment every epoch trains on its own deformed copy of the training images. For a
+        # compiled path it is made where they live at the epoch's start (_start_epoch) and written
+        # in place, so the path gathers from it as from any rows; the reference loop deforms each
+        # batch's rows as it gathers them (batch), the same images, since an image's draws are
+        # its own. Outside an image a deformation reads a blank pixel.
         self.deformation = config.deformation()
         self.background = float(self.model.normalize(numpy.zeros((1, sizes[0])))[0, 0])
+        self.epoch_x = self._every_row = None  # the epoch's deformed images, where a compiled path takes them
         if self.deformation is None:
             training = TrainingData(self.train_x, self.train_y, data.train.images)
         else:
@@ -162,6 +165,8 @@ class Trainer:
             self._every_row = backend.asarray(numpy.arange(len(self.train_x)))
             training = TrainingData(self.epoch_x, self.train_y, None)
         self.compiled_steps = self._compile_steps(compiled, training)
+        if self.compiled_steps is None:
+            self.epoch_x = self._every_row = None
         # How far the compiled steps run between returns to Python (so the progress bar moves and
         # Ctrl-C is answered), and the unit of the thread probes: a twentieth of an epoch to begin
         # with (a whole one for CUDA graphs), grown on the host where that takes less than
@@ -292,7 +297,7 @@ class Trainer:
         self._epoch_rng_state, self._order = self._next_order or self._draw_order()
         self._next_order = None
         self._epoch_losses, self._epoch_seconds = [], 0.0
-        if self.deformation is not None:  # timed as part of the epoch
+        if self.epoch_x is not None:  # timed as part of the epoch
             start, every_row = time.perf_counter(), self._every_row
             seed, epoch, background = self.config.seed, self.epoch, self.background
             self.backend.deform_rows(self.train_x, every_row, self.deformation, seed, epoch, background, self.epoch_x)
@@ -321,12 +326,16 @@ class Trainer:
 
     def batch(self, k):
         """(x, y) of step k of the current epoch, gathered on the device into reused buffers; with
-        --augment from the epoch's deformed images (Backend.deform_rows, each as drawn for it)."""
+        --augment the epoch's deformed images (Backend.deform_rows, each as drawn for it)."""
         rows = self.rows(k)
-        images = self.train_x if self.deformation is None else self.epoch_x
-        x = self._batch.get("x", (len(rows), images.shape[1]), images.dtype)
+        x = self._batch.get("x", (len(rows), self.train_x.shape[1]), self.train_x.dtype)
         y = self._batch.get("y", (len(rows),), self.train_y.dtype)
-        return self.backend.take_rows(images, rows, out=x), self.backend.take_rows(self.train_y, rows, out=y)
+        if self.deformation is None or self.epoch_x is not None:
+            self.backend.take_rows(self.train_x if self.epoch_x is None else self.epoch_x, rows, out=x)
+        else:
+            args = (self.deformation, self.config.seed, self.epoch, self.background)
+            self.backend.deform_rows(self.train_x, rows, *args, out=x)
+        return x, self.backend.take_rows(self.train_y, rows, out=y)
 
     def run_steps(self, n=None, progress=None):
         """Take the next n SGD steps of the current epoch (all that remain of it when None) and
