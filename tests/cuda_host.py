@@ -235,14 +235,17 @@ def describe(arg):
 class Guarded:
     """An array's bytes copied between guard bands, for a kernel to work on and be checked.
 
-    The bands are all 0xFF bytes: a stray read gets NaN or the index -1, which stays near the
-    array instead of sending the next access anywhere in memory. A stray read is not itself
-    caught, and a stray write of such a read leaves the band as it was."""
+    An integer array's bands are 0xFF bytes: a stray read gets the index -1, which stays near the
+    array instead of sending the next access anywhere in memory. A float array's bands are bytes
+    of its own (`byte`, which the launch makes differ between arguments): a stray read gets a
+    NaN or a huge finite number, and a value made from it and written into another array's band
+    changes that band. A stray read is not itself caught, nor a stray write of a stray read of
+    the same array."""
 
-    def __init__(self, array):
+    def __init__(self, array, byte=0xFF):
         self.array = array
         self.guard = max(4096, -(-array.nbytes // 64) * 64)  # past any thread's stray index here
-        self.pattern = numpy.full(2 * self.guard, 0xFF, numpy.uint8)
+        self.pattern = numpy.full(2 * self.guard, byte if array.dtype.kind == "f" else 0xFF, numpy.uint8)
         self.buffer = numpy.concatenate([self.pattern[: self.guard], self._bytes(), self.pattern[self.guard :]])
         self.address = ctypes.c_void_p(self.buffer.ctypes.data + self.guard)
         self.written = False
@@ -288,7 +291,7 @@ class RawKernel:
             if same is None:
                 if any(numpy.shares_memory(arg, g.array) for g in guarded.values()):
                     raise NotImplementedError(f"{where} overlaps another argument without being it")
-                same, guarded[position] = position, Guarded(arg)
+                same, guarded[position] = position, Guarded(arg, byte=0xFF - position)
             guarded[same].written |= not param.const
             slots.append(guarded[same].address)
         addresses = [ctypes.addressof(s) if isinstance(s, ctypes.c_void_p) else s.ctypes.data for s in slots]

@@ -19,6 +19,10 @@ __global__ void stamp(int* out, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = 1000 * blockIdx.x + threadIdx.x;
 }
+__global__ void copy_one_past(const float* in, float* out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) out[i] = in[i];  // `<=`: the last thread reads past in and writes past out
+}
 __global__ void stamp_unguarded(int* out, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     out[i] = 1;  // no `if (i < n)`: threads past n write past the array
@@ -33,7 +37,8 @@ __global__ void add_one(T* out, const T* in, int n) {
 
 @pytest.fixture(scope="module")
 def module():
-    return RawModule(SOURCE, options=("--std=c++14",), name_expressions=["stamp", "stamp_unguarded", "add_one<float>"])
+    names = ["stamp", "stamp_unguarded", "add_one<float>", "copy_one_past"]
+    return RawModule(SOURCE, options=("--std=c++14",), name_expressions=names)
 
 
 def test_a_launch_runs_every_thread_of_every_block(module):
@@ -46,6 +51,14 @@ def test_a_write_past_the_array_is_caught(module):
     out = numpy.zeros(10, numpy.int32)
     with pytest.raises(AssertionError, match="stamp_unguarded .* argument 1, wrote outside the argument's 40 bytes"):
         module.get_function("stamp_unguarded")((1,), (128,), (out, numpy.int32(10)))
+
+
+def test_a_stray_read_written_past_another_array_is_caught(module):
+    """Each float argument's bands hold bytes of their own, so what a stray read copies from one
+    argument's band into another's changes it."""
+    data, out = numpy.arange(10, dtype=numpy.float32), numpy.zeros(10, numpy.float32)
+    with pytest.raises(AssertionError, match="copy_one_past .* argument 2, wrote outside the argument's 40 bytes"):
+        module.get_function("copy_one_past")((1,), (16,), (data, out, numpy.int32(10)))
 
 
 @pytest.mark.parametrize(

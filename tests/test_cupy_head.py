@@ -51,10 +51,12 @@ def head_arrays(xp, rows, width, classes, dtype, activation="relu", seed=0):
     )  # fmt: skip
 
 
-def run_head(source_block=None, shape=(130, 45, 10, "relu"), dtype=numpy.float64, labels=None, reverse=False):
-    """The head's three kernels on random arrays, the block kernels from the backend's source or
-    a mutated one, a block's threads in thread order or in reverse (tests/cuda_host.py); the
-    arrays after, and the hidden products before."""
+def run_head(
+    source_block=None, source_raw=None, shape=(130, 45, 10, "relu"), dtype=numpy.float64, labels=None, reverse=False
+):
+    """The head's three kernels on random arrays, from the backend's sources or mutated ones, a
+    block's threads in thread order or in reverse (tests/cuda_host.py); the arrays after, and
+    the hidden products before."""
     backend = EmulatedCupyBackend()
     rows, width, classes, activation = shape
     head = head_arrays(backend.xp, rows, width, classes, dtype, activation)
@@ -68,6 +70,11 @@ def run_head(source_block=None, shape=(130, 45, 10, "relu"), dtype=numpy.float64
         backend._launch_blocks = lambda name, blocks, threads, args, dtype: block.get_function(
             cupy_backend._instance(name, dtype)
         )((blocks,), (threads,), args)
+    if source_raw is not None:
+        raw = RawModule(source_raw, ("--std=c++14",), cupy_backend.RAW_KERNELS)
+        backend._launch = lambda name, n, args, dtype=None: raw.get_function(cupy_backend._instance(name, dtype))(
+            (-(-n // 128),), (128,), args
+        )
     backend._fused_head(head, scratch)
     return head, products
 
@@ -151,6 +158,14 @@ def test_without_its_bounds_guard_the_slice_sums_write_past_their_array():
     source = cupy_backend.BLOCK_SOURCE.replace(SUMS_GUARD, "    {\n" + SUMS_GUARD.split("\n", 1)[1])
     with pytest.raises(AssertionError, match="head_slice_sums.*wrote outside the argument"):
         run_head(source_block=source, shape=(64, 40, 10, "relu"))  # one slice; its columns 32-63 past 41
+
+
+def test_without_its_bounds_guard_the_finish_writes_past_the_hidden_bias_gradient():
+    """The hidden bias's row of sums has one slot more than the bias (the output bias's column)."""
+    guard = "else if (j < width) grad_hidden_b[j] = total;"
+    assert cupy_backend.RAW_SOURCE.count(guard) == 1
+    with pytest.raises(AssertionError, match="head_finish.*argument 5, wrote outside the argument"):
+        run_head(source_raw=cupy_backend.RAW_SOURCE.replace(guard, "else grad_hidden_b[j] = total;"))
 
 
 def bad_arrays(change):

@@ -167,7 +167,7 @@ __global__ void head_finish(const T* sums, const double* slice_losses, T* grad_W
         long long c = k / (width + 1), j = k % (width + 1);
         if (c < classes && j < width) grad_W[c * width + j] = total;
         else if (c < classes) grad_b[c] = total;
-        else if (j < width) grad_hidden_b[j] = total;
+        else if (j < width) grad_hidden_b[j] = total;  // c == classes: the hidden bias's row
     } else if (k == outputs) {
         double total = 0;
         for (int s = 0; s < slices; ++s) total += slice_losses[s];
