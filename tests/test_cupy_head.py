@@ -188,9 +188,22 @@ def bad_arrays(change):
             "takes the activations identity, relu, tanh, sigmoid, not 'gelu'",
         ),
         (lambda h, s: (h, s._replace(sums=s.sums[:, :3])), "sums must be .* shape \\(1, 4, 7\\)"),
+        (lambda h, s: (h._replace(hidden=h.hidden[:0]), s), "hidden of one row or more, got shapes \\(0, 6\\)"),
+        (lambda h, s: (h._replace(W=h.W[0]), s), "takes 2-D hidden and W, .* and \\(6,\\)"),
         (lambda h, s: (h._replace(loss=h.b), s), "loss must be .* shape \\(1,\\)"),
     ],
-    ids=["W's width", "logits' dtype", "labels' dtype", "strided", "hidden bias", "gelu", "scratch", "loss"],
+    ids=[
+        "W's width",
+        "logits' dtype",
+        "labels' dtype",
+        "strided",
+        "hidden bias",
+        "gelu",
+        "scratch",
+        "no rows",
+        "1-D W",
+        "loss",
+    ],
 )
 def test_arrays_the_kernels_would_index_wrongly_are_refused_at_the_boundary(change, message):
     head, scratch = bad_arrays(change)

@@ -249,10 +249,8 @@ _TEMPLATES = ("take_batch", "sgd_update_all", "correct_rows", "dropout", *cupy_h
 RAW_KERNELS = [f"{kernel}<{t}>" for kernel in _TEMPLATES for t in ("float", "double")] + ["check_range"]
 # Kernels whose threads share memory and wait for each other (__syncthreads), in a module of
 # their own: the CPU emulation runs such a module's threads as coroutines, the others one by one.
-BLOCK_SOURCE = (
-    ACTIVATION_CODES + _ACTIVATION_FUNCTIONS + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY + DEFORM_SOURCE
-)
-BLOCK_SOURCE += cupy_head.HEAD_BLOCK_SOURCE
+BLOCK_SOURCE = ACTIVATION_CODES + _ACTIVATION_FUNCTIONS + _ACTIVATION_GRAD_AND_SUM_ROWS + _SOFTMAX_CROSS_ENTROPY
+BLOCK_SOURCE += DEFORM_SOURCE + cupy_head.HEAD_BLOCK_SOURCE
 _BLOCK_TEMPLATES = ("activation_grad_and_sum_rows", "softmax_cross_entropy", "deform_rows", *cupy_head.BLOCK_TEMPLATES)
 BLOCK_KERNELS = [f"{kernel}<{t}>" for kernel in _BLOCK_TEMPLATES for t in ("float", "double")]
 ELEMENTWISE_PREAMBLE = ACTIVATION_CODES + _ACTIVATION_FUNCTIONS  # what their bodies call

@@ -212,10 +212,12 @@ class HeadWorkspace(NamedTuple):
 
 
 def slices(rows):
+    """How many slices of HEAD_SLICE_ROWS rows (the last may be short) cover `rows`."""
     return -(-rows // HEAD_SLICE_ROWS)
 
 
 def workspace(xp, rows, width, classes, dtype):
+    """The HeadWorkspace of a batch of `rows` rows, `width` hidden units and `classes` classes."""
     n = slices(rows)
     return HeadWorkspace(
         xp.empty(rows, numpy.float64), xp.empty((n, classes + 1, width + 1), dtype), xp.empty(n, numpy.float64)
@@ -237,6 +239,11 @@ def check_head(head, scratch):
     """Raise ArgumentError unless the arrays are what the kernels index by hidden's and W's shapes:
     every array contiguous, of one float dtype (labels int64), of its shape; and the activation
     one that its output alone differentiates."""
+    if head.hidden.ndim != 2 or head.W.ndim != 2 or not len(head.hidden):
+        raise ArgumentError(
+            f"the fused head takes 2-D hidden and W, hidden of one row or more, got shapes {head.hidden.shape} "
+            f"and {head.W.shape}"
+        )
     rows, width = head.hidden.shape
     classes = head.W.shape[0]
     dtype = head.hidden.dtype
