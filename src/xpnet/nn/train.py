@@ -330,11 +330,11 @@ class Trainer:
         rows = self.rows(k)
         x = self._batch.get("x", (len(rows), self.train_x.shape[1]), self.train_x.dtype)
         y = self._batch.get("y", (len(rows),), self.train_y.dtype)
-        if self.deformation is None or self.epoch_x is not None:
-            self.backend.take_rows(self.train_x if self.epoch_x is None else self.epoch_x, rows, out=x)
+        if self.deformation is not None and self.epoch_x is None:  # the reference loop's: these rows only
+            draws = (self.deformation, self.config.seed, self.epoch, self.background)
+            self.backend.deform_rows(self.train_x, rows, *draws, out=x)
         else:
-            args = (self.deformation, self.config.seed, self.epoch, self.background)
-            self.backend.deform_rows(self.train_x, rows, *args, out=x)
+            self.backend.take_rows(self.train_x if self.epoch_x is None else self.epoch_x, rows, out=x)
         return x, self.backend.take_rows(self.train_y, rows, out=y)
 
     def run_steps(self, n=None, progress=None):
