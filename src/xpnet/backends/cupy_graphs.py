@@ -143,8 +143,8 @@ class GraphSteps(steps.CompiledSteps):
         self.pool = cupy.cuda.MemoryPool()
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.ops = None  # the backend's ops with products that can be captured, made at the first capture
-        # Whether a step's output layer and loss are cupy_head's kernels (else cuBLAS's products and
-        # the loss kernel); set it before the first run to time the other (bench/gpu_profile.py does).
+        # Whether a step's top layers are cupy_head's kernels, where head_problem is None; set it
+        # False before the first run to time cuBLAS's products instead (bench/gpu_profile.py does).
         self.head_problem = cupy_head.head_problem(model.sizes, model.activation)
         self.fused_head = self.head_problem is None
         self.scratch = {}  # cupy_head.workspace by batch size
