@@ -24,25 +24,26 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) here 
 
 # (rows, width, classes, hidden activation): a partial last slice of rows and a partial last tile
 # of columns; a width whose output bias column starts a tile of its own; one class; the most
-# classes; one row; each activation the head takes.
+# classes; one row; each activation the head takes (identity with one gradient array and two).
 SHAPES = [
     (130, 45, 10, "relu"),
     (64, 31, 1, "tanh"),
     (64, 200, 16, "sigmoid"),
     (1, 3, 2, "identity"),
     (200, 64, 10, "relu"),
+    (70, 20, 3, "identity"),
 ]
 
 
 def head_arrays(xp, rows, width, classes, dtype, activation="relu", seed=0):
     """Random hidden products, parameters and labels in range, and every output filled with NaN
-    (for identity, grad_hidden_z is grad_hidden, as the graphs pass it)."""
+    (for identity, grad_hidden_z is grad_hidden, as the graphs pass it; the 1-row case passes two)."""
     rng = numpy.random.default_rng(seed)
     random = lambda *shape: xp.asarray(rng.standard_normal(shape).astype(dtype))  # noqa: E731
     empty = lambda *shape: xp.asarray(numpy.full(shape, numpy.nan, dtype))  # noqa: E731
     labels = xp.asarray(rng.integers(0, classes, rows))
     grad_hidden = empty(rows, width)
-    grad_hidden_z = grad_hidden if activation == "identity" else empty(rows, width)
+    grad_hidden_z = grad_hidden if activation == "identity" and rows > 1 else empty(rows, width)
     return cupy_head.HeadArrays(
         hidden=random(rows, width), hidden_b=random(width), activation=activation, W=random(classes, width),
         b=random(classes), labels=labels, logits=empty(rows, classes), grad_logits=empty(rows, classes),

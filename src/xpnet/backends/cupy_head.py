@@ -99,7 +99,7 @@ __global__ void head_rows(T* hidden, const T* hidden_b, int activation, const T*
         T sum = 0;
         for (int c = 0; c < classes; ++c) sum += grad[c] * W[(long long)c * width + j];
         grad_y[j] = sum;
-        if (activation != ACTIVATION_IDENTITY) grad_z[j] = activation_grad(sum, y[j], activation);
+        grad_z[j] = activation_grad(sum, y[j], activation);  // for identity, sum again: grad_z may be grad_y
     }
 }
 
@@ -184,8 +184,8 @@ class HeadArrays(NamedTuple):
     """What the fused head reads and writes. hidden: the last hidden layer's product x @ W.T on
     entry, its output y = f(hidden + hidden_b) on return; W, b: the output layer's parameters;
     logits and their gradient; grad_hidden: the loss's gradient with respect to y, grad_hidden_z
-    that through f' (for identity, pass grad_hidden again: it is not written); the parameters'
-    gradients; loss: the batch's mean, a 1-element array."""
+    that through f' (for identity the same values, so it may be grad_hidden itself); the
+    parameters' gradients; loss: the batch's mean, a 1-element array."""
 
     hidden: object
     hidden_b: object
