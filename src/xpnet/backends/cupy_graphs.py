@@ -161,7 +161,7 @@ class GraphSteps(steps.CompiledSteps):
         for i, layer in enumerate(layers[:below]):
             ops.linear_forward(inputs[i], layer.W.value, layer.b.value, layer.activation, inputs[i + 1])
         if self.fused_head:
-            self._head(ops, buffers, y, loss_out)
+            self._head(ops, buffers, inputs, y, loss_out)
         else:
             ops._softmax_cross_entropy(inputs[-1], y, buffers.grads_y[-1], loss_out)
         for i in reversed(range(below)):
@@ -173,13 +173,14 @@ class GraphSteps(steps.CompiledSteps):
         self.optimizer.apply(ops, lr)
         self.last = buffers
 
-    def _head(self, ops, buffers, labels, loss_out):
+    def _head(self, ops, buffers, inputs, labels, loss_out):
         """The last hidden layer and the output layer, forward and back: the hidden layer's
         product, then cupy_head's kernels (its bias and activation, the output layer, the loss,
-        the gradients down to the hidden layer's bias), then the hidden layer's gradient products."""
+        the gradients down to the hidden layer's bias), then the hidden layer's gradient products.
+        inputs are each layer's input and then the logits, as _step lists them."""
         k = len(self.model.net.layers) - 2  # the hidden layer's index
         hidden, output = self.model.net.layers[k:]
-        x, product = ([buffers.inputs, *buffers.outputs])[k : k + 2]  # the product becomes the output
+        x, product = inputs[k], inputs[k + 1]  # the product becomes the hidden layer's output
         ops._matmul(x, hidden.W.value.T, product)
         grad_z = buffers.grads_y[k] if hidden.activation == "identity" else buffers.grads_z[k]
         head = cupy_head.HeadArrays(

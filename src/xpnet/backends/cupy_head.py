@@ -27,7 +27,8 @@ from typing import NamedTuple
 
 import numpy
 
-from xpnet.backends.base import ACTIVATIONS, FLOAT_DTYPES, PRE_ACTIVATION
+from xpnet.backends.base import FLOAT_DTYPES
+from xpnet.backends.steps import OUTPUT_ACTIVATIONS
 from xpnet.errors import ArgumentError
 
 HEAD_MAX_CLASSES = 16  # a sum per class in each thread's registers
@@ -230,7 +231,7 @@ def head_problem(sizes, activation):
         return "it fuses an output layer after a hidden layer"
     if sizes[-1] > HEAD_MAX_CLASSES:
         return f"it fuses output layers of at most {HEAD_MAX_CLASSES} classes, not {sizes[-1]}"
-    if activation in PRE_ACTIVATION:
+    if activation not in OUTPUT_ACTIVATIONS:
         return f"it fuses hidden activations whose output gives their derivative, not {activation}"
     return None
 
@@ -251,8 +252,8 @@ def check_head(head, scratch):
         raise ArgumentError(f"the fused head takes float32 or float64 arrays, got {dtype}")
     if not 0 < classes <= HEAD_MAX_CLASSES:
         raise ArgumentError(f"the fused head takes 1 to {HEAD_MAX_CLASSES} classes, got W of shape {head.W.shape}")
-    if head.activation not in ACTIVATIONS or head.activation in PRE_ACTIVATION:
-        lowered = ", ".join(a for a in ACTIVATIONS if a not in PRE_ACTIVATION)
+    if head.activation not in OUTPUT_ACTIVATIONS:
+        lowered = ", ".join(OUTPUT_ACTIVATIONS)
         raise ArgumentError(f"the fused head takes the activations {lowered}, not {head.activation!r}")
     rows_by_width, by_classes = ((rows, width), dtype), ((rows, classes), dtype)
     expected = {
